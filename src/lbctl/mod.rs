@@ -1,0 +1,155 @@
+//! `lbctl`, the operator's CLI: its commands and their output. The binary in `src/bin/lbctl.rs`
+//! only calls [`main`].
+
+pub mod show;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
+use show::{render_info, render_table, Colour, Overview};
+
+/// Default stats socket of Debian's HAProxy package.
+pub const DEFAULT_SOCKET: &str = "/run/haproxy/admin.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "lbctl", version, about = "Operate lbagent and the HAProxy it drives")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// Show what HAProxy is doing: frontends, backends and servers (or `show info`).
+    Show(ShowArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShowWhat {
+    /// The HAProxy process: version, pid, uptime, connections, rates.
+    Info,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    /// What to show: nothing for the servers table, `info` for the process.
+    pub what: Option<ShowWhat>,
+    /// HAProxy's stats socket: a path, or ipv4@IP:PORT for a TCP socket.
+    #[arg(long, env = "LBCTL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: String,
+    /// Only this backend.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every SECONDS until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<f64>,
+    /// Deadline for each socket call, in seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub timeout: f64,
+}
+
+/// Runs `lbctl` with the process arguments: errors become one line on stderr and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lbctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Commands::Show(args) => run_show(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("{flag} must be a positive number of seconds, got {v}"))
+    }
+}
+
+async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let options = ClientOptions {
+        timeout: seconds("--timeout", args.timeout)?,
+        ..ClientOptions::default()
+    };
+    let watch = args.watch.map(|w| seconds("--watch", w)).transpose()?;
+    let mut client = RuntimeClient::new(Endpoint::parse(&args.socket), options);
+    let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal();
+    let colour = Colour::detect(terminal);
+    loop {
+        let text = match args.what {
+            Some(ShowWhat::Info) => {
+                let info = client.show_info().await?;
+                if args.json {
+                    let map: serde_json::Map<String, serde_json::Value> = info
+                        .fields
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect();
+                    serde_json::to_string_pretty(&map)? + "\n"
+                } else {
+                    render_info(&info)
+                }
+            }
+            None => {
+                let rows = client.show_stat().await?;
+                if let Some(b) = &args.backend {
+                    if !rows.iter().any(|r| &r.proxy == b) {
+                        return Err(format!("no backend named {b:?} in show stat").into());
+                    }
+                }
+                let view = Overview::from_stat(&rows, args.backend.as_deref());
+                if args.json {
+                    serde_json::to_string_pretty(&view)? + "\n"
+                } else {
+                    render_table(&view, colour)
+                }
+            }
+        };
+        let mut out = stdout.lock();
+        if watch.is_some() && terminal {
+            // Home the cursor and clear, so the table redraws in place.
+            out.write_all(b"\x1b[H\x1b[2J")?;
+        }
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        drop(out);
+        let Some(every) = watch else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Where `lbctl show` looks by default, for messages.
+pub fn default_socket_path() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}

@@ -1,0 +1,384 @@
+//! `lbctl show`: what HAProxy is doing, from `show stat`, as a table or as JSON.
+//!
+//! The view is built once from the typed rows ([`Overview::from_stat`]) and then rendered; the
+//! renderers do no I/O, so they are tested on fixtures directly.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::runtime::parse::{Info, ProxyKind, StatRow};
+
+/// A frontend line of the view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendView {
+    pub name: String,
+    pub status: String,
+    pub sessions_current: Option<u64>,
+    pub sessions_total: Option<u64>,
+    pub mode: Option<String>,
+}
+
+/// A server line of the view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerView {
+    pub name: String,
+    /// The address without the port (no brackets around IPv6).
+    pub addr: Option<String>,
+    pub port: Option<u16>,
+    /// UP, DOWN, MAINT, DRAIN or NOLB (a server with no check that is up is UP).
+    pub status: String,
+    /// HAProxy's own status text (`UP 1/3`, `MAINT (via b/s)`, `no check`).
+    pub status_detail: String,
+    pub check_status: Option<String>,
+    /// The effective weight, as `show stat` reports it.
+    pub weight: Option<u32>,
+    pub sessions_current: Option<u64>,
+    pub sessions_total: Option<u64>,
+    pub last_change_s: Option<u64>,
+    pub backup: bool,
+}
+
+/// A backend and its servers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendView {
+    pub name: String,
+    pub status: String,
+    pub algo: Option<String>,
+    pub sessions_current: Option<u64>,
+    pub servers: Vec<ServerView>,
+}
+
+/// Everything `lbctl show` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Overview {
+    pub frontends: Vec<FrontendView>,
+    pub backends: Vec<BackendView>,
+}
+
+/// Splits `ip:port`, `[ipv6]:port` or a bare address.
+pub fn split_addr(addr: &str) -> (String, Option<u16>) {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((ip, tail)) = rest.split_once(']') {
+            return (ip.to_string(), tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match addr.rsplit_once(':') {
+        // One colon: IPv4 or a name with a port. More: a bare IPv6 address with a port last.
+        Some((ip, port)) if port.chars().all(|c| c.is_ascii_digit()) && !port.is_empty() => {
+            match port.parse() {
+                Ok(p) => (ip.to_string(), Some(p)),
+                Err(_) => (addr.to_string(), None),
+            }
+        }
+        _ => (addr.to_string(), None),
+    }
+}
+
+fn status_of(row: &StatRow) -> (String, String) {
+    match &row.status {
+        Some(s) => (s.summary().to_string(), s.text.clone()),
+        None => (String::new(), String::new()),
+    }
+}
+
+impl Overview {
+    /// Groups `show stat` rows: frontends, then each backend with its servers, in HAProxy's
+    /// order. `backend` keeps only that backend (and no frontends).
+    pub fn from_stat(rows: &[StatRow], backend: Option<&str>) -> Overview {
+        let mut view = Overview::default();
+        let mut index = std::collections::HashMap::<String, usize>::new();
+        let mut backend_of = |view: &mut Overview, name: &str| -> usize {
+            if let Some(&i) = index.get(name) {
+                return i;
+            }
+            view.backends.push(BackendView {
+                name: name.to_string(),
+                status: String::new(),
+                algo: None,
+                sessions_current: None,
+                servers: Vec::new(),
+            });
+            let i = view.backends.len() - 1;
+            index.insert(name.to_string(), i);
+            i
+        };
+        for row in rows {
+            if backend.is_some_and(|b| b != row.proxy) {
+                continue;
+            }
+            match row.kind {
+                ProxyKind::Frontend if backend.is_none() => {
+                    view.frontends.push(FrontendView {
+                        name: row.proxy.clone(),
+                        status: status_of(row).0,
+                        sessions_current: row.sessions_current,
+                        sessions_total: row.sessions_total,
+                        mode: row.mode.clone(),
+                    });
+                }
+                ProxyKind::Frontend | ProxyKind::Listener => {}
+                ProxyKind::Backend => {
+                    let i = backend_of(&mut view, &row.proxy);
+                    let b = &mut view.backends[i];
+                    b.status = status_of(row).0;
+                    b.algo = row.algo.clone();
+                    b.sessions_current = row.sessions_current;
+                }
+                ProxyKind::Server => {
+                    let (addr, port) = match &row.addr {
+                        Some(a) => {
+                            let (ip, port) = split_addr(a);
+                            (Some(ip), port)
+                        }
+                        None => (None, None),
+                    };
+                    let (status, status_detail) = status_of(row);
+                    let i = backend_of(&mut view, &row.proxy);
+                    view.backends[i].servers.push(ServerView {
+                        name: row.name.clone(),
+                        addr,
+                        port,
+                        status,
+                        status_detail,
+                        check_status: row.check_status.clone(),
+                        weight: row.weight,
+                        sessions_current: row.sessions_current,
+                        sessions_total: row.sessions_total,
+                        last_change_s: row.last_change_s,
+                        backup: row.backup.unwrap_or(0) > 0,
+                    });
+                }
+            }
+        }
+        view
+    }
+}
+
+/// Seconds as `45s`, `12m`, `3h`, `2d`.
+pub fn human_duration(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// ANSI colours, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Colour {
+    Never,
+    Ansi,
+}
+
+impl Colour {
+    /// Colour only on a terminal, and never when `NO_COLOR` is set.
+    pub fn detect(is_terminal: bool) -> Colour {
+        if is_terminal && std::env::var_os("NO_COLOR").is_none() {
+            Colour::Ansi
+        } else {
+            Colour::Never
+        }
+    }
+
+    fn paint(self, status: &str, width: usize) -> String {
+        let padded = format!("{status:<width$}");
+        if self == Colour::Never {
+            return padded;
+        }
+        let code = match status {
+            "UP" | "OPEN" => "32",
+            "DOWN" | "STOP" => "31",
+            "MAINT" => "35",
+            "DRAIN" | "NOLB" | "FULL" => "33",
+            _ => return padded,
+        };
+        format!("\x1b[{code}m{padded}\x1b[0m")
+    }
+
+    fn bold(self, text: &str) -> String {
+        match self {
+            Colour::Never => text.to_string(),
+            Colour::Ansi => format!("\x1b[1m{text}\x1b[0m"),
+        }
+    }
+}
+
+fn num(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// Cuts `s` to `max` characters, marking the cut.
+fn fit(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// The table view: frontends, then each backend with its servers. Lines stay within 80
+/// columns for names up to 16 characters and IPv4 addresses.
+pub fn render_table(view: &Overview, colour: Colour) -> String {
+    let mut out = String::new();
+    if !view.frontends.is_empty() {
+        let _ = writeln!(out, "{}", colour.bold("FRONTENDS"));
+        let _ = writeln!(out, "  {:<24} {:<6} {:<7} {:>8} {:>10}", "NAME", "MODE", "STATUS", "CUR", "TOTAL");
+        for f in &view.frontends {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<6} {} {:>8} {:>10}",
+                fit(&f.name, 24),
+                f.mode.as_deref().unwrap_or("-"),
+                colour.paint(&f.status, 7),
+                num(f.sessions_current),
+                num(f.sessions_total),
+            );
+        }
+        out.push('\n');
+    }
+    for b in &view.backends {
+        let _ = writeln!(
+            out,
+            "{} {} ({}, {} server{})",
+            colour.bold(&format!("BACKEND {}", b.name)),
+            colour.paint(&b.status, 0),
+            b.algo.as_deref().unwrap_or("-"),
+            b.servers.len(),
+            if b.servers.len() == 1 { "" } else { "s" },
+        );
+        if b.servers.is_empty() {
+            out.push('\n');
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<21} {:<6} {:<7} {:>3} {:>5} {:>7} {:>6}",
+            "SERVER", "ADDRESS", "STATUS", "CHECK", "WT", "CUR", "TOTAL", "CHANGE"
+        );
+        for s in &b.servers {
+            let addr = match (&s.addr, s.port) {
+                (Some(a), Some(p)) if a.contains(':') => format!("[{a}]:{p}"),
+                (Some(a), Some(p)) => format!("{a}:{p}"),
+                (Some(a), None) => a.clone(),
+                (None, _) => "-".to_string(),
+            };
+            let mut name = fit(&s.name, 16);
+            if s.backup {
+                name = fit(&format!("{}*", s.name), 16);
+            }
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<21} {} {:<7} {:>3} {:>5} {:>7} {:>6}",
+                name,
+                addr,
+                colour.paint(&s.status, 6),
+                fit(s.check_status.as_deref().unwrap_or("-"), 7),
+                s.weight.map_or_else(|| "-".into(), |w| w.to_string()),
+                num(s.sessions_current),
+                num(s.sessions_total),
+                s.last_change_s.map_or_else(|| "-".into(), human_duration),
+            );
+        }
+        out.push('\n');
+    }
+    if view.backends.iter().any(|b| b.servers.iter().any(|s| s.backup)) {
+        out.push_str("* backup server\n");
+    }
+    out
+}
+
+/// `lbctl show info`: the process at a glance.
+pub fn render_info(info: &Info) -> String {
+    let mut out = String::new();
+    let get = |k: &str| info.get(k).unwrap_or("-").to_string();
+    let rows = [
+        ("Version", get("Version")),
+        ("Pid", get("Pid")),
+        (
+            "Uptime",
+            info.uptime_s()
+                .map_or_else(|| get("Uptime"), human_duration),
+        ),
+        ("Connections", format!("{} current, {} total, max {}", get("CurrConns"), get("CumConns"), get("Maxconn"))),
+        ("Rates", format!("{} conn/s, {} sess/s, {} req/s", get("ConnRate"), get("SessRate"), get("HttpRate"))),
+        ("Threads", get("Nbthread")),
+        ("Jobs", format!("{} ({} listeners)", get("Jobs"), get("Listeners"))),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(out, "{k:<12} {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::parse::parse_show_stat;
+
+    const STAT: &str = "# pxname,svname,scur,stot,status,weight,act,bck,lastchg,type,check_status,addr,mode,algo\n\
+fe_443,FRONTEND,3,10,OPEN,,,,,0,,,tcp,\n\
+be_443,node-a,1,5,UP,100,1,0,62,2,L4OK,203.0.113.7:30443,tcp,\n\
+be_443,node-b,0,0,no check,1,1,0,3700,2,,[2001:db8::1]:30443,tcp,\n\
+be_443,spare,0,0,MAINT (via be_443/node-a),1,0,1,5,2,,10.0.0.9:30443,tcp,\n\
+be_443,BACKEND,1,5,UP,101,2,1,62,1,,,tcp,roundrobin\n\
+be_80,BACKEND,0,0,DOWN,0,0,0,9,1,,,http,leastconn\n";
+
+    #[test]
+    fn groups_rows() {
+        let rows = parse_show_stat(STAT).unwrap();
+        let v = Overview::from_stat(&rows, None);
+        assert_eq!(v.frontends.len(), 1);
+        assert_eq!(v.frontends[0].status, "OPEN");
+        assert_eq!(v.backends.len(), 2);
+        let be = &v.backends[0];
+        assert_eq!(be.algo.as_deref(), Some("roundrobin"));
+        let names: Vec<_> = be.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["node-a", "node-b", "spare"]);
+        assert_eq!(be.servers[0].addr.as_deref(), Some("203.0.113.7"));
+        assert_eq!(be.servers[0].port, Some(30443));
+        assert_eq!(be.servers[1].status, "UP");
+        assert_eq!(be.servers[1].addr.as_deref(), Some("2001:db8::1"));
+        assert_eq!(be.servers[2].status, "MAINT");
+        assert!(be.servers[2].backup);
+        let only = Overview::from_stat(&rows, Some("be_80"));
+        assert!(only.frontends.is_empty());
+        assert_eq!(only.backends.len(), 1);
+        assert_eq!(only.backends[0].status, "DOWN");
+    }
+
+    #[test]
+    fn table_fits_80_columns_and_has_no_colour_when_off() {
+        let rows = parse_show_stat(STAT).unwrap();
+        let t = render_table(&Overview::from_stat(&rows, None), Colour::Never);
+        assert!(!t.contains('\x1b'));
+        for line in t.lines() {
+            assert!(line.chars().count() <= 80, "{} chars: {line}", line.len());
+        }
+        assert!(t.contains("203.0.113.7:30443"));
+        assert!(t.contains("[2001:db8::1]:30443"));
+        assert!(t.contains("1h01m"));
+        let coloured = render_table(&Overview::from_stat(&rows, None), Colour::Ansi);
+        assert!(coloured.contains("\x1b[32mUP"));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(split_addr("1.2.3.4:80"), ("1.2.3.4".into(), Some(80)));
+        assert_eq!(split_addr("[::1]:80"), ("::1".into(), Some(80)));
+        assert_eq!(split_addr("1.2.3.4"), ("1.2.3.4".into(), None));
+        assert_eq!(split_addr("unix@/x"), ("unix@/x".into(), None));
+        assert_eq!(split_addr("1.2.3.4:99999"), ("1.2.3.4:99999".into(), None));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(62), "1m02s");
+        assert_eq!(human_duration(3700), "1h01m");
+        assert_eq!(human_duration(90000), "1d01h");
+    }
+}

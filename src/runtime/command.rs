@@ -1,0 +1,263 @@
+//! Typed runtime commands and how each is written on the wire.
+//!
+//! A [`Command`] can only be built from checked values ([`Name`], [`ServerRef`], [`IpAddr`],
+//! bounded numbers), so its wire form never carries `;`, a newline or a stray argument.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use super::error::Result;
+use super::validate::{self, Name, ServerRef};
+
+/// The state `set server B/S state` puts a server in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServerAdminState {
+    /// Takes traffic.
+    Ready,
+    /// Keeps its connections and persistent sessions, takes no new ones.
+    Drain,
+    /// Takes nothing; health checks stop.
+    Maint,
+}
+
+impl ServerAdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerAdminState::Ready => "ready",
+            ServerAdminState::Drain => "drain",
+            ServerAdminState::Maint => "maint",
+        }
+    }
+}
+
+impl std::str::FromStr for ServerAdminState {
+    type Err = super::error::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ready" => Ok(ServerAdminState::Ready),
+            "drain" => Ok(ServerAdminState::Drain),
+            "maint" => Ok(ServerAdminState::Maint),
+            _ => Err(super::error::Error::InvalidArgument {
+                field: "state",
+                value: s.to_string(),
+                reason: "must be ready, drain or maint",
+            }),
+        }
+    }
+}
+
+/// Options of `add server` beyond the address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddServerOptions {
+    /// Health-check the server (`check`); it then needs `enable health` after the add.
+    pub check: bool,
+    /// Initial weight, 0–256.
+    pub weight: Option<u16>,
+    /// Start administratively disabled (every dynamic server already starts in maintenance;
+    /// this keeps it there across `enable`-style operations).
+    pub disabled: bool,
+    /// Mark as a backup server.
+    pub backup: bool,
+}
+
+/// One command of the runtime API (stats socket) or of the master CLI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    ShowInfo,
+    ShowStat,
+    ShowServersState(Option<Name>),
+    ShowBackend,
+    AddServer {
+        server: ServerRef,
+        addr: IpAddr,
+        port: u16,
+        options: AddServerOptions,
+    },
+    DelServer(ServerRef),
+    SetServerAddr {
+        server: ServerRef,
+        addr: IpAddr,
+        port: Option<u16>,
+    },
+    SetServerState(ServerRef, ServerAdminState),
+    SetServerWeight(ServerRef, u16),
+    EnableHealth(ServerRef),
+    DisableHealth(ServerRef),
+    EnableFrontend(Name),
+    DisableFrontend(Name),
+    SetMaxconnFrontend(Name, u32),
+    /// Master CLI: the process list.
+    ShowProc,
+    /// Master CLI: re-execute the master and start new workers.
+    Reload,
+}
+
+impl Command {
+    /// `add server B/S ADDR:PORT [options]`, with the weight checked.
+    pub fn add_server(
+        server: ServerRef,
+        addr: IpAddr,
+        port: u16,
+        options: AddServerOptions,
+    ) -> Result<Command> {
+        if let Some(w) = options.weight {
+            validate::weight(u32::from(w))?;
+        }
+        validate::port("port", u32::from(port))?;
+        Ok(Command::AddServer {
+            server,
+            addr,
+            port,
+            options,
+        })
+    }
+
+    /// `set server B/S weight N`, with N checked.
+    pub fn set_weight(server: ServerRef, weight: u32) -> Result<Command> {
+        Ok(Command::SetServerWeight(server, validate::weight(weight)?))
+    }
+
+    /// Whether the command only reads. Read-only commands may be retried after a broken
+    /// connection; a write is retried only if it surely never reached HAProxy.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Command::ShowInfo
+                | Command::ShowStat
+                | Command::ShowServersState(_)
+                | Command::ShowBackend
+                | Command::ShowProc
+        )
+    }
+
+    /// Whether the command is for the master CLI rather than a worker's stats socket.
+    pub fn is_master(&self) -> bool {
+        matches!(self, Command::ShowProc | Command::Reload)
+    }
+}
+
+/// Writes `ADDR:PORT` for `add server`; IPv6 goes in brackets so the port cannot be mistaken
+/// for the address's last group.
+fn write_addr_port(f: &mut fmt::Formatter<'_>, addr: &IpAddr, port: u16) -> fmt::Result {
+    match addr {
+        IpAddr::V4(a) => write!(f, "{a}:{port}"),
+        IpAddr::V6(a) => write!(f, "[{a}]:{port}"),
+    }
+}
+
+/// The wire form, without the terminating newline.
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::ShowInfo => f.write_str("show info"),
+            Command::ShowStat => f.write_str("show stat"),
+            Command::ShowServersState(None) => f.write_str("show servers state"),
+            Command::ShowServersState(Some(b)) => write!(f, "show servers state {b}"),
+            Command::ShowBackend => f.write_str("show backend"),
+            Command::AddServer {
+                server,
+                addr,
+                port,
+                options,
+            } => {
+                write!(f, "add server {server} ")?;
+                write_addr_port(f, addr, *port)?;
+                if options.check {
+                    f.write_str(" check")?;
+                }
+                if let Some(w) = options.weight {
+                    write!(f, " weight {w}")?;
+                }
+                if options.backup {
+                    f.write_str(" backup")?;
+                }
+                if options.disabled {
+                    f.write_str(" disabled")?;
+                }
+                Ok(())
+            }
+            Command::DelServer(s) => write!(f, "del server {s}"),
+            Command::SetServerAddr { server, addr, port } => {
+                write!(f, "set server {server} addr {addr}")?;
+                if let Some(p) = port {
+                    write!(f, " port {p}")?;
+                }
+                Ok(())
+            }
+            Command::SetServerState(s, st) => write!(f, "set server {s} state {}", st.as_str()),
+            Command::SetServerWeight(s, w) => write!(f, "set server {s} weight {w}"),
+            Command::EnableHealth(s) => write!(f, "enable health {s}"),
+            Command::DisableHealth(s) => write!(f, "disable health {s}"),
+            Command::EnableFrontend(n) => write!(f, "enable frontend {n}"),
+            Command::DisableFrontend(n) => write!(f, "disable frontend {n}"),
+            Command::SetMaxconnFrontend(n, v) => write!(f, "set maxconn frontend {n} {v}"),
+            Command::ShowProc => f.write_str("show proc"),
+            Command::Reload => f.write_str("reload"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn srv() -> ServerRef {
+        ServerRef::new("be_443", "node-a").unwrap()
+    }
+
+    #[test]
+    fn wire_forms() {
+        let add = Command::add_server(
+            srv(),
+            "203.0.113.7".parse().unwrap(),
+            30443,
+            AddServerOptions {
+                check: true,
+                weight: Some(100),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            add.to_string(),
+            "add server be_443/node-a 203.0.113.7:30443 check weight 100"
+        );
+        let add6 = Command::add_server(
+            srv(),
+            "2001:db8::1".parse().unwrap(),
+            80,
+            AddServerOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            add6.to_string(),
+            "add server be_443/node-a [2001:db8::1]:80"
+        );
+        let set = Command::SetServerAddr {
+            server: srv(),
+            addr: "10.0.0.1".parse().unwrap(),
+            port: Some(30001),
+        };
+        assert_eq!(
+            set.to_string(),
+            "set server be_443/node-a addr 10.0.0.1 port 30001"
+        );
+        assert_eq!(
+            Command::SetServerState(srv(), ServerAdminState::Drain).to_string(),
+            "set server be_443/node-a state drain"
+        );
+        assert!(Command::set_weight(srv(), 257).is_err());
+        assert_eq!(
+            Command::ShowServersState(Some(Name::new("b", "be_1").unwrap())).to_string(),
+            "show servers state be_1"
+        );
+    }
+
+    #[test]
+    fn read_only_and_master() {
+        assert!(Command::ShowStat.is_read_only());
+        assert!(!Command::DelServer(srv()).is_read_only());
+        assert!(Command::Reload.is_master());
+        assert!(!Command::ShowInfo.is_master());
+    }
+}
