@@ -189,7 +189,7 @@ impl Colour {
         }
         let code = match status {
             "UP" | "OPEN" => "32",
-            "DOWN" | "STOP" => "31",
+            "DOWN" | "STOP" | "PAUSED" => "31",
             "MAINT" => "35",
             "DRAIN" | "NOLB" | "FULL" => "33",
             _ => return padded,

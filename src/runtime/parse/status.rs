@@ -25,6 +25,8 @@ pub enum StatusState {
     Open,
     Full,
     Stop,
+    /// A frontend stopped by `disable frontend` (2.6 prints `PAUSED`).
+    Paused,
     Waiting,
     /// A word this parser does not know; the text is in [`Status::text`].
     Other,
@@ -54,7 +56,7 @@ pub struct Status {
 
 impl Status {
     /// The five-way summary an operator reads: UP, DOWN, MAINT, DRAIN, NOLB, plus OPEN, FULL,
-    /// STOP, WAITING for frontends and listeners. A server with no check that is not in
+    /// STOP, PAUSED, WAITING for frontends and listeners. A server with no check that is not in
     /// maintenance takes traffic, so it is UP; `UP 1/3` is still UP, `DOWN 1/2` still DOWN.
     pub fn summary(&self) -> &str {
         match self.state {
@@ -66,6 +68,7 @@ impl Status {
             StatusState::Open => "OPEN",
             StatusState::Full => "FULL",
             StatusState::Stop => "STOP",
+            StatusState::Paused => "PAUSED",
             StatusState::Waiting => "WAITING",
             StatusState::Other => &self.text,
         }
@@ -83,6 +86,7 @@ fn state_word(i: &str) -> IResult<&str, StatusState> {
         value(StatusState::Open, tag("OPEN")),
         value(StatusState::Full, tag("FULL")),
         value(StatusState::Stop, tag("STOP")),
+        value(StatusState::Paused, tag("PAUSED")),
         value(StatusState::Waiting, tag("WAITING")),
     ))
     .parse(i)
@@ -156,6 +160,7 @@ mod tests {
             ("no check", StatusState::NoCheck, None, "UP"),
             ("OPEN", StatusState::Open, None, "OPEN"),
             ("STOP", StatusState::Stop, None, "STOP"),
+            ("PAUSED", StatusState::Paused, None, "PAUSED"),
             ("FULL", StatusState::Full, None, "FULL"),
             ("WAITING", StatusState::Waiting, None, "WAITING"),
         ];

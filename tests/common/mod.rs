@@ -1,0 +1,225 @@
+//! A real HAProxy for tests: started on temporary sockets and free loopback ports, stopped (and
+//! its workers with it) when the handle drops, even when the test panics.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The haproxy binary: `$HAPROXY_BIN`, else `haproxy` on PATH, else Debian's `/usr/sbin/haproxy`.
+pub fn haproxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HAPROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("haproxy");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/sbin/haproxy")
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    l.local_addr().unwrap().port()
+}
+
+/// Polls `check` every 20 ms until it is true or `within` has passed.
+pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running HAProxy in master-worker mode.
+pub struct Haproxy {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// `stats socket ... level admin`
+    pub admin: PathBuf,
+    /// `stats socket ... level operator`
+    pub operator: PathBuf,
+    /// The master CLI (`-S`).
+    pub master: PathBuf,
+    /// `stats socket ipv4@127.0.0.1:PORT level admin`
+    pub admin_tcp: String,
+    pub config: PathBuf,
+}
+
+/// The global and defaults sections every test config starts with. `@DIR@` and `@TCP@` are
+/// filled in by [`Haproxy::start`].
+pub const GLOBAL: &str = "global
+    stats socket @DIR@/admin.sock mode 600 level admin
+    stats socket @DIR@/operator.sock mode 600 level operator
+    stats socket ipv4@127.0.0.1:@TCP@ level admin
+    stats timeout 30s
+    maxconn 2000
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+";
+
+impl Haproxy {
+    /// Starts HAProxy with [`GLOBAL`] followed by `proxies` (frontends and backends), and waits
+    /// until both the admin socket and the master CLI answer.
+    pub fn start(proxies: &str) -> Haproxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display().to_string();
+        let tcp = free_port();
+        let text = format!("{GLOBAL}\n{proxies}")
+            .replace("@DIR@", &d)
+            .replace("@TCP@", &tcp.to_string());
+        let config = dir.path().join("haproxy.cfg");
+        std::fs::write(&config, text).unwrap();
+        let master = dir.path().join("master.sock");
+        let check = Command::new(haproxy_bin())
+            .arg("-c")
+            .arg("-q")
+            .arg("-f")
+            .arg(&config)
+            .output()
+            .expect("run haproxy -c (is haproxy installed? apt-get install haproxy)");
+        assert!(
+            check.status.success(),
+            "test config invalid: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new(haproxy_bin())
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", master.display()))
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("start haproxy");
+        let mut h = Haproxy {
+            admin: dir.path().join("admin.sock"),
+            operator: dir.path().join("operator.sock"),
+            master,
+            admin_tcp: format!("ipv4@127.0.0.1:{tcp}"),
+            config,
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if answers(&h.admin, "show info\n").is_some_and(|a| a.contains("Version:"))
+                && answers(&h.master, "show proc\n").is_some_and(|a| a.contains("worker"))
+            {
+                return h;
+            }
+            if let Ok(Some(status)) = h.child.as_mut().unwrap().try_wait() {
+                panic!("haproxy exited ({status}) at start:\n{}", h.log());
+            }
+            assert!(Instant::now() < deadline, "haproxy sockets did not answer within 10 s:\n{}", h.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What HAProxy printed on stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+/// Sends one non-interactive command straight to a socket with std, for checking effects
+/// independently of the client under test. `None` when nothing answers.
+pub fn answers(sock: &Path, line: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(line.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    // The master CLI keeps the connection open: stop at the terminating empty line.
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.ends_with(b"\n\n") && sock.ends_with("master.sock") {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM lets the master stop its workers; SIGKILL if it does not within 5 s.
+            unsafe_kill(child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends a signal with kill(1), keeping the tests free of `unsafe` and libc.
+pub fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A backend/frontend layout most tests use: one frontend, a dynamic-algorithm backend with a
+/// checked server (target: the `up` listener), an unchecked one and a static backend.
+pub fn basic_proxies() -> String {
+    let fe = free_port();
+    let up = free_port();
+    format!(
+        "frontend fe_main
+    bind 127.0.0.1:{fe}
+    default_backend be_app
+
+listen up_target
+    mode http
+    bind 127.0.0.1:{up}
+    http-request return status 200
+
+backend be_app
+    balance roundrobin
+    server web1 127.0.0.1:{up} check inter 200ms
+    server web2 127.0.0.1:{up}
+
+backend be_static
+    balance static-rr
+    server s1 127.0.0.1:{up}
+"
+    )
+}

@@ -1,0 +1,342 @@
+//! The runtime client against a real HAProxy: every typed command, with its effect checked
+//! through `show servers state` / `show stat`, the error outcomes, batching, and the master CLI.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{answers, basic_proxies, wait_until, Haproxy};
+use lbagent::runtime::parse::{OperState, ServerState, StatusState};
+use lbagent::runtime::{
+    AddServerOptions, ClientOptions, Command, Endpoint, Error, Name, OutcomeKind,
+    RuntimeClient, ServerAdminState, ServerRef,
+};
+
+fn client(path: &std::path::Path) -> RuntimeClient {
+    RuntimeClient::new(Endpoint::Unix(path.to_path_buf()), ClientOptions::default())
+}
+
+fn srv(b: &str, s: &str) -> ServerRef {
+    ServerRef::new(b, s).unwrap()
+}
+
+async fn state_of(c: &mut RuntimeClient, b: &str, s: &str) -> Option<ServerState> {
+    let be = Name::new("backend", b).unwrap();
+    c.show_servers_state(Some(&be))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.server == s)
+}
+
+#[tokio::test]
+async fn dynamic_server_lifecycle() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let node = srv("be_app", "node-a");
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+
+    c.add_server(
+        &node,
+        ip,
+        30443,
+        AddServerOptions {
+            check: true,
+            weight: Some(50),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let st = state_of(&mut c, "be_app", "node-a").await.expect("added");
+    assert!(st.admin.in_maintenance(), "a dynamic server starts in maintenance");
+    assert_eq!(st.port, Some(30443));
+    assert_eq!(st.user_weight, Some(50));
+
+    c.enable_health(&node).await.unwrap();
+    c.set_server_state(&node, ServerAdminState::Ready).await.unwrap();
+    let st = state_of(&mut c, "be_app", "node-a").await.unwrap();
+    assert!(!st.admin.in_maintenance() && !st.admin.draining());
+
+    c.set_server_addr(&node, "127.0.0.2".parse().unwrap(), Some(30444))
+        .await
+        .unwrap();
+    let st = state_of(&mut c, "be_app", "node-a").await.unwrap();
+    assert_eq!((st.addr.as_deref(), st.port), (Some("127.0.0.2"), Some(30444)));
+
+    c.set_server_weight(&node, 7).await.unwrap();
+    assert_eq!(state_of(&mut c, "be_app", "node-a").await.unwrap().user_weight, Some(7));
+
+    c.set_server_state(&node, ServerAdminState::Drain).await.unwrap();
+    assert!(state_of(&mut c, "be_app", "node-a").await.unwrap().admin.draining());
+
+    // Deleting needs maintenance first; HAProxy's refusal is classified and its text kept.
+    let err = c.del_server(&node).await.unwrap_err();
+    let Error::Command { outcome, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(outcome.kind, OutcomeKind::Refused, "{}", outcome.text);
+    assert!(outcome.text.contains("maintenance"), "{}", outcome.text);
+
+    c.disable_health(&node).await.unwrap();
+    c.set_server_state(&node, ServerAdminState::Maint).await.unwrap();
+    assert!(state_of(&mut c, "be_app", "node-a").await.unwrap().admin.in_maintenance());
+    c.del_server(&node).await.unwrap();
+    assert!(state_of(&mut c, "be_app", "node-a").await.is_none());
+}
+
+#[tokio::test]
+async fn checked_server_comes_up() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    // web1 is checked against a listener of the same HAProxy: it must turn UP.
+    let mut up = false;
+    for _ in 0..250 {
+        let st = state_of(&mut c, "be_app", "web1").await.unwrap();
+        if st.oper_state == Some(OperState::Running) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "web1 never came up");
+    let rows = c.show_stat().await.unwrap();
+    let web1 = rows.iter().find(|r| r.proxy == "be_app" && r.name == "web1").unwrap();
+    assert_eq!(web1.status.as_ref().unwrap().state, StatusState::Up);
+    let web2 = rows.iter().find(|r| r.proxy == "be_app" && r.name == "web2").unwrap();
+    assert_eq!(web2.status.as_ref().unwrap().state, StatusState::NoCheck);
+}
+
+#[tokio::test]
+async fn refusals_are_classified_with_haproxy_text() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+
+    let cases: Vec<(Command, OutcomeKind, &str)> = vec![
+        (
+            Command::SetServerState(srv("be_app", "ghost"), ServerAdminState::Ready),
+            OutcomeKind::NotFound,
+            "No such server",
+        ),
+        (
+            Command::add_server(srv("be_app", "web2"), ip, 1, AddServerOptions::default())
+                .unwrap(),
+            OutcomeKind::AlreadyExists,
+            "Already exists",
+        ),
+        (
+            Command::add_server(srv("be_nope", "x"), ip, 1, AddServerOptions::default())
+                .unwrap(),
+            OutcomeKind::NotFound,
+            "",
+        ),
+        (
+            Command::add_server(srv("be_static", "x"), ip, 1, AddServerOptions::default())
+                .unwrap(),
+            OutcomeKind::Refused,
+            "dynamic",
+        ),
+        (
+            Command::EnableHealth(srv("be_app", "web2")),
+            OutcomeKind::Refused,
+            "Health check",
+        ),
+        (
+            Command::DelServer(srv("be_app", "web2")),
+            OutcomeKind::Refused,
+            "maintenance",
+        ),
+        (
+            Command::set_weight(srv("be_static", "s1"), 50).unwrap(),
+            OutcomeKind::Refused,
+            "static",
+        ),
+        (
+            Command::DisableFrontend(Name::new("f", "fe_nope").unwrap()),
+            OutcomeKind::NotFound,
+            "",
+        ),
+    ];
+    for (cmd, kind, phrase) in cases {
+        let reply = c.execute(&cmd).await.unwrap();
+        assert_eq!(reply.outcome.kind, kind, "{cmd}: {:?}", reply.outcome.text);
+        assert!(reply.outcome.text.contains(phrase), "{cmd}: {:?}", reply.outcome.text);
+        assert_eq!(reply.command, cmd.to_string());
+    }
+    // Nothing above changed anything.
+    let states = c.show_servers_state(None).await.unwrap();
+    assert_eq!(states.len(), 3);
+}
+
+#[tokio::test]
+async fn frontend_commands() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let fe = Name::new("frontend", "fe_main").unwrap();
+    let status = |rows: &[lbagent::runtime::parse::StatRow]| {
+        rows.iter()
+            .find(|r| r.proxy == "fe_main" && r.name == "FRONTEND")
+            .map(|r| (r.status.clone().unwrap().state, r.sessions_limit))
+            .unwrap()
+    };
+    c.set_maxconn_frontend(&fe, 123).await.unwrap();
+    assert_eq!(status(&c.show_stat().await.unwrap()).1, Some(123));
+    c.disable_frontend(&fe).await.unwrap();
+    assert_eq!(status(&c.show_stat().await.unwrap()).0, StatusState::Paused);
+    c.enable_frontend(&fe).await.unwrap();
+    assert_eq!(status(&c.show_stat().await.unwrap()).0, StatusState::Open);
+}
+
+#[tokio::test]
+async fn queries_agree_with_the_socket() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let info = c.show_info().await.unwrap();
+    let raw = answers(&h.admin, "show info\n").unwrap();
+    assert!(raw.contains(&format!("Version: {}", info.version().unwrap())));
+    assert!(info.pid().is_some());
+    let mut backends = c.show_backends().await.unwrap();
+    backends.sort();
+    assert_eq!(backends, ["be_app", "be_static", "up_target"]);
+}
+
+#[tokio::test]
+async fn batch_keeps_order_and_outcomes() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let cmds = vec![
+        Command::SetServerState(srv("be_app", "web2"), ServerAdminState::Drain),
+        Command::SetServerState(srv("be_app", "ghost"), ServerAdminState::Drain),
+        Command::ShowBackend,
+        Command::set_weight(srv("be_app", "web2"), 3).unwrap(),
+    ];
+    let replies = c.batch(&cmds).await.unwrap();
+    let kinds: Vec<_> = replies.iter().map(|r| r.outcome.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            OutcomeKind::Success,
+            OutcomeKind::NotFound,
+            OutcomeKind::Success,
+            OutcomeKind::Success
+        ]
+    );
+    assert!(replies[2].outcome.text.contains("be_static"));
+    let st = state_of(&mut c, "be_app", "web2").await.unwrap();
+    assert!(st.admin.draining());
+    assert_eq!(st.user_weight, Some(3));
+}
+
+#[tokio::test]
+async fn batch_larger_than_a_line_is_split() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = RuntimeClient::new(
+        Endpoint::Unix(h.admin.clone()),
+        ClientOptions {
+            max_line: 1024,
+            ..ClientOptions::default()
+        },
+    );
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let adds: Vec<Command> = (0..300)
+        .map(|i| {
+            Command::add_server(
+                srv("be_app", &format!("n{i}")),
+                ip,
+                10000 + i,
+                AddServerOptions::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let replies = c.batch(&adds).await.unwrap();
+    assert_eq!(replies.len(), 300);
+    assert!(replies.iter().all(|r| r.outcome.is_success()));
+    let states = c.show_servers_state(None).await.unwrap();
+    assert_eq!(states.iter().filter(|s| s.server.starts_with('n')).count(), 300);
+    let n299 = states.iter().find(|s| s.server == "n299").unwrap();
+    assert_eq!(n299.port, Some(10299));
+}
+
+#[tokio::test]
+async fn operator_socket_is_denied_writes() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.operator);
+    let reply = c
+        .execute(&Command::SetServerAddr {
+            server: srv("be_app", "web2"),
+            addr: "127.0.0.9".parse().unwrap(),
+            port: None,
+        })
+        .await;
+    let kind = match reply {
+        Ok(r) => r.outcome.kind,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(kind, OutcomeKind::PermissionDenied);
+    // Reading still works at operator level.
+    assert!(c.show_stat().await.is_ok());
+}
+
+#[tokio::test]
+async fn tcp_stats_socket() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = RuntimeClient::new(Endpoint::parse(&h.admin_tcp), ClientOptions::default());
+    assert!(c.show_info().await.unwrap().version().is_some());
+    assert_eq!(c.show_stat().await.unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn master_cli_show_proc_and_reload() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut m = client(&h.master);
+    let before = m.show_proc().await.unwrap();
+    assert_eq!(before.master.as_ref().unwrap().pid, h.master_pid());
+    assert_eq!(before.workers.len(), 1);
+    let old_worker = before.workers[0].pid;
+
+    m.reload().await.unwrap();
+    // The master re-executes; confirm through show proc, polling with a deadline.
+    let mut new_worker = None;
+    for _ in 0..250 {
+        if let Ok(p) = m.show_proc().await {
+            if let Some(w) = p.workers.first() {
+                if w.pid != old_worker {
+                    assert_eq!(p.master.unwrap().failed_reloads, Some(0));
+                    new_worker = Some(w.pid);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(new_worker.is_some(), "no new worker after reload");
+
+    // `reload` on a worker's socket is refused before anything is sent.
+    let mut w = client(&h.admin);
+    let err = w.reload().await.unwrap_err();
+    assert!(err.to_string().contains("master CLI"), "{err}");
+}
+
+#[tokio::test]
+async fn connection_survives_haproxy_closing_it() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    c.show_info().await.unwrap();
+    // A reload replaces the worker; the old one closes our CLI connection.
+    let mut m = client(&h.master);
+    let old = m.show_proc().await.unwrap().workers[0].pid;
+    m.reload().await.unwrap();
+    wait_until(Duration::from_secs(10), "new worker", || {
+        answers(&h.master, "show proc\n").is_some_and(|p| {
+            p.contains("worker") && !p.lines().any(|l| l.starts_with(&format!("{old} ")) && l.contains("worker") && !p.contains("# old workers\n"))
+        })
+    });
+    // Whatever happened to the old connection, the next calls work.
+    for _ in 0..3 {
+        c.show_info().await.unwrap();
+    }
+}
+
