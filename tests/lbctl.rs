@@ -35,7 +35,12 @@ frontend fe_main
 ",
         free_port()
     );
-    for (b, algo) in [("be_rr", "roundrobin"), ("be_lc", "leastconn"), ("be_src", "source"), ("be_first", "first")] {
+    for (b, algo) in [
+        ("be_rr", "roundrobin"),
+        ("be_lc", "leastconn"),
+        ("be_src", "source"),
+        ("be_first", "first"),
+    ] {
         cfg.push_str(&format!("\nbackend {b}\n    balance {algo}\n"));
         for i in 0..60 {
             let opts = match i % 6 {
@@ -88,11 +93,17 @@ fn expected_status(raw: &str) -> &str {
 fn json_agrees_with_show_stat() {
     let h = Haproxy::start(&many_servers());
     // Let the checks settle so servers are not mid-transition between the two reads.
-    common::wait_until(std::time::Duration::from_secs(10), "checks to settle", || {
-        raw_stat(&h).values().all(|c| !c["status"].contains('/'))
-    });
+    common::wait_until(
+        std::time::Duration::from_secs(10),
+        "checks to settle",
+        || raw_stat(&h).values().all(|c| !c["status"].contains('/')),
+    );
     let out = lbctl(&["show", "--json", "--socket", h.admin.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     let raw = raw_stat(&h);
 
@@ -108,9 +119,23 @@ fn json_agrees_with_show_stat() {
             let ip = ip.trim_start_matches('[').trim_end_matches(']');
             assert_eq!(s["addr"], ip, "{bname}/{name}");
             assert_eq!(s["port"], port.parse::<u64>().unwrap(), "{bname}/{name}");
-            assert_eq!(s["weight"], cols["weight"].parse::<u64>().unwrap(), "{bname}/{name}");
-            assert_eq!(s["status"], expected_status(&cols["status"]), "{bname}/{name}: {}", cols["status"]);
-            for key in ["check_status", "sessions_current", "sessions_total", "last_change_s"] {
+            assert_eq!(
+                s["weight"],
+                cols["weight"].parse::<u64>().unwrap(),
+                "{bname}/{name}"
+            );
+            assert_eq!(
+                s["status"],
+                expected_status(&cols["status"]),
+                "{bname}/{name}: {}",
+                cols["status"]
+            );
+            for key in [
+                "check_status",
+                "sessions_current",
+                "sessions_total",
+                "last_change_s",
+            ] {
                 assert!(s.get(key).is_some(), "missing {key}");
             }
             seen += 1;
@@ -134,7 +159,12 @@ fn json_agrees_with_show_stat() {
         .flat_map(|b| b["servers"].as_array().unwrap())
         .map(|s| s["status"].as_str().unwrap().to_string())
         .collect();
-    assert!(statuses.iter().all(|s| ["UP", "DOWN", "MAINT", "DRAIN", "NOLB"].contains(&s.as_str())), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| ["UP", "DOWN", "MAINT", "DRAIN", "NOLB"].contains(&s.as_str())),
+        "{statuses:?}"
+    );
     assert!(statuses.contains("DOWN") && statuses.contains("MAINT") && statuses.contains("UP"));
 }
 
@@ -148,14 +178,29 @@ fn table_lists_every_server_without_colour_in_a_pipe() {
     for (b, s) in raw_stat(&h).keys() {
         assert!(table.contains(&format!("BACKEND {b}")), "{b}");
         assert!(
-            table.lines().any(|l| l.trim_start().starts_with(&format!("{s} ")) || l.trim_start().starts_with(&format!("{s}* "))),
+            table
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{s} "))
+                    || l.trim_start().starts_with(&format!("{s}* "))),
             "{s} missing"
         );
     }
-    let filtered = lbctl(&["show", "--backend", "be_lc", "--socket", h.admin.to_str().unwrap()]);
+    let filtered = lbctl(&[
+        "show",
+        "--backend",
+        "be_lc",
+        "--socket",
+        h.admin.to_str().unwrap(),
+    ]);
     let text = String::from_utf8(filtered.stdout).unwrap();
     assert!(text.contains("BACKEND be_lc") && !text.contains("BACKEND be_rr"));
-    let missing = lbctl(&["show", "--backend", "be_nope", "--socket", h.admin.to_str().unwrap()]);
+    let missing = lbctl(&[
+        "show",
+        "--backend",
+        "be_nope",
+        "--socket",
+        h.admin.to_str().unwrap(),
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("be_nope"));
 }
@@ -168,13 +213,26 @@ fn show_info_and_env_socket() {
         .env("LBCTL_SOCKET", &h.admin)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let raw = answers(&h.admin, "show info\n").unwrap();
-    let version = raw.lines().find_map(|l| l.strip_prefix("Version: ")).unwrap();
+    let version = raw
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .unwrap();
     assert!(text.contains(version), "{text}");
     assert!(text.contains("Uptime"));
-    let json = lbctl(&["show", "info", "--json", "--socket", h.admin.to_str().unwrap()]);
+    let json = lbctl(&[
+        "show",
+        "info",
+        "--json",
+        "--socket",
+        h.admin.to_str().unwrap(),
+    ]);
     let v: Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["Version"], version);
 }
@@ -184,7 +242,10 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains(needle), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -192,11 +253,20 @@ fn assert_one_line_error(out: &Output, needle: &str) {
 fn bad_sockets_give_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.sock");
-    assert_one_line_error(&lbctl(&["show", "--socket", missing.to_str().unwrap()]), "does not exist");
+    assert_one_line_error(
+        &lbctl(&["show", "--socket", missing.to_str().unwrap()]),
+        "does not exist",
+    );
     let file = dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();
-    assert_one_line_error(&lbctl(&["show", "--socket", file.to_str().unwrap()]), "regular file");
-    assert_one_line_error(&lbctl(&["show", "--socket", dir.path().to_str().unwrap()]), "directory");
+    assert_one_line_error(
+        &lbctl(&["show", "--socket", file.to_str().unwrap()]),
+        "regular file",
+    );
+    assert_one_line_error(
+        &lbctl(&["show", "--socket", dir.path().to_str().unwrap()]),
+        "directory",
+    );
 
     // A socket whose server answers something else.
     let path = dir.path().join("http.sock");
@@ -209,7 +279,10 @@ fn bad_sockets_give_one_clear_line() {
             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
         }
     });
-    assert_one_line_error(&lbctl(&["show", "--socket", path.to_str().unwrap()]), "not a HAProxy runtime socket");
+    assert_one_line_error(
+        &lbctl(&["show", "--socket", path.to_str().unwrap()]),
+        "not a HAProxy runtime socket",
+    );
     server.join().unwrap();
 
     // A socket whose server says nothing: the deadline ends it.
@@ -224,7 +297,13 @@ fn bad_sockets_give_one_clear_line() {
         }
     });
     assert_one_line_error(
-        &lbctl(&["show", "--timeout", "0.3", "--socket", path.to_str().unwrap()]),
+        &lbctl(&[
+            "show",
+            "--timeout",
+            "0.3",
+            "--socket",
+            path.to_str().unwrap(),
+        ]),
         "no answer to `prompt`",
     );
     server.join().unwrap();

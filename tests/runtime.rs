@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{answers, basic_proxies, wait_until, Haproxy};
 use lbagent::runtime::parse::{OperState, ServerState, StatusState};
 use lbagent::runtime::{
-    AddServerOptions, ClientOptions, Command, Endpoint, Error, Name, OutcomeKind,
-    RuntimeClient, ServerAdminState, ServerRef,
+    AddServerOptions, ClientOptions, Command, Endpoint, Error, Name, OutcomeKind, RuntimeClient,
+    ServerAdminState, ServerRef,
 };
 
 fn client(path: &std::path::Path) -> RuntimeClient {
@@ -50,12 +50,17 @@ async fn dynamic_server_lifecycle() {
     .await
     .unwrap();
     let st = state_of(&mut c, "be_app", "node-a").await.expect("added");
-    assert!(st.admin.in_maintenance(), "a dynamic server starts in maintenance");
+    assert!(
+        st.admin.in_maintenance(),
+        "a dynamic server starts in maintenance"
+    );
     assert_eq!(st.port, Some(30443));
     assert_eq!(st.user_weight, Some(50));
 
     c.enable_health(&node).await.unwrap();
-    c.set_server_state(&node, ServerAdminState::Ready).await.unwrap();
+    c.set_server_state(&node, ServerAdminState::Ready)
+        .await
+        .unwrap();
     let st = state_of(&mut c, "be_app", "node-a").await.unwrap();
     assert!(!st.admin.in_maintenance() && !st.admin.draining());
 
@@ -63,13 +68,28 @@ async fn dynamic_server_lifecycle() {
         .await
         .unwrap();
     let st = state_of(&mut c, "be_app", "node-a").await.unwrap();
-    assert_eq!((st.addr.as_deref(), st.port), (Some("127.0.0.2"), Some(30444)));
+    assert_eq!(
+        (st.addr.as_deref(), st.port),
+        (Some("127.0.0.2"), Some(30444))
+    );
 
     c.set_server_weight(&node, 7).await.unwrap();
-    assert_eq!(state_of(&mut c, "be_app", "node-a").await.unwrap().user_weight, Some(7));
+    assert_eq!(
+        state_of(&mut c, "be_app", "node-a")
+            .await
+            .unwrap()
+            .user_weight,
+        Some(7)
+    );
 
-    c.set_server_state(&node, ServerAdminState::Drain).await.unwrap();
-    assert!(state_of(&mut c, "be_app", "node-a").await.unwrap().admin.draining());
+    c.set_server_state(&node, ServerAdminState::Drain)
+        .await
+        .unwrap();
+    assert!(state_of(&mut c, "be_app", "node-a")
+        .await
+        .unwrap()
+        .admin
+        .draining());
 
     // Deleting needs maintenance first; HAProxy's refusal is classified and its text kept.
     let err = c.del_server(&node).await.unwrap_err();
@@ -80,8 +100,14 @@ async fn dynamic_server_lifecycle() {
     assert!(outcome.text.contains("maintenance"), "{}", outcome.text);
 
     c.disable_health(&node).await.unwrap();
-    c.set_server_state(&node, ServerAdminState::Maint).await.unwrap();
-    assert!(state_of(&mut c, "be_app", "node-a").await.unwrap().admin.in_maintenance());
+    c.set_server_state(&node, ServerAdminState::Maint)
+        .await
+        .unwrap();
+    assert!(state_of(&mut c, "be_app", "node-a")
+        .await
+        .unwrap()
+        .admin
+        .in_maintenance());
     c.del_server(&node).await.unwrap();
     assert!(state_of(&mut c, "be_app", "node-a").await.is_none());
 }
@@ -102,9 +128,15 @@ async fn checked_server_comes_up() {
     }
     assert!(up, "web1 never came up");
     let rows = c.show_stat().await.unwrap();
-    let web1 = rows.iter().find(|r| r.proxy == "be_app" && r.name == "web1").unwrap();
+    let web1 = rows
+        .iter()
+        .find(|r| r.proxy == "be_app" && r.name == "web1")
+        .unwrap();
     assert_eq!(web1.status.as_ref().unwrap().state, StatusState::Up);
-    let web2 = rows.iter().find(|r| r.proxy == "be_app" && r.name == "web2").unwrap();
+    let web2 = rows
+        .iter()
+        .find(|r| r.proxy == "be_app" && r.name == "web2")
+        .unwrap();
     assert_eq!(web2.status.as_ref().unwrap().state, StatusState::NoCheck);
 }
 
@@ -121,20 +153,17 @@ async fn refusals_are_classified_with_haproxy_text() {
             "No such server",
         ),
         (
-            Command::add_server(srv("be_app", "web2"), ip, 1, AddServerOptions::default())
-                .unwrap(),
+            Command::add_server(srv("be_app", "web2"), ip, 1, AddServerOptions::default()).unwrap(),
             OutcomeKind::AlreadyExists,
             "Already exists",
         ),
         (
-            Command::add_server(srv("be_nope", "x"), ip, 1, AddServerOptions::default())
-                .unwrap(),
+            Command::add_server(srv("be_nope", "x"), ip, 1, AddServerOptions::default()).unwrap(),
             OutcomeKind::NotFound,
             "",
         ),
         (
-            Command::add_server(srv("be_static", "x"), ip, 1, AddServerOptions::default())
-                .unwrap(),
+            Command::add_server(srv("be_static", "x"), ip, 1, AddServerOptions::default()).unwrap(),
             OutcomeKind::Refused,
             "dynamic",
         ),
@@ -162,7 +191,11 @@ async fn refusals_are_classified_with_haproxy_text() {
     for (cmd, kind, phrase) in cases {
         let reply = c.execute(&cmd).await.unwrap();
         assert_eq!(reply.outcome.kind, kind, "{cmd}: {:?}", reply.outcome.text);
-        assert!(reply.outcome.text.contains(phrase), "{cmd}: {:?}", reply.outcome.text);
+        assert!(
+            reply.outcome.text.contains(phrase),
+            "{cmd}: {:?}",
+            reply.outcome.text
+        );
         assert_eq!(reply.command, cmd.to_string());
     }
     // Nothing above changed anything.
@@ -255,7 +288,10 @@ async fn batch_larger_than_a_line_is_split() {
     assert_eq!(replies.len(), 300);
     assert!(replies.iter().all(|r| r.outcome.is_success()));
     let states = c.show_servers_state(None).await.unwrap();
-    assert_eq!(states.iter().filter(|s| s.server.starts_with('n')).count(), 300);
+    assert_eq!(
+        states.iter().filter(|s| s.server.starts_with('n')).count(),
+        300
+    );
     let n299 = states.iter().find(|s| s.server == "n299").unwrap();
     assert_eq!(n299.port, Some(10299));
 }
@@ -331,7 +367,12 @@ async fn connection_survives_haproxy_closing_it() {
     m.reload().await.unwrap();
     wait_until(Duration::from_secs(10), "new worker", || {
         answers(&h.master, "show proc\n").is_some_and(|p| {
-            p.contains("worker") && !p.lines().any(|l| l.starts_with(&format!("{old} ")) && l.contains("worker") && !p.contains("# old workers\n"))
+            p.contains("worker")
+                && !p.lines().any(|l| {
+                    l.starts_with(&format!("{old} "))
+                        && l.contains("worker")
+                        && !p.contains("# old workers\n")
+                })
         })
     });
     // Whatever happened to the old connection, the next calls work.
@@ -339,4 +380,3 @@ async fn connection_survives_haproxy_closing_it() {
         c.show_info().await.unwrap();
     }
 }
-

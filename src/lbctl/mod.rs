@@ -17,7 +17,11 @@ use show::{render_info, render_table, Colour, Overview};
 pub const DEFAULT_SOCKET: &str = "/run/haproxy/admin.sock";
 
 #[derive(Parser, Debug)]
-#[command(name = "lbctl", version, about = "Operate lbagent and the HAProxy it drives")]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Operate lbagent and the HAProxy it drives"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Commands,
@@ -87,7 +91,9 @@ fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
     if v.is_finite() && v > 0.0 && v < 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(format!("{flag} must be a positive number of seconds, got {v}"))
+        Err(format!(
+            "{flag} must be a positive number of seconds, got {v}"
+        ))
     }
 }
 

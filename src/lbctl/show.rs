@@ -60,7 +60,10 @@ pub struct Overview {
 pub fn split_addr(addr: &str) -> (String, Option<u16>) {
     if let Some(rest) = addr.strip_prefix('[') {
         if let Some((ip, tail)) = rest.split_once(']') {
-            return (ip.to_string(), tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+            return (
+                ip.to_string(),
+                tail.strip_prefix(':').and_then(|p| p.parse().ok()),
+            );
         }
     }
     match addr.rsplit_once(':') {
@@ -226,7 +229,11 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
     let mut out = String::new();
     if !view.frontends.is_empty() {
         let _ = writeln!(out, "{}", colour.bold("FRONTENDS"));
-        let _ = writeln!(out, "  {:<24} {:<6} {:<7} {:>8} {:>10}", "NAME", "MODE", "STATUS", "CUR", "TOTAL");
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<6} {:<7} {:>8} {:>10}",
+            "NAME", "MODE", "STATUS", "CUR", "TOTAL"
+        );
         for f in &view.frontends {
             let _ = writeln!(
                 out,
@@ -285,7 +292,11 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
         }
         out.push('\n');
     }
-    if view.backends.iter().any(|b| b.servers.iter().any(|s| s.backup)) {
+    if view
+        .backends
+        .iter()
+        .any(|b| b.servers.iter().any(|s| s.backup))
+    {
         out.push_str("* backup server\n");
     }
     out
@@ -303,10 +314,29 @@ pub fn render_info(info: &Info) -> String {
             info.uptime_s()
                 .map_or_else(|| get("Uptime"), human_duration),
         ),
-        ("Connections", format!("{} current, {} total, max {}", get("CurrConns"), get("CumConns"), get("Maxconn"))),
-        ("Rates", format!("{} conn/s, {} sess/s, {} req/s", get("ConnRate"), get("SessRate"), get("HttpRate"))),
+        (
+            "Connections",
+            format!(
+                "{} current, {} total, max {}",
+                get("CurrConns"),
+                get("CumConns"),
+                get("Maxconn")
+            ),
+        ),
+        (
+            "Rates",
+            format!(
+                "{} conn/s, {} sess/s, {} req/s",
+                get("ConnRate"),
+                get("SessRate"),
+                get("HttpRate")
+            ),
+        ),
         ("Threads", get("Nbthread")),
-        ("Jobs", format!("{} ({} listeners)", get("Jobs"), get("Listeners"))),
+        (
+            "Jobs",
+            format!("{} ({} listeners)", get("Jobs"), get("Listeners")),
+        ),
     ];
     for (k, v) in rows {
         let _ = writeln!(out, "{k:<12} {v}");

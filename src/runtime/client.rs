@@ -111,10 +111,7 @@ impl RuntimeClient {
                 Err(_) => {
                     return Err(Error::NotHaproxy {
                         endpoint: self.endpoint.to_string(),
-                        detail: format!(
-                            "no answer to `prompt` within {:?}",
-                            self.options.timeout
-                        ),
+                        detail: format!("no answer to `prompt` within {:?}", self.options.timeout),
                     })
                 }
             };
@@ -145,7 +142,12 @@ impl RuntimeClient {
     /// One try of [`Self::round_trip`] within the deadline; `Ok(None)` when HAProxy closed the
     /// connection before answering. The connection is dropped on any failure: after a timeout
     /// or a broken read its position in the stream is unknown.
-    async fn attempt(&mut self, line: &str, count: usize, what: &str) -> Result<Option<Vec<String>>> {
+    async fn attempt(
+        &mut self,
+        line: &str,
+        count: usize,
+        what: &str,
+    ) -> Result<Option<Vec<String>>> {
         let deadline = self.options.timeout;
         let exchange = async {
             let conn = self.ensure_connected().await?;

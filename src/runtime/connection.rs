@@ -356,8 +356,14 @@ mod tests {
         c.send_line("set server a/b state ready;show backend", "t")
             .await
             .unwrap();
-        assert_eq!(c.read_answer("t").await.unwrap().unwrap(), "No such server.\n\n");
-        assert_eq!(c.read_answer("t").await.unwrap().unwrap(), "# name\nbe_1\n\n");
+        assert_eq!(
+            c.read_answer("t").await.unwrap().unwrap(),
+            "No such server.\n\n"
+        );
+        assert_eq!(
+            c.read_answer("t").await.unwrap().unwrap(),
+            "# name\nbe_1\n\n"
+        );
         c.send_line("x", "t").await.unwrap();
         assert_eq!(c.read_answer("t").await.unwrap().unwrap(), "\n");
         // The peer is gone now: EOF with nothing received.
@@ -369,12 +375,18 @@ mod tests {
         let mut c = scripted(b"master> ", vec![b"#<PID> <type>\n\nmaster> "]).await;
         assert!(c.is_master());
         c.send_line("show proc", "t").await.unwrap();
-        assert_eq!(c.read_answer("t").await.unwrap().unwrap(), "#<PID> <type>\n\n");
+        assert_eq!(
+            c.read_answer("t").await.unwrap().unwrap(),
+            "#<PID> <type>\n\n"
+        );
     }
 
     #[tokio::test]
     async fn not_haproxy_peers() {
-        for greeting in [&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..], b"SSH-2.0-OpenSSH\r\n"] {
+        for greeting in [
+            &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+            b"SSH-2.0-OpenSSH\r\n",
+        ] {
             let (client, mut server) = duplex(1024);
             let g = greeting.to_vec();
             tokio::spawn(async move {

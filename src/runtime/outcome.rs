@@ -92,6 +92,10 @@ const SUCCESS_PREFIXES: &[&str] = &[
     "IP changed from",
     "no need to change the addr",
     "port changed from",
+    // 3.0+ for an unchanged address and port.
+    "nothing changed",
+    // `enable|disable frontend` on a frontend already in that state: the wanted state holds.
+    "All sockets are already",
 ];
 
 /// Error phrases by class, first match wins. Each is matched at the start of a line of the answer
@@ -111,13 +115,22 @@ const ERROR_PHRASES: &[(&str, OutcomeKind)] = &[
     ("Unknown frontend", OutcomeKind::NotFound),
     ("Unknown backend", OutcomeKind::NotFound),
     ("Already exists", OutcomeKind::AlreadyExists),
-    ("Only servers in maintenance mode can be deleted", OutcomeKind::Refused),
+    (
+        "Only servers in maintenance mode can be deleted",
+        OutcomeKind::Refused,
+    ),
     ("Server still has connections", OutcomeKind::Refused),
+    ("This server cannot be removed", OutcomeKind::Refused),
+    ("agent checks are not enabled", OutcomeKind::Refused),
+    ("cannot change health", OutcomeKind::Refused),
     ("Cannot remove", OutcomeKind::Refused),
     ("Health check was not configured", OutcomeKind::Refused),
     ("Agent was not configured", OutcomeKind::Refused),
     ("Backend must use a dynamic", OutcomeKind::Refused),
-    ("Backend is using a static LB algorithm", OutcomeKind::Refused),
+    (
+        "Backend is using a static LB algorithm",
+        OutcomeKind::Refused,
+    ),
     ("Frontend is already", OutcomeKind::Refused),
     ("Frontend was already", OutcomeKind::Refused),
     ("Frontend was previously shut down", OutcomeKind::Refused),
@@ -130,6 +143,9 @@ const ERROR_PHRASES: &[(&str, OutcomeKind)] = &[
     ("Integer value", OutcomeKind::InvalidArgument),
     ("Value out of range", OutcomeKind::InvalidArgument),
     ("'set server <srv>", OutcomeKind::InvalidArgument),
+    ("set server <b>/<s>", OutcomeKind::InvalidArgument),
+    ("usage:", OutcomeKind::InvalidArgument),
+    ("Empty weight string", OutcomeKind::InvalidArgument),
     ("'set maxconn frontend'", OutcomeKind::InvalidArgument),
     ("'add server'", OutcomeKind::InvalidArgument),
     ("'server'", OutcomeKind::InvalidArgument),
@@ -148,6 +164,17 @@ fn classify_error(text: &str) -> Option<OutcomeKind> {
     None
 }
 
+/// Failures `set server addr` reports in the middle of an otherwise successful-looking
+/// sentence (`no need to change the addr, problem converting port 'abc' to an int`). Each holds
+/// a space, which no validated name can, so a name cannot forge one.
+const EMBEDDED_ERRORS: &[&str] = &[
+    "problem converting",
+    "Invalid addr",
+    "invalid addr",
+    "can't ",
+    "Can't ",
+];
+
 fn classify_action(text: &str) -> OutcomeKind {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -155,6 +182,9 @@ fn classify_action(text: &str) -> OutcomeKind {
     }
     if let Some(kind) = classify_error(trimmed) {
         return kind;
+    }
+    if EMBEDDED_ERRORS.iter().any(|e| trimmed.contains(e)) {
+        return OutcomeKind::InvalidArgument;
     }
     if SUCCESS_PREFIXES.iter().any(|p| trimmed.starts_with(p)) {
         return OutcomeKind::Success;
@@ -180,6 +210,7 @@ mod tests {
             ("Absolute weight can only be between 0 and 256 inclusive.\n", OutcomeKind::InvalidArgument),
             ("Permission denied\n", OutcomeKind::PermissionDenied),
             ("Unknown command, but maybe one of the following ones is a better match:\n  add acl\n", OutcomeKind::UnknownCommand),
+            ("no need to change the addr, problem converting port 'abc' to an int by 'stats socket command'\n", OutcomeKind::InvalidArgument),
             ("Something new.\n", OutcomeKind::Other),
         ];
         for (text, kind) in cases {

@@ -39,7 +39,9 @@ impl Name {
             match c {
                 'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' | ':' => {}
                 ';' => return reject("contains `;`, which separates runtime commands"),
-                '\n' | '\r' => return reject("contains a line break, which ends a runtime command"),
+                '\n' | '\r' => {
+                    return reject("contains a line break, which ends a runtime command")
+                }
                 '\\' => return reject("contains a backslash, which escapes in runtime commands"),
                 '/' => return reject("contains `/`, which separates backend and server"),
                 c if c.is_whitespace() => {

@@ -35,7 +35,10 @@ pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool)
         if check() {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -126,7 +129,11 @@ impl Haproxy {
             if let Ok(Some(status)) = h.child.as_mut().unwrap().try_wait() {
                 panic!("haproxy exited ({status}) at start:\n{}", h.log());
             }
-            assert!(Instant::now() < deadline, "haproxy sockets did not answer within 10 s:\n{}", h.log());
+            assert!(
+                Instant::now() < deadline,
+                "haproxy sockets did not answer within 10 s:\n{}",
+                h.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

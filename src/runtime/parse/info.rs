@@ -69,10 +69,14 @@ pub fn parse_show_info(text: &str) -> Result<Info, ParseError> {
         }
         let (_, (k, v)) = key_value(line)
             .map_err(|_| ParseError::new(n, format!("expected `Key: value`, got {line:?}")))?;
-        info.fields.push((k.trim().to_string(), v.trim().to_string()));
+        info.fields
+            .push((k.trim().to_string(), v.trim().to_string()));
     }
     if info.version().is_none() {
-        return Err(ParseError::new(0, "no `Version:` line: not a `show info` answer"));
+        return Err(ParseError::new(
+            0,
+            "no `Version:` line: not a `show info` answer",
+        ));
     }
     Ok(info)
 }
@@ -97,7 +101,12 @@ mod tests {
     #[test]
     fn rejects_other_text() {
         assert!(parse_show_info("").is_err());
-        assert_eq!(parse_show_info("Name: x\nno colon here\n").unwrap_err().line, 2);
+        assert_eq!(
+            parse_show_info("Name: x\nno colon here\n")
+                .unwrap_err()
+                .line,
+            2
+        );
         assert!(parse_show_info("Name: HAProxy\n").is_err());
     }
 }

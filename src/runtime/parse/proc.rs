@@ -134,7 +134,10 @@ pub fn parse_show_proc(text: &str) -> Result<ProcList, ParseError> {
         }
     }
     if !saw_header {
-        return Err(ParseError::new(0, "no `#<PID>` header: not a `show proc` answer"));
+        return Err(ParseError::new(
+            0,
+            "no `#<PID>` header: not a `show proc` answer",
+        ));
     }
     Ok(list)
 }
@@ -149,7 +152,10 @@ mod tests {
     fn reads_sections() {
         let p = parse_show_proc(SAMPLE).unwrap();
         let m = p.master.unwrap();
-        assert_eq!((m.pid, m.reloads, m.failed_reloads), (2034, Some(1), Some(0)));
+        assert_eq!(
+            (m.pid, m.reloads, m.failed_reloads),
+            (2034, Some(1), Some(0))
+        );
         assert_eq!(m.uptime.as_deref(), Some("0d00h00m16s"));
         assert_eq!(p.workers.len(), 1);
         assert_eq!(p.workers[0].pid, 2090);

@@ -99,7 +99,12 @@ pub struct ServerState {
 }
 
 fn format_version(i: &str) -> IResult<&str, &str> {
-    all_consuming(delimited(space0, take_while1(|c: char| c.is_ascii_digit()), space0)).parse(i)
+    all_consuming(delimited(
+        space0,
+        take_while1(|c: char| c.is_ascii_digit()),
+        space0,
+    ))
+    .parse(i)
 }
 
 fn header(i: &str) -> IResult<&str, Vec<&str>> {
@@ -115,11 +120,17 @@ fn header(i: &str) -> IResult<&str, Vec<&str>> {
 pub fn parse_servers_state(text: &str) -> Result<Vec<ServerState>, ParseError> {
     let mut lines = content_lines(text);
     let Some((n, first)) = lines.next() else {
-        return Err(ParseError::new(0, "empty answer, expected the format version line `1`"));
+        return Err(ParseError::new(
+            0,
+            "empty answer, expected the format version line `1`",
+        ));
     };
-    let version = format_version(first)
-        .map(|(_, v)| v)
-        .map_err(|_| ParseError::new(n, format!("expected the format version line, got {first:?}")))?;
+    let version = format_version(first).map(|(_, v)| v).map_err(|_| {
+        ParseError::new(
+            n,
+            format!("expected the format version line, got {first:?}"),
+        )
+    })?;
     if version != "1" {
         return Err(ParseError::new(
             n,
@@ -130,8 +141,9 @@ pub fn parse_servers_state(text: &str) -> Result<Vec<ServerState>, ParseError> {
         // Version line alone: no backend has servers.
         return Ok(Vec::new());
     };
-    let (_, names) =
-        header(head).map_err(|_| ParseError::new(n, format!("expected a `# be_id ...` header, got {head:?}")))?;
+    let (_, names) = header(head).map_err(|_| {
+        ParseError::new(n, format!("expected a `# be_id ...` header, got {head:?}"))
+    })?;
     let col = |name: &str| names.iter().position(|c| *c == name);
     let (Some(be_name), Some(srv_name), Some(admin)) =
         (col("be_name"), col("srv_name"), col("srv_admin_state"))
@@ -181,7 +193,10 @@ pub fn parse_servers_state(text: &str) -> Result<Vec<ServerState>, ParseError> {
         let get = |i: Option<usize>| i.and_then(|i| fields.get(i).copied()).unwrap_or("");
         let admin_raw = fields[admin];
         let admin_flags = admin_raw.parse::<u32>().map_err(|_| {
-            ParseError::new(n, format!("srv_admin_state {admin_raw:?} is not a decimal number"))
+            ParseError::new(
+                n,
+                format!("srv_admin_state {admin_raw:?} is not a decimal number"),
+            )
         })?;
         out.push(ServerState {
             backend_id: opt_num(get(idx.be_id)),
@@ -253,13 +268,19 @@ mod tests {
     #[test]
     fn rejects_wrong_shapes() {
         assert_eq!(parse_servers_state("").unwrap_err().line, 0);
-        assert!(parse_servers_state("2\n# be_id\n").unwrap_err().detail.contains("version 2"));
+        assert!(parse_servers_state("2\n# be_id\n")
+            .unwrap_err()
+            .detail
+            .contains("version 2"));
         assert!(parse_servers_state("# be_id\n").is_err());
         assert!(parse_servers_state("1\nbe_id be_name\n").is_err());
         let short = "1\n# be_name srv_name srv_admin_state\nbe s\n";
         assert_eq!(parse_servers_state(short).unwrap_err().line, 3);
         let hex = "1\n# be_name srv_name srv_admin_state\nbe s 0x1\n";
-        assert!(parse_servers_state(hex).unwrap_err().detail.contains("decimal"));
+        assert!(parse_servers_state(hex)
+            .unwrap_err()
+            .detail
+            .contains("decimal"));
         assert!(parse_servers_state("1\n").unwrap().is_empty());
     }
 }

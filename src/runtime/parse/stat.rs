@@ -195,10 +195,21 @@ pub fn parse_show_stat(text: &str) -> Result<Vec<StatRow>, ParseError> {
     let mut lines = content_lines(text);
     let header = match lines.next() {
         Some((_, l)) => l,
-        None => return Err(ParseError::new(0, "empty answer, expected a `# pxname,...` header")),
+        None => {
+            return Err(ParseError::new(
+                0,
+                "empty answer, expected a `# pxname,...` header",
+            ))
+        }
     };
     let header = header.strip_prefix("# ").ok_or_else(|| {
-        ParseError::new(1, format!("expected a `# pxname,...` header, got {:?}", excerpt(header)))
+        ParseError::new(
+            1,
+            format!(
+                "expected a `# pxname,...` header, got {:?}",
+                excerpt(header)
+            ),
+        )
     })?;
     let mut names = Vec::new();
     split_fields(header, &mut names).map_err(|e| ParseError::new(1, e))?;
@@ -223,7 +234,10 @@ pub fn parse_show_stat(text: &str) -> Result<Vec<StatRow>, ParseError> {
         let (Some(proxy), Some(name)) = (fields.get(px_i), fields.get(sv_i)) else {
             return Err(ParseError::new(
                 n,
-                format!("row has {} fields, fewer than the header names", fields.len()),
+                format!(
+                    "row has {} fields, fewer than the header names",
+                    fields.len()
+                ),
             ));
         };
         let kind = match get(cols.type_) {

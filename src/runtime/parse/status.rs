@@ -148,7 +148,8 @@ mod tests {
 
     #[test]
     fn every_documented_status() {
-        let cases: &[(&str, StatusState, Option<(u32, u32)>, &str)] = &[
+        type Case = (&'static str, StatusState, Option<(u32, u32)>, &'static str);
+        let cases: &[Case] = &[
             ("UP", StatusState::Up, None, "UP"),
             ("UP 1/3", StatusState::Up, Some((1, 3)), "UP"),
             ("DOWN", StatusState::Down, None, "DOWN"),
