@@ -263,12 +263,12 @@ async fn batch_keeps_order_and_outcomes() {
 }
 
 #[tokio::test]
-async fn batch_larger_than_a_line_is_split() {
+async fn batch_larger_than_one_write_is_split() {
     let h = Haproxy::start(&basic_proxies());
     let mut c = RuntimeClient::new(
         Endpoint::Unix(h.admin.clone()),
         ClientOptions {
-            max_line: 1024,
+            max_batch_bytes: 1024,
             ..ClientOptions::default()
         },
     );

@@ -1,6 +1,6 @@
 //! The runtime API client: one persistent interactive connection, reopened when it breaks, a
 //! deadline on every call, typed commands in and typed answers out, and batches of commands
-//! pipelined in as few round trips as HAProxy's line buffer allows.
+//! pipelined in as few round trips as HAProxy's request buffer allows.
 
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,10 @@ use super::validate::{Name, ServerRef};
 pub struct ClientOptions {
     /// Deadline for each call: connecting, sending and reading every answer.
     pub timeout: Duration,
-    /// Longest request line sent at once. HAProxy reads a whole line into one buffer
-    /// (`tune.bufsize`, 16 KiB by default), so batches are cut to stay well under it.
-    pub max_line: usize,
+    /// Most bytes of commands written in one round trip. A batch is sent as one command per
+    /// line, all lines in one write, and cut into round trips of at most this size so HAProxy's
+    /// request buffer (`tune.bufsize`, 16 KiB by default) always has room for what is in flight.
+    pub max_batch_bytes: usize,
     /// Largest answer accepted (`show stat` of 10,000 servers is about 6 MiB).
     pub max_answer: usize,
     /// Reconnect before sending when the connection sat idle this long, so HAProxy's
@@ -33,7 +34,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             timeout: Duration::from_secs(5),
-            max_line: 8 * 1024,
+            max_batch_bytes: 8 * 1024,
             max_answer: 256 * 1024 * 1024,
             idle_reconnect: Duration::from_secs(5),
         }
@@ -121,16 +122,16 @@ impl RuntimeClient {
         Ok(self.conn.as_mut().expect("connection set just above"))
     }
 
-    /// Sends one request line and reads `count` answers.
-    async fn round_trip(&mut self, line: &str, count: usize, what: &str) -> Result<Vec<String>> {
+    /// Sends request lines in one write and reads one answer per line.
+    async fn round_trip(&mut self, lines: &[String], what: &str) -> Result<Vec<String>> {
         let reused = self.conn.is_some() && self.last_used.elapsed() < self.options.idle_reconnect;
-        let mut answers = self.attempt(line, count, what).await?;
+        let mut answers = self.attempt(lines, what).await?;
         // Closed with nothing answered: on a connection that had been in use, HAProxy closed it
         // (`stats timeout`, a reload) before reading the line, so the line never ran and is
         // safe to send once more on a fresh connection. At worst a retried `add server`
         // reports AlreadyExists.
         if answers.is_none() && reused {
-            answers = self.attempt(line, count, what).await?;
+            answers = self.attempt(lines, what).await?;
         }
         answers.ok_or_else(|| Error::Closed {
             endpoint: self.endpoint.to_string(),
@@ -142,18 +143,13 @@ impl RuntimeClient {
     /// One try of [`Self::round_trip`] within the deadline; `Ok(None)` when HAProxy closed the
     /// connection before answering. The connection is dropped on any failure: after a timeout
     /// or a broken read its position in the stream is unknown.
-    async fn attempt(
-        &mut self,
-        line: &str,
-        count: usize,
-        what: &str,
-    ) -> Result<Option<Vec<String>>> {
+    async fn attempt(&mut self, lines: &[String], what: &str) -> Result<Option<Vec<String>>> {
         let deadline = self.options.timeout;
         let exchange = async {
             let conn = self.ensure_connected().await?;
-            conn.send_line(line, what).await?;
-            let mut answers = Vec::with_capacity(count);
-            for _ in 0..count {
+            conn.send_lines(lines, what).await?;
+            let mut answers = Vec::with_capacity(lines.len());
+            for _ in 0..lines.len() {
                 match conn.read_answer(what).await? {
                     Some(a) => answers.push(a),
                     None => return Ok(None),
@@ -184,8 +180,14 @@ impl RuntimeClient {
         Ok(replies.remove(0))
     }
 
-    /// Runs commands in order, joined with `;` into as few lines as `max_line` allows, and
-    /// returns one reply per command. A failed command does not stop the ones after it.
+    /// Runs commands in order and returns one reply per command; a failed command does not
+    /// stop the ones after it.
+    ///
+    /// The commands go one per line, as many lines per write as `max_batch_bytes` allows, and
+    /// the answers are read after each write: one round trip per chunk. Lines rather than
+    /// `;`-joined commands, because each line gets its own prompt in every HAProxy version,
+    /// which is what frames one command's answer from the next; HAProxy 3.x prints a single
+    /// prompt for a whole `;`-joined line (see `proto-fixtures/3.2/raw/batch-1.bin`).
     pub async fn batch(&mut self, commands: &[Command]) -> Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(commands.len());
         let texts: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
@@ -194,27 +196,26 @@ impl RuntimeClient {
             let mut end = start;
             let mut len = 0;
             while end < texts.len() {
-                let add = texts[end].len() + usize::from(end > start);
-                if end > start && len + add > self.options.max_line {
+                let add = texts[end].len() + 1;
+                if end > start && len + add > self.options.max_batch_bytes {
                     break;
                 }
                 len += add;
                 end += 1;
             }
-            if len > self.options.max_line {
+            if len > self.options.max_batch_bytes {
                 return Err(Error::InvalidArgument {
                     field: "command",
                     value: super::error::excerpt(&texts[start], 80),
-                    reason: "is longer than the runtime API's line buffer",
+                    reason: "is longer than the runtime API's request buffer",
                 });
             }
-            let line = texts[start..end].join(";");
             let what = if end - start == 1 {
                 format!("`{}`", texts[start])
             } else {
                 format!("a batch of {} commands", end - start)
             };
-            let answers = self.round_trip(&line, end - start, &what).await?;
+            let answers = self.round_trip(&texts[start..end], &what).await?;
             for ((cmd, text), answer) in commands[start..end]
                 .iter()
                 .zip(&texts[start..end])
@@ -356,7 +357,7 @@ impl RuntimeClient {
                 });
             }
             let conn = self.conn.as_mut().expect("connected above");
-            conn.send_line("reload", "`reload`").await?;
+            conn.send_lines(&["reload".to_string()], "`reload`").await?;
             conn.read_to_close("`reload`").await
         };
         let out = tokio::time::timeout(deadline, attempt).await;

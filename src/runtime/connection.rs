@@ -207,12 +207,15 @@ impl Connection {
         self.prompt.starts_with(b"master")
     }
 
-    /// Writes one request line (commands joined with `;`); `line` must not hold a newline.
-    pub async fn send_line(&mut self, line: &str, what: &str) -> Result<()> {
-        debug_assert!(!line.contains('\n'));
-        let mut out = Vec::with_capacity(line.len() + 1);
-        out.extend_from_slice(line.as_bytes());
-        out.push(b'\n');
+    /// Writes request lines, each ended by a newline, in one write. A line must not hold a
+    /// newline itself ([`super::Command`]s never do).
+    pub async fn send_lines(&mut self, lines: &[String], what: &str) -> Result<()> {
+        let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for line in lines {
+            debug_assert!(!line.contains('\n'));
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
         self.stream
             .write_all(&out)
             .await
@@ -349,13 +352,12 @@ mod tests {
     async fn reads_answers_split_in_small_chunks() {
         let mut c = scripted(
             b"\n> ",
-            vec![b"No such server.\n\n> # name\nbe_1\n\n> ", b"\n> "],
+            vec![b"No such server.\n\n> ", b"# name\nbe_1\n\n> ", b"\n> "],
         )
         .await;
         assert_eq!(c.prompt(), b"> ");
-        c.send_line("set server a/b state ready;show backend", "t")
-            .await
-            .unwrap();
+        let lines = ["set server a/b state ready".into(), "show backend".into()];
+        c.send_lines(&lines, "t").await.unwrap();
         assert_eq!(
             c.read_answer("t").await.unwrap().unwrap(),
             "No such server.\n\n"
@@ -364,7 +366,7 @@ mod tests {
             c.read_answer("t").await.unwrap().unwrap(),
             "# name\nbe_1\n\n"
         );
-        c.send_line("x", "t").await.unwrap();
+        c.send_lines(&["x".into()], "t").await.unwrap();
         assert_eq!(c.read_answer("t").await.unwrap().unwrap(), "\n");
         // The peer is gone now: EOF with nothing received.
         assert_eq!(c.read_answer("t").await.unwrap(), None);
@@ -374,7 +376,7 @@ mod tests {
     async fn master_prompt_is_learned() {
         let mut c = scripted(b"master> ", vec![b"#<PID> <type>\n\nmaster> "]).await;
         assert!(c.is_master());
-        c.send_line("show proc", "t").await.unwrap();
+        c.send_lines(&["show proc".into()], "t").await.unwrap();
         assert_eq!(
             c.read_answer("t").await.unwrap().unwrap(),
             "#<PID> <type>\n\n"
@@ -419,7 +421,9 @@ mod tests {
         let mut c = Connection::handshake(Box::new(client), "t".into(), 1024)
             .await
             .unwrap();
-        c.send_line("show stat", "show stat").await.unwrap();
+        c.send_lines(&["show stat".into()], "show stat")
+            .await
+            .unwrap();
         let err = c.read_answer("show stat").await.unwrap_err();
         assert!(matches!(err, Error::Closed { .. }));
         assert!(err.to_string().contains("# pxname,sv"), "{err}");
