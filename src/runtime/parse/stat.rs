@@ -12,7 +12,7 @@ use nom::{IResult, Parser};
 use serde::Serialize;
 
 use super::status::{parse_status, Status};
-use super::{content_lines, opt_num, opt_str, ParseError};
+use super::{opt_num, opt_str, ParseError};
 
 /// What a row of `show stat` describes (`type` column: 0, 1, 2, 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -190,9 +190,59 @@ fn excerpt(s: &str) -> &str {
     &s[..end]
 }
 
+/// The CSV records of an answer with their first line numbers. A record ends at a newline
+/// outside quotes: HAProxy quotes a string field holding a line break (`csv_enc()`) and keeps
+/// the break inside the quotes, so a record can span lines.
+struct Records<'a> {
+    rest: &'a str,
+    line: usize,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = (usize, &'a str);
+
+    fn next(&mut self) -> Option<(usize, &'a str)> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let bytes = self.rest.as_bytes();
+        let mut end = 0;
+        let mut quotes = 0;
+        loop {
+            match memchr::memchr(b'\n', &bytes[end..]) {
+                Some(i) => {
+                    let piece = &bytes[end..end + i];
+                    if memchr::memchr(b'"', piece).is_some() {
+                        quotes += memchr::memchr_iter(b'"', piece).count();
+                    }
+                    end += i;
+                    if quotes % 2 == 0 {
+                        break;
+                    }
+                    // Inside a quoted field: the newline belongs to it.
+                    end += 1;
+                }
+                None => {
+                    end = bytes.len();
+                    break;
+                }
+            }
+        }
+        let record = &self.rest[..end];
+        let line = self.line;
+        self.line += 1 + memchr::memchr_iter(b'\n', record.as_bytes()).count();
+        self.rest = &self.rest[(end + 1).min(self.rest.len())..];
+        Some((line, record.strip_suffix('\r').unwrap_or(record)))
+    }
+}
+
 /// Parses a whole `show stat` answer.
 pub fn parse_show_stat(text: &str) -> Result<Vec<StatRow>, ParseError> {
-    let mut lines = content_lines(text);
+    let mut lines = Records {
+        rest: text,
+        line: 1,
+    }
+    .filter(|(_, r)| !r.is_empty());
     let header = match lines.next() {
         Some((_, l)) => l,
         None => {
@@ -329,6 +379,19 @@ mod tests {
         assert_eq!(e.line, 2);
         let e = parse_show_stat("# pxname,svname,type\nfe,x,9\n").unwrap_err();
         assert!(e.detail.contains("type"));
+    }
+
+    #[test]
+    fn quoted_line_break_stays_in_its_field() {
+        let text = "# pxname,svname,type,check_desc,scur\nbe,s1,2,\"two\nlines\",7\nbe,s2,2,,1\n\n";
+        let rows = parse_show_stat(text).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].check_desc.as_deref(), Some("two\nlines"));
+        assert_eq!(rows[0].sessions_current, Some(7));
+        assert_eq!(rows[1].name, "s2");
+        // Line numbers still count physical lines.
+        let bad = "# pxname,svname,type\nbe,s1,2\nbe,\"x\ny\",2\nbe,s3,9\n";
+        assert_eq!(parse_show_stat(bad).unwrap_err().line, 5);
     }
 
     #[test]
