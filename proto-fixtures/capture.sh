@@ -12,7 +12,9 @@
 #   show-*.txt                        data commands
 #   outcome/<kind>/<slug>.cmd|.txt    command line sent / response
 #   raw/*.bin (+ .cmd)                unprocessed bytes (prompts included)
-#   SOURCES.md                        provenance of every file
+#   SOURCES.md                        provenance of every file (its notes
+#                                     block is hand-written and preserved;
+#                                     CAPTURE_NOTE=... replaces it)
 #
 # File content = the exact bytes haproxy sent in interactive ("prompt") mode,
 # minus the trailing prompt ("> " on the worker, "master> " on the master).
@@ -27,7 +29,8 @@ HAPROXY=${HAPROXY:-haproxy}
 TEMPLATE=$ROOT/haproxy/fixtures.cfg
 PY=${PYTHON:-python3}
 
-VERLINE=$("$HAPROXY" -v | head -n 1)
+VERLINE=$("$HAPROXY" -v | sed -n 1p)   # sed reads everything: no SIGPIPE under pipefail
+BUILDOPTS=$("$HAPROXY" -vv | sed -n 's/^ *OPTIONS = //p')
 VER=$(sed -nE 's/^HA-?Proxy version ([0-9]+\.[0-9]+).*/\1/p' <<<"$VERLINE")
 [[ -n $VER ]] || { echo "cannot parse version from: $VERLINE" >&2; exit 1; }
 OUT=$HERE/$VER
@@ -232,6 +235,12 @@ cli wait-stat "$ADMIN" 20 \
 
 # ---------------------------------------------------------------- output dir
 mkdir -p "$OUT"
+# SOURCES.md is regenerated, except its hand-written notes block (between the
+# notes:begin/end markers), which is carried over unless CAPTURE_NOTE is set.
+NOTES=${CAPTURE_NOTE:-}
+if [[ -z $NOTES && -f $OUT/SOURCES.md ]]; then
+    NOTES=$(sed -n '/^<!-- notes:begin -->$/,/^<!-- notes:end -->$/{/^<!-- notes:/!p}' "$OUT/SOURCES.md")
+fi
 rm -rf "$OUT/outcome" "$OUT/raw"
 rm -f "$OUT"/show-*.txt
 mkdir -p "$OUT/raw"
@@ -300,7 +309,8 @@ oc success          set-server-addr-port            "set server be_static/st2 ad
 oc success          set-server-addr-unchanged       "set server be_static/st2 addr 127.0.0.5"
 oc success          set-server-addr-port-unchanged  "set server be_static/st2 addr 127.0.0.5 port 8081"
 oc invalid-argument set-server-addr-invalid         "set server be_static/st2 addr not-an-ip"
-oc invalid-argument set-server-addr-invalid-port    "set server be_static/st2 addr 127.0.0.5 port 99999"
+oc invalid-argument set-server-addr-invalid-port    "set server be_static/st2 addr 127.0.0.5 port abc"
+oc success          set-server-addr-port-out-of-range "set server be_static/st2 addr 127.0.0.5 port 99999"
 oc invalid-argument set-server-addr-missing         "set server be_static/st2 addr"
 oc not-found        set-server-addr-no-such-server  "set server be_static/nope addr 127.0.0.5"
 
@@ -334,8 +344,8 @@ oc not-found        get-weight-no-such-server       "get weight be_app/nope"
 oc success          disable-health                  "disable health be_app/up2"
 oc success          enable-health                   "enable health be_app/up2"
 oc refused          enable-health-no-check          "enable health be_app/nocheck1"
-oc refused          disable-health-no-check         "disable health be_app/nocheck1"
-oc refused          set-server-health-no-check      "set server be_app/nocheck1 health up"
+oc success          disable-health-no-check         "disable health be_app/nocheck1"
+oc success          set-server-health-no-check      "set server be_app/nocheck1 health up"
 oc refused          set-server-health-tracking      "set server be_app/track1 health up"
 oc refused          enable-agent-no-agent           "enable agent be_app/up1"
 oc refused          set-server-agent-no-agent       "set server be_app/up1 agent up"
@@ -345,11 +355,15 @@ oc not-found        enable-health-no-such-server    "enable health be_app/nope"
 oc success          disable-frontend                "disable frontend fe_tcp"
 oc success          enable-frontend                 "enable frontend fe_tcp"
 oc success          enable-frontend-already-enabled "enable frontend fe_http"
+oc success          disable-frontend-already-disabled "disable frontend fe_paused"
+oc refused          disable-frontend-disabled-in-config "disable frontend fe_off"
 oc refused          enable-frontend-disabled-in-config "enable frontend fe_off"
 oc not-found        disable-frontend-no-such-frontend "disable frontend fe_nope"
 oc not-found        enable-frontend-no-such-frontend "enable frontend fe_nope"
+oc success          set-maxconn-frontend-non-numeric "set maxconn frontend fe_http abc"
+oc invalid-argument set-maxconn-frontend-negative   "set maxconn frontend fe_http -1"
+oc invalid-argument set-maxconn-frontend-missing-value "set maxconn frontend fe_http"
 oc success          set-maxconn-frontend            "set maxconn frontend fe_http 500"
-oc invalid-argument set-maxconn-frontend-bad-value  "set maxconn frontend fe_http abc"
 oc not-found        set-maxconn-frontend-no-such-frontend "set maxconn frontend fe_nope 10"
 oc success          set-maxconn-server              "set maxconn server be_first/f1 20"
 
@@ -378,6 +392,11 @@ BATCH="set server be_first/f1 state drain; set server be_app/nope state ready; s
 printf '%s' "$BATCH" >"$OUT/raw/batch-1.cmd"
 cli send "$ADMIN" rawprompt "$BATCH" "$OUT/raw/batch-1.bin"
 note raw/batch-1.bin admin rawprompt "$BATCH"
+# Same commands, one per line, all sent in a single write.
+BATCH2=${BATCH//; /$'\n'}
+printf '%s' "$BATCH2" >"$OUT/raw/batch-2.cmd"
+cli send "$ADMIN" rawprompt "$BATCH2" "$OUT/raw/batch-2.bin"
+note raw/batch-2.bin admin rawprompt "(raw/batch-1.cmd with '; ' replaced by newlines)"
 
 # ---------------------------------------------------------------- after changes
 data show-stat-after-changes.txt     "$ADMIN" prompt "show stat"
@@ -392,7 +411,16 @@ data show-servers-state-after-changes.txt "$ADMIN" prompt "show servers state"
     echo
     echo "    $VERLINE"
     echo
-    if [[ -n ${CAPTURE_NOTE:-} ]]; then echo "$CAPTURE_NOTE"; echo; fi
+    echo "Build options reported by \`haproxy -vv\`: \`${BUILDOPTS:-none}\`"
+    echo "(the set of \`show stat\` columns after the \`-\` column comes from the stats"
+    echo "modules compiled in, e.g. \`ssl_*\` needs USE_OPENSSL and \`quic_*\` needs USE_QUIC;"
+    echo "the command list printed by the unknown-command outcomes also depends on the build)."
+    echo
+    # Hand-written provenance notes, kept from one run to the next.
+    echo "<!-- notes:begin -->"
+    if [[ -n $NOTES ]]; then printf '%s\n' "$NOTES"; fi
+    echo "<!-- notes:end -->"
+    echo
     echo "configuration: \`haproxy/fixtures.cfg\` (ports and socket directory substituted;"
     echo "the port numbers, PIDs, uptimes, dates and counters vary between runs)."
     echo
@@ -405,10 +433,16 @@ data show-servers-state-after-changes.txt "$ADMIN" prompt "show servers state"
     echo "* \`raw/prompt-handshake.bin\`, \`raw/master-prompt-handshake.bin\`: bytes returned"
     echo "  for \`prompt\\n\` on the worker (admin) and master sockets."
     echo "* \`raw/batch-1.bin\`: bytes returned, after the handshake, for the single line in"
-    echo "  \`raw/batch-1.cmd\` (\`;\`-separated commands); prompts kept."
+    echo "  \`raw/batch-1.cmd\` (\`;\`-separated commands); prompts kept. \`raw/batch-2.*\`: the"
+    echo "  same commands one per line (\`\\n\`-separated, sent in one write, final \`\\n\` added)."
     echo "* \`permission-denied\` outcomes come from the \`level operator\` socket, in"
     echo "  interactive mode; \`raw/permission-denied-noprompt.bin\` is the same request in"
-    echo "  non-interactive mode (no \`prompt\`), for comparison."
+    echo "  non-interactive mode (no \`prompt\`), for comparison: with this haproxy the two"
+    if cmp -s "$OUT/raw/permission-denied-noprompt.bin" "$OUT/outcome/permission-denied/add-server.txt"; then
+        echo "  are byte-identical, so interactive mode was kept for all of them."
+    else
+        echo "  DIFFER (see both files)."
+    fi
     echo "* \`show-stat-after-changes.txt\`, \`show-servers-state-after-changes.txt\`: taken after"
     echo "  all outcome commands ran (dyn1 added then deleted, dyn2 added, be_hold/hold1,"
     echo "  be_first/f2 (drain) and be_static/st2 (addr) changed, weights and maxconn changed)."

@@ -58,9 +58,12 @@ impl AdminFlags {
     pub const IDRAIN: u32 = 0x10;
     /// Maintenance because DNS resolution failed.
     pub const RMAINT: u32 = 0x20;
-    /// Maintenance because the server's address is not set yet (`init-addr none`).
+    /// `SRV_ADMF_HMAINT` up to 3.0; 3.2 reuses the bit for "FQDN changed", which is no
+    /// maintenance, so [`Self::in_maintenance`] ignores it.
     pub const HMAINT: u32 = 0x40;
-    const ANY_MAINT: u32 = Self::FMAINT | Self::IMAINT | Self::CMAINT | Self::RMAINT | Self::HMAINT;
+    /// HAProxy's own `SRV_ADMF_MAINT` mask (FMAINT | IMAINT | RMAINT) plus CMAINT, which HAProxy
+    /// always sets together with FMAINT.
+    const ANY_MAINT: u32 = Self::FMAINT | Self::IMAINT | Self::CMAINT | Self::RMAINT;
     const ANY_DRAIN: u32 = Self::FDRAIN | Self::IDRAIN;
 
     pub fn in_maintenance(self) -> bool {

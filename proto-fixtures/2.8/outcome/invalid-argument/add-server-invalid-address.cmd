@@ -1,0 +1,1 @@
+add server be_lc/dyn3 127.0.0.1:99999

@@ -1,0 +1,1 @@
+set server be_static/st2 addr not-an-ip

@@ -1,0 +1,1 @@
+set server be_app/up2 weight abc

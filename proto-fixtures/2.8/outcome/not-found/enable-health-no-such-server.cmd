@@ -1,0 +1,1 @@
+enable health be_app/nope

@@ -1,0 +1,1 @@
+set server be_static/nope addr 127.0.0.5

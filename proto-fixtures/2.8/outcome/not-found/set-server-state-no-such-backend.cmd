@@ -1,0 +1,1 @@
+set server be_nope/up1 state ready

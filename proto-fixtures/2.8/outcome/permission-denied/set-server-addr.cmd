@@ -1,0 +1,1 @@
+set server be_static/st1 addr 127.0.0.6

@@ -1,0 +1,1 @@
+enable agent be_app/up1

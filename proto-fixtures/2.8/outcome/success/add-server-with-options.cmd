@@ -1,0 +1,1 @@
+add server be_lc/dyn2 127.0.0.1:8080 weight 10 maxconn 100 check

@@ -1,0 +1,1 @@
+get weight be_app/up2

@@ -1,0 +1,1 @@
+set maxconn server be_first/f1 20

@@ -1,0 +1,1 @@
+set server be_hold/hold1 state maint

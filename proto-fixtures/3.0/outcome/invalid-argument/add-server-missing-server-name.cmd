@@ -1,0 +1,1 @@
+add server be_lc

@@ -1,0 +1,1 @@
+del server be_lc/lc2

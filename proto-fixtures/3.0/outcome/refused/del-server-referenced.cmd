@@ -1,0 +1,1 @@
+del server be_app/maint1

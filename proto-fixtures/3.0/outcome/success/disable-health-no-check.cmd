@@ -1,0 +1,1 @@
+disable health be_app/nocheck1

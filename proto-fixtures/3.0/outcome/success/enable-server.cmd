@@ -1,0 +1,1 @@
+enable server be_lc/lc2

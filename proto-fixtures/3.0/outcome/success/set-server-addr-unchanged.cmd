@@ -1,0 +1,1 @@
+set server be_static/st2 addr 127.0.0.5

@@ -1,0 +1,1 @@
+set server be_lc/dyn1 state maint

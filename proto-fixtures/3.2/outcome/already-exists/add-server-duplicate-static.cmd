@@ -1,0 +1,1 @@
+add server be_app/up1 127.0.0.1:8080

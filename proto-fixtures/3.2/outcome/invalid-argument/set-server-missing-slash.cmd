@@ -1,0 +1,1 @@
+set server be_first state ready

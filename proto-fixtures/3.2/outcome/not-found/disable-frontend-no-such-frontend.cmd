@@ -1,0 +1,1 @@
+disable frontend fe_nope

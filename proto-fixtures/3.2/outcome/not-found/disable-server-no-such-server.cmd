@@ -1,0 +1,1 @@
+disable server be_lc/nope

@@ -1,0 +1,1 @@
+enable frontend fe_nope

@@ -1,0 +1,1 @@
+show servers state be_nope

@@ -1,0 +1,1 @@
+set maxconn frontend fe_http 10

@@ -1,0 +1,1 @@
+set weight be_app/up1 10

@@ -1,0 +1,1 @@
+set server be_static/st1 weight 50

@@ -1,0 +1,1 @@
+set weight be_static/st1 50

@@ -1,0 +1,1 @@
+set server be_app/nocheck1 health up

@@ -1,0 +1,1 @@
+set server be_first/f2 state ready
