@@ -308,3 +308,67 @@ fn bad_sockets_give_one_clear_line() {
     );
     server.join().unwrap();
 }
+
+#[test]
+fn permission_denied_is_one_clear_line() {
+    // Root opens any socket, so run lbctl as `nobody` against HAProxy's mode-600 socket.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("skipped: needs root to run lbctl as another user");
+        return;
+    }
+    let h = Haproxy::start(&many_servers());
+    // The temp dir itself must be reachable by nobody for the socket's own mode to decide.
+    std::fs::set_permissions(
+        h.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_lbctl"))
+        .args(["show", "--socket", h.admin.to_str().unwrap()])
+        .output()
+        .expect("run setpriv");
+    assert_one_line_error(&out, "permission denied");
+}
+
+#[test]
+fn watch_redraws_until_interrupted() {
+    use std::io::Read;
+    let h = Haproxy::start(&many_servers());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .args([
+            "show",
+            "--backend",
+            "be_rr",
+            "--watch",
+            "0.1",
+            "--socket",
+            h.admin.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 65536];
+    // Read until three frames arrived (bounded by the number of reads and by the watch period).
+    for _ in 0..1000 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "lbctl stopped early");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if seen.matches("BACKEND be_rr").count() >= 3 {
+            break;
+        }
+    }
+    assert!(seen.matches("BACKEND be_rr").count() >= 3);
+    assert!(!seen.contains('\x1b'), "no escape codes into a pipe");
+    common::unsafe_kill(child.id(), "INT");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
