@@ -16,4 +16,5 @@
 //! renderer) arrive with the agent itself.
 
 pub mod lbctl;
+pub mod model;
 pub mod runtime;

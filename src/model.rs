@@ -1,0 +1,392 @@
+//! The desired state: which frontend ports exist and which nodes serve each, as the phone-home
+//! sidecars asked. It is plain data with one way to change it ([`DesiredState::apply`]), so the
+//! store can replay changes and the reconciler can compare it with what HAProxy reports.
+//!
+//! HAProxy names follow from it: frontend `fe_<port>`, backend `be_<port>`, server = the node.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{Name, ServerAdminState, ServerRef};
+
+/// A node name as the API accepts it: 1–63 characters of `[A-Za-z0-9._-]`, starting with a
+/// letter or a digit. A subset of HAProxy's server-name rule, so it is always a valid [`Name`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeName(String);
+
+/// Why a value was refused, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidValue {
+    pub fn new(field: &'static str, message: impl Into<String>) -> InvalidValue {
+        InvalidValue {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl NodeName {
+    pub fn new(value: &str) -> Result<NodeName, InvalidValue> {
+        let bad = |m: String| Err(InvalidValue::new("node", m));
+        if value.is_empty() || value.len() > 63 {
+            return bad(format!(
+                "node name must be 1 to 63 characters, got {}",
+                value.chars().count()
+            ));
+        }
+        if let Some(c) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return bad(format!(
+                "node name {value:?} contains {c:?}; allowed are letters, digits, '.', '_' and '-'"
+            ));
+        }
+        if !value.as_bytes()[0].is_ascii_alphanumeric() {
+            return bad(format!(
+                "node name {value:?} must start with a letter or a digit"
+            ));
+        }
+        Ok(NodeName(value.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NodeName {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        NodeName::new(&s)
+    }
+}
+
+impl From<NodeName> for String {
+    fn from(n: NodeName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The proxy mode of a frontend and its backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Tcp,
+    Http,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        }
+    }
+}
+
+/// The administrative state a sidecar asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerState {
+    #[default]
+    Ready,
+    Drain,
+    Maint,
+}
+
+impl ServerState {
+    pub fn admin(self) -> ServerAdminState {
+        match self {
+            ServerState::Ready => ServerAdminState::Ready,
+            ServerState::Drain => ServerAdminState::Drain,
+            ServerState::Maint => ServerAdminState::Maint,
+        }
+    }
+}
+
+/// One node serving a frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSpec {
+    pub node_ip: IpAddr,
+    pub node_port: u16,
+    pub state: ServerState,
+    /// A label for people (`traefik`, `mqtt`), shown by `lbctl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// 0–256; `None` leaves HAProxy's default (1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+}
+
+/// A frontend port and the nodes behind it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendSpec {
+    pub mode: Mode,
+    pub servers: BTreeMap<NodeName, ServerSpec>,
+}
+
+/// Everything the agent has acknowledged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Counts applied changes; every acknowledged change gets a new one.
+    pub generation: u64,
+    pub frontends: BTreeMap<u16, FrontendSpec>,
+}
+
+/// One change a request asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    PutServer {
+        frontend_port: u16,
+        node: NodeName,
+        mode: Mode,
+        spec: ServerSpec,
+    },
+    DeleteServer {
+        frontend_port: u16,
+        node: NodeName,
+    },
+    DeleteFrontend {
+        frontend_port: u16,
+    },
+}
+
+impl Change {
+    pub fn frontend_port(&self) -> u16 {
+        match self {
+            Change::PutServer { frontend_port, .. }
+            | Change::DeleteServer { frontend_port, .. }
+            | Change::DeleteFrontend { frontend_port } => *frontend_port,
+        }
+    }
+}
+
+/// What applying a change did, which decides how HAProxy learns of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Already so: nothing to do.
+    Unchanged,
+    /// A change to servers of an existing frontend: runtime commands suffice.
+    Runtime,
+    /// A frontend appeared or went away: the config must be rewritten and HAProxy reloaded.
+    Reload,
+}
+
+/// Why a change cannot apply to the current state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("frontend {port} is in {existing} mode; a server in {requested} mode cannot join it")]
+    Mode {
+        port: u16,
+        existing: &'static str,
+        requested: &'static str,
+    },
+    #[error("no frontend on port {0}")]
+    NoFrontend(u16),
+    #[error("no server {node} on frontend {port}")]
+    NoServer { port: u16, node: String },
+}
+
+impl DesiredState {
+    /// Applies `change`, bumping the generation unless nothing changed.
+    pub fn apply(&mut self, change: &Change) -> Result<Effect, Conflict> {
+        let effect = match change {
+            Change::PutServer {
+                frontend_port,
+                node,
+                mode,
+                spec,
+            } => match self.frontends.get_mut(frontend_port) {
+                Some(fe) => {
+                    if fe.mode != *mode {
+                        return Err(Conflict::Mode {
+                            port: *frontend_port,
+                            existing: fe.mode.as_str(),
+                            requested: mode.as_str(),
+                        });
+                    }
+                    if fe.servers.get(node) == Some(spec) {
+                        Effect::Unchanged
+                    } else {
+                        fe.servers.insert(node.clone(), spec.clone());
+                        Effect::Runtime
+                    }
+                }
+                None => {
+                    let mut fe = FrontendSpec {
+                        mode: *mode,
+                        servers: BTreeMap::new(),
+                    };
+                    fe.servers.insert(node.clone(), spec.clone());
+                    self.frontends.insert(*frontend_port, fe);
+                    Effect::Reload
+                }
+            },
+            Change::DeleteServer {
+                frontend_port,
+                node,
+            } => {
+                let fe = self
+                    .frontends
+                    .get_mut(frontend_port)
+                    .ok_or(Conflict::NoFrontend(*frontend_port))?;
+                if fe.servers.remove(node).is_none() {
+                    return Err(Conflict::NoServer {
+                        port: *frontend_port,
+                        node: node.to_string(),
+                    });
+                }
+                Effect::Runtime
+            }
+            Change::DeleteFrontend { frontend_port } => {
+                if self.frontends.remove(frontend_port).is_none() {
+                    return Err(Conflict::NoFrontend(*frontend_port));
+                }
+                Effect::Reload
+            }
+        };
+        if effect != Effect::Unchanged {
+            self.generation += 1;
+        }
+        Ok(effect)
+    }
+
+    /// Number of servers over all frontends.
+    pub fn server_count(&self) -> usize {
+        self.frontends.values().map(|f| f.servers.len()).sum()
+    }
+}
+
+/// `fe_<port>`
+pub fn frontend_name(port: u16) -> Name {
+    Name::new("frontend name", &format!("fe_{port}")).expect("fe_<digits> is a valid name")
+}
+
+/// `be_<port>`
+pub fn backend_name(port: u16) -> Name {
+    Name::new("backend name", &format!("be_{port}")).expect("be_<digits> is a valid name")
+}
+
+/// `be_<port>/<node>`
+pub fn server_ref(port: u16, node: &NodeName) -> ServerRef {
+    ServerRef {
+        backend: backend_name(port),
+        server: Name::new("server name", node.as_str()).expect("a NodeName is a valid Name"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(ip: &str, port: u16) -> ServerSpec {
+        ServerSpec {
+            node_ip: ip.parse().unwrap(),
+            node_port: port,
+            state: ServerState::Ready,
+            service: None,
+            weight: None,
+        }
+    }
+
+    fn put(port: u16, node: &str, mode: Mode, s: ServerSpec) -> Change {
+        Change::PutServer {
+            frontend_port: port,
+            node: NodeName::new(node).unwrap(),
+            mode,
+            spec: s,
+        }
+    }
+
+    #[test]
+    fn node_names() {
+        for ok in ["node-a", "a", "1.b_c", &"x".repeat(63)] {
+            assert!(NodeName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ";x",
+            "a;b",
+            "a\nb",
+            "a b",
+            "a/b",
+            "a\\b",
+            "a:b",
+            "é",
+            "-a",
+            ".a",
+            "_a",
+            &"x".repeat(64),
+        ] {
+            let e = NodeName::new(bad).unwrap_err();
+            assert_eq!(e.field, "node", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn apply_tracks_effects_and_generation() {
+        let mut st = DesiredState::default();
+        let a = put(443, "node-a", Mode::Tcp, spec("203.0.113.7", 30443));
+        assert_eq!(st.apply(&a).unwrap(), Effect::Reload);
+        assert_eq!(st.generation, 1);
+        assert_eq!(st.apply(&a).unwrap(), Effect::Unchanged);
+        assert_eq!(st.generation, 1);
+        let moved = put(443, "node-a", Mode::Tcp, spec("203.0.113.8", 30443));
+        assert_eq!(st.apply(&moved).unwrap(), Effect::Runtime);
+        let b = put(443, "node-b", Mode::Tcp, spec("203.0.113.9", 30443));
+        assert_eq!(st.apply(&b).unwrap(), Effect::Runtime);
+        assert_eq!(st.server_count(), 2);
+        let http = put(443, "node-c", Mode::Http, spec("203.0.113.9", 30443));
+        assert!(matches!(st.apply(&http), Err(Conflict::Mode { .. })));
+        let del = Change::DeleteServer {
+            frontend_port: 443,
+            node: NodeName::new("node-b").unwrap(),
+        };
+        assert_eq!(st.apply(&del).unwrap(), Effect::Runtime);
+        assert!(matches!(st.apply(&del), Err(Conflict::NoServer { .. })));
+        assert_eq!(
+            st.apply(&Change::DeleteFrontend { frontend_port: 443 })
+                .unwrap(),
+            Effect::Reload
+        );
+        assert_eq!(st.generation, 5);
+        assert!(st.frontends.is_empty());
+    }
+
+    #[test]
+    fn changes_round_trip_through_json() {
+        let c = put(8883, "node-a", Mode::Tcp, spec("2001:db8::1", 31883));
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Change>(&text).unwrap(), c);
+        let bad = text.replace("node-a", "bad;name");
+        assert!(serde_json::from_str::<Change>(&bad).is_err());
+    }
+
+    #[test]
+    fn haproxy_names() {
+        assert_eq!(frontend_name(443).as_str(), "fe_443");
+        assert_eq!(
+            server_ref(443, &NodeName::new("n1").unwrap()).to_string(),
+            "be_443/n1"
+        );
+    }
+}
