@@ -17,4 +17,5 @@
 
 pub mod lbctl;
 pub mod model;
+pub mod reconcile;
 pub mod runtime;

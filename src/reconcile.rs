@@ -1,0 +1,307 @@
+//! The reconciler's planner: desired state against what HAProxy reports (`show servers state`)
+//! gives the runtime commands that make HAProxy match, or says a reload is needed. Pure: no I/O,
+//! so every rule is tested on plain data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{backend_name, server_ref, DesiredState, ServerSpec, ServerState};
+use crate::runtime::parse::ServerState as ObservedServer;
+use crate::runtime::{AddServerOptions, Command, ServerAdminState, ServerRef};
+
+/// What must happen for HAProxy to match the desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Runtime commands, in order (for one server: add, enable health, set state).
+    pub commands: Vec<Command>,
+    /// Servers to remove: each is put in maintenance by `commands`, then deleted once it has no
+    /// connections ([`Self::deletions`] are sent after `commands`).
+    pub deletions: Vec<ServerRef>,
+    /// Desired frontend ports whose backend HAProxy does not have: the config must be
+    /// reloaded.
+    pub missing_backends: Vec<u16>,
+    /// Human-readable lines saying what differs, for logs and `/healthz`.
+    pub drift: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.deletions.is_empty() && self.missing_backends.is_empty()
+    }
+}
+
+/// Which admin state a server shows, from its `srv_admin_state` flags.
+fn observed_state(s: &ObservedServer) -> ServerState {
+    if s.admin.in_maintenance() {
+        ServerState::Maint
+    } else if s.admin.draining() {
+        ServerState::Drain
+    } else {
+        ServerState::Ready
+    }
+}
+
+fn state_command(server: ServerRef, state: ServerState) -> Command {
+    Command::SetServerState(server, state.admin())
+}
+
+/// Commands for a server HAProxy does not have yet. A dynamic server starts in maintenance
+/// with its checks off, so it needs `enable health` and a state.
+fn add_commands(server: ServerRef, spec: &ServerSpec, out: &mut Vec<Command>) {
+    out.push(Command::AddServer {
+        server: server.clone(),
+        addr: spec.node_ip,
+        port: spec.node_port,
+        options: AddServerOptions {
+            check: true,
+            weight: spec.weight,
+            ..AddServerOptions::default()
+        },
+    });
+    out.push(Command::EnableHealth(server.clone()));
+    if spec.state != ServerState::Maint {
+        out.push(state_command(server, spec.state));
+    }
+}
+
+/// Plans the runtime commands for `ports` (all desired frontends when `None`), given the
+/// servers (`show servers state`) and the backend names (`show backend`) HAProxy reports.
+/// Both are needed: `show servers state` does not list a backend that has no server.
+///
+/// Only backends named `be_<port>` of desired frontends are looked at: servers elsewhere
+/// belong to the operator. Within those backends, a server that is not desired is removed.
+pub fn plan(
+    desired: &DesiredState,
+    observed: &[ObservedServer],
+    backends: &BTreeSet<String>,
+    ports: Option<&BTreeSet<u16>>,
+) -> Plan {
+    let mut by_backend: BTreeMap<&str, BTreeMap<&str, &ObservedServer>> = BTreeMap::new();
+    for s in observed {
+        by_backend
+            .entry(s.backend.as_str())
+            .or_default()
+            .insert(s.server.as_str(), s);
+    }
+    let none = BTreeMap::new();
+    let mut plan = Plan::default();
+    for (port, fe) in &desired.frontends {
+        if ports.is_some_and(|p| !p.contains(port)) {
+            continue;
+        }
+        let backend = backend_name(*port);
+        if !backends.contains(backend.as_str()) && !by_backend.contains_key(backend.as_str()) {
+            plan.missing_backends.push(*port);
+            plan.drift.push(format!("{backend} is missing in HAProxy"));
+            continue;
+        }
+        let present = by_backend.get(backend.as_str()).unwrap_or(&none);
+        for (node, spec) in &fe.servers {
+            let server = server_ref(*port, node);
+            match present.get(node.as_str()) {
+                None => {
+                    plan.drift.push(format!("{server} is missing"));
+                    add_commands(server, spec, &mut plan.commands);
+                }
+                Some(obs) => {
+                    let addr_ok = obs.addr.as_deref().and_then(|a| a.parse::<IpAddr>().ok())
+                        == Some(spec.node_ip);
+                    if !addr_ok || obs.port != Some(spec.node_port) {
+                        plan.drift.push(format!(
+                            "{server} is at {}:{}, wanted {}:{}",
+                            obs.addr.as_deref().unwrap_or("-"),
+                            obs.port.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                            spec.node_ip,
+                            spec.node_port
+                        ));
+                        plan.commands.push(Command::SetServerAddr {
+                            server: server.clone(),
+                            addr: spec.node_ip,
+                            port: Some(spec.node_port),
+                        });
+                    }
+                    if let Some(w) = spec.weight {
+                        if obs.user_weight != Some(u32::from(w)) {
+                            plan.drift.push(format!(
+                                "{server} has weight {:?}, wanted {w}",
+                                obs.user_weight
+                            ));
+                            plan.commands
+                                .push(Command::SetServerWeight(server.clone(), w));
+                        }
+                    }
+                    let now = observed_state(obs);
+                    if now != spec.state {
+                        plan.drift
+                            .push(format!("{server} is {now:?}, wanted {:?}", spec.state));
+                        plan.commands
+                            .push(state_command(server.clone(), spec.state));
+                    }
+                }
+            }
+        }
+        for (name, obs) in present {
+            let wanted = fe.servers.keys().any(|n| n.as_str() == *name);
+            if wanted {
+                continue;
+            }
+            let Ok(server) = ServerRef::new(backend.as_str(), name) else {
+                continue;
+            };
+            plan.drift.push(format!("{server} is not wanted"));
+            if !obs.admin.in_maintenance() {
+                plan.commands.push(Command::SetServerState(
+                    server.clone(),
+                    ServerAdminState::Maint,
+                ));
+            }
+            plan.deletions.push(server);
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Change, Mode, NodeName};
+    use crate::runtime::parse::{AdminFlags, OperState};
+
+    fn desired(servers: &[(&str, &str, u16, ServerState, Option<u16>)]) -> DesiredState {
+        let mut st = DesiredState::default();
+        for (node, ip, port, state, weight) in servers {
+            st.apply(&Change::PutServer {
+                frontend_port: 443,
+                node: NodeName::new(node).unwrap(),
+                mode: Mode::Tcp,
+                spec: ServerSpec {
+                    node_ip: ip.parse().unwrap(),
+                    node_port: *port,
+                    state: *state,
+                    service: None,
+                    weight: *weight,
+                },
+            })
+            .unwrap();
+        }
+        st
+    }
+
+    fn observed(server: &str, addr: &str, port: u16, admin: u32, weight: u32) -> ObservedServer {
+        ObservedServer {
+            backend_id: Some(3),
+            backend: "be_443".into(),
+            server_id: Some(1),
+            server: server.into(),
+            addr: Some(addr.into()),
+            oper_state: Some(OperState::Running),
+            admin: AdminFlags(admin),
+            user_weight: Some(weight),
+            initial_weight: Some(1),
+            last_change_s: Some(1),
+            check_status: None,
+            check_result: None,
+            check_health: None,
+            check_state: None,
+            agent_state: None,
+            fqdn: None,
+            port: Some(port),
+            use_ssl: None,
+            check_port: None,
+        }
+    }
+
+    fn be() -> BTreeSet<String> {
+        ["be_443".to_string()].into()
+    }
+
+    fn wire(plan: &Plan) -> Vec<String> {
+        plan.commands.iter().map(|c| c.to_string()).collect()
+    }
+
+    #[test]
+    fn in_sync_plans_nothing() {
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, Some(5))]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 0, 5)];
+        let p = plan(&d, &o, &be(), None);
+        assert!(p.is_empty(), "{p:?}");
+        assert!(p.drift.is_empty());
+    }
+
+    #[test]
+    fn new_server_is_added_checked_and_made_ready() {
+        let d = desired(&[
+            ("node-a", "10.0.0.1", 30443, ServerState::Ready, None),
+            ("node-b", "10.0.0.2", 30443, ServerState::Ready, Some(7)),
+        ]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 0, 1)];
+        assert_eq!(
+            wire(&plan(&d, &o, &be(), None)),
+            [
+                "add server be_443/node-b 10.0.0.2:30443 check weight 7",
+                "enable health be_443/node-b",
+                "set server be_443/node-b state ready",
+            ]
+        );
+    }
+
+    #[test]
+    fn moved_reweighted_and_state_changes() {
+        let d = desired(&[("node-a", "10.0.0.9", 31000, ServerState::Drain, Some(3))]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 0, 1)];
+        let p = plan(&d, &o, &be(), None);
+        assert_eq!(
+            wire(&p),
+            [
+                "set server be_443/node-a addr 10.0.0.9 port 31000",
+                "set server be_443/node-a weight 3",
+                "set server be_443/node-a state drain",
+            ]
+        );
+        assert_eq!(p.drift.len(), 3);
+        // Maintenance from the config (`disabled`: flags 5) is not "ready".
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 5, 1)];
+        assert_eq!(
+            wire(&plan(&d, &o, &be(), None)),
+            ["set server be_443/node-a state ready"]
+        );
+        // IPv6 compares as an address, not as text.
+        let d = desired(&[("node-a", "2001:db8::1", 30443, ServerState::Ready, None)]);
+        let o = [observed("node-a", "2001:0db8:0::1", 30443, 0, 1)];
+        assert!(plan(&d, &o, &be(), None).is_empty());
+    }
+
+    #[test]
+    fn unwanted_server_goes_to_maintenance_then_deletion() {
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let o = [
+            observed("node-a", "10.0.0.1", 30443, 0, 1),
+            observed("stale", "10.0.0.5", 30443, 0, 1),
+            observed("gone", "10.0.0.6", 30443, 1, 1),
+        ];
+        let p = plan(&d, &o, &be(), None);
+        assert_eq!(wire(&p), ["set server be_443/stale state maint"]);
+        let dels: Vec<_> = p.deletions.iter().map(|s| s.to_string()).collect();
+        assert_eq!(dels, ["be_443/gone", "be_443/stale"]);
+    }
+
+    #[test]
+    fn missing_backend_needs_a_reload_and_scope_limits() {
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Maint, None)]);
+        let p = plan(&d, &[], &BTreeSet::new(), None);
+        assert_eq!(p.missing_backends, [443]);
+        assert!(p.commands.is_empty());
+        let only_80: BTreeSet<u16> = [80].into();
+        assert!(plan(&d, &[], &BTreeSet::new(), Some(&only_80)).is_empty());
+        // An empty backend (all servers deleted) is there: servers are added, no reload.
+        // A server in maintenance on purpose is added without `set server state`.
+        assert_eq!(
+            wire(&plan(&d, &[], &be(), None)),
+            [
+                "add server be_443/node-a 10.0.0.1:30443 check",
+                "enable health be_443/node-a"
+            ]
+        );
+    }
+}
