@@ -17,5 +17,6 @@
 
 pub mod lbctl;
 pub mod model;
+pub mod policy;
 pub mod reconcile;
 pub mod runtime;
