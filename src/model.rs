@@ -206,7 +206,87 @@ pub enum Conflict {
     NoServer { port: u16, node: String },
 }
 
+/// How to take back one applied change (when storing or applying it fails).
+#[derive(Clone, Debug)]
+pub enum Undo {
+    /// Put the server's previous spec back (`None`: remove it), and remove the frontend if the
+    /// change created it.
+    Server {
+        generation: u64,
+        port: u16,
+        node: NodeName,
+        previous: Option<ServerSpec>,
+        created_frontend: bool,
+    },
+    /// Put a removed frontend back.
+    Frontend {
+        generation: u64,
+        port: u16,
+        previous: FrontendSpec,
+    },
+}
+
 impl DesiredState {
+    /// Applies `change` and returns, with its effect, how to take it back.
+    pub fn apply_with_undo(&mut self, change: &Change) -> Result<(Effect, Undo), Conflict> {
+        let generation = self.generation;
+        let port = change.frontend_port();
+        let frontend = self.frontends.get(&port);
+        let undo = match change {
+            Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => Undo::Server {
+                generation,
+                port,
+                node: node.clone(),
+                previous: frontend.and_then(|f| f.servers.get(node).cloned()),
+                created_frontend: frontend.is_none(),
+            },
+            Change::DeleteFrontend { .. } => Undo::Frontend {
+                generation,
+                port,
+                previous: frontend.cloned().unwrap_or_default(),
+            },
+        };
+        let effect = self.apply(change)?;
+        Ok((effect, undo))
+    }
+
+    /// Takes back a change applied by [`Self::apply_with_undo`]; several are undone in
+    /// reverse order.
+    pub fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Server {
+                generation,
+                port,
+                node,
+                previous,
+                created_frontend,
+            } => {
+                self.generation = generation;
+                if created_frontend {
+                    self.frontends.remove(&port);
+                    return;
+                }
+                let fe = self.frontends.entry(port).or_default();
+                match previous {
+                    Some(spec) => {
+                        fe.servers.insert(node, spec);
+                    }
+                    None => {
+                        fe.servers.remove(&node);
+                    }
+                }
+            }
+            Undo::Frontend {
+                generation,
+                port,
+                previous,
+            } => {
+                self.generation = generation;
+                self.frontends.insert(port, previous);
+            }
+        }
+    }
+
     /// Applies `change`, bumping the generation unless nothing changed.
     pub fn apply(&mut self, change: &Change) -> Result<Effect, Conflict> {
         let effect = match change {
@@ -370,6 +450,35 @@ mod tests {
         );
         assert_eq!(st.generation, 5);
         assert!(st.frontends.is_empty());
+    }
+
+    #[test]
+    fn undo_restores_exactly() {
+        let mut st = DesiredState::default();
+        st.apply(&put(443, "a", Mode::Tcp, spec("10.0.0.1", 30001)))
+            .unwrap();
+        st.apply(&put(443, "b", Mode::Tcp, spec("10.0.0.2", 30002)))
+            .unwrap();
+        let before = st.clone();
+        let changes = [
+            put(443, "a", Mode::Tcp, spec("10.0.0.9", 30009)),
+            put(443, "c", Mode::Tcp, spec("10.0.0.3", 30003)),
+            Change::DeleteServer {
+                frontend_port: 443,
+                node: NodeName::new("b").unwrap(),
+            },
+            put(80, "x", Mode::Http, spec("10.0.0.4", 30004)),
+            Change::DeleteFrontend { frontend_port: 443 },
+        ];
+        let mut undos = Vec::new();
+        for c in &changes {
+            undos.push(st.apply_with_undo(c).unwrap().1);
+        }
+        assert_ne!(st, before);
+        for u in undos.into_iter().rev() {
+            st.undo(u);
+        }
+        assert_eq!(st, before);
     }
 
     #[test]
