@@ -87,6 +87,13 @@ impl RuntimeClient {
         &self.endpoint
     }
 
+    /// Closes the connection; the next call opens a new one. Needed after a reload: an open
+    /// CLI connection stays with the old worker (and keeps it alive), which no longer serves
+    /// the new configuration.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
     /// Opens the connection now, so a wrong path or a peer that is not HAProxy is reported
     /// before any command.
     pub async fn connect(&mut self) -> Result<()> {

@@ -1,0 +1,226 @@
+//! Renders the config file lbagent owns: the frontends and backends of the desired state, which
+//! HAProxy loads as a second `-f` after the operator's main config.
+//!
+//! The file matters at two moments only: when a frontend port appears or goes away (HAProxy can
+//! add servers at runtime but not listeners, so the agent rewrites this file and reloads), and
+//! when HAProxy (re)starts. Between those, servers change through the runtime API, so this text
+//! must describe the whole desired state, not just the frontends, or a reload would lose the
+//! servers added live.
+//!
+//! Output is deterministic (the state's maps are `BTreeMap`s, so ports and nodes come sorted):
+//! the same state always renders the same bytes, which keeps rewrites and diffs quiet.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::model::{backend_name, frontend_name, DesiredState, FrontendSpec, ServerState};
+
+/// How the managed file is rendered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// The address every frontend binds (`0.0.0.0` by default: all IPv4 addresses).
+    pub frontend_bind: IpAddr,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            frontend_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }
+    }
+}
+
+/// `ip:port`, with an IPv6 address in brackets as HAProxy's address parser wants it.
+fn addr(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// The managed config for `state`: a header naming the generation, then one frontend and one
+/// backend per port, in ascending port order. An empty state renders the header alone, which
+/// HAProxy accepts as a config file.
+pub fn render_managed(state: &DesiredState, opts: &RenderOptions) -> String {
+    let mut out = format!(
+        "# Managed by lbagent: do not edit; generation {}\n",
+        state.generation
+    );
+    for (&port, fe) in &state.frontends {
+        render_frontend(&mut out, port, fe, opts);
+    }
+    out
+}
+
+fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &RenderOptions) {
+    let mode = fe.mode.as_str();
+    let frontend = frontend_name(port);
+    let backend = backend_name(port);
+    // `write!` into a String cannot fail.
+    let _ = write!(
+        out,
+        "\nfrontend {frontend}\n    mode {mode}\n    bind {bind}\n    default_backend {backend}\n",
+        bind = addr(opts.frontend_bind, port),
+    );
+    // roundrobin is a dynamic algorithm: HAProxy refuses `add server` on a backend with a
+    // static one (static-rr, a hash without `hash-type consistent`).
+    let _ = write!(
+        out,
+        "\nbackend {backend}\n    mode {mode}\n    balance roundrobin\n"
+    );
+    for (node, spec) in &fe.servers {
+        let _ = write!(
+            out,
+            "    server {node} {} check",
+            addr(spec.node_ip, spec.node_port)
+        );
+        if let Some(w) = spec.weight {
+            let _ = write!(out, " weight {w}");
+        }
+        match spec.state {
+            ServerState::Ready => {}
+            ServerState::Maint => out.push_str(" disabled"),
+            // HAProxy 2.6 has no config keyword for drain. Starting the server in maintenance
+            // keeps new traffic off it until the agent sets drain through the runtime API after
+            // the (re)start; a fresh process has no connections to drain anyway.
+            ServerState::Drain => out.push_str(" disabled # drain: restored at runtime"),
+        }
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mode, NodeName, ServerSpec};
+    use std::collections::BTreeMap;
+
+    fn server(ip: &str, port: u16, state: ServerState, weight: Option<u16>) -> ServerSpec {
+        ServerSpec {
+            node_ip: ip.parse().unwrap(),
+            node_port: port,
+            state,
+            service: Some("traefik".into()),
+            weight,
+        }
+    }
+
+    fn frontend(mode: Mode, servers: &[(&str, ServerSpec)]) -> FrontendSpec {
+        FrontendSpec {
+            mode,
+            servers: servers
+                .iter()
+                .map(|(n, s)| (NodeName::new(n).unwrap(), s.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn empty_state_is_just_the_header() {
+        let st = DesiredState::default();
+        assert_eq!(
+            render_managed(&st, &RenderOptions::default()),
+            "# Managed by lbagent: do not edit; generation 0\n"
+        );
+    }
+
+    #[test]
+    fn frontends_sorted_with_weights_states_and_ipv6() {
+        let mut frontends = BTreeMap::new();
+        // Inserted out of order: the output is still by ascending port.
+        frontends.insert(
+            8883,
+            frontend(
+                Mode::Tcp,
+                &[(
+                    "node-b",
+                    server("2001:db8::1", 31883, ServerState::Ready, None),
+                )],
+            ),
+        );
+        frontends.insert(
+            443,
+            frontend(
+                Mode::Http,
+                &[
+                    (
+                        "node-c",
+                        server("203.0.113.9", 30443, ServerState::Drain, None),
+                    ),
+                    (
+                        "node-a",
+                        server("203.0.113.7", 30443, ServerState::Ready, Some(5)),
+                    ),
+                    (
+                        "node-b",
+                        server("203.0.113.8", 30443, ServerState::Maint, Some(0)),
+                    ),
+                ],
+            ),
+        );
+        let st = DesiredState {
+            generation: 42,
+            frontends,
+        };
+        let expected = "\
+# Managed by lbagent: do not edit; generation 42
+
+frontend fe_443
+    mode http
+    bind 0.0.0.0:443
+    default_backend be_443
+
+backend be_443
+    mode http
+    balance roundrobin
+    server node-a 203.0.113.7:30443 check weight 5
+    server node-b 203.0.113.8:30443 check weight 0 disabled
+    server node-c 203.0.113.9:30443 check disabled # drain: restored at runtime
+
+frontend fe_8883
+    mode tcp
+    bind 0.0.0.0:8883
+    default_backend be_8883
+
+backend be_8883
+    mode tcp
+    balance roundrobin
+    server node-b [2001:db8::1]:31883 check
+";
+        let text = render_managed(&st, &RenderOptions::default());
+        assert_eq!(text, expected);
+        // Deterministic: rendering again gives the same bytes.
+        assert_eq!(render_managed(&st, &RenderOptions::default()), text);
+    }
+
+    #[test]
+    fn ipv6_bind_and_empty_backend() {
+        let mut st = DesiredState {
+            generation: 1,
+            ..DesiredState::default()
+        };
+        st.frontends.insert(80, FrontendSpec::default());
+        let opts = RenderOptions {
+            frontend_bind: "::".parse().unwrap(),
+        };
+        assert_eq!(
+            render_managed(&st, &opts),
+            "\
+# Managed by lbagent: do not edit; generation 1
+
+frontend fe_80
+    mode tcp
+    bind [::]:80
+    default_backend be_80
+
+backend be_80
+    mode tcp
+    balance roundrobin
+"
+        );
+        let opts = RenderOptions {
+            frontend_bind: "127.0.0.1".parse().unwrap(),
+        };
+        assert!(render_managed(&st, &opts).contains("    bind 127.0.0.1:80\n"));
+    }
+}

@@ -1,0 +1,305 @@
+//! The managed config file and the HAProxy process against a real HAProxy: render, validate,
+//! install and restore; start, reload through the master CLI (successful and failed), restart
+//! and stop.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{free_port, haproxy_bin};
+use lbagent::haproxy::{wait_frontend_open, ConfigFiles, HaproxyError, ManagedHaproxy};
+use lbagent::model::{DesiredState, FrontendSpec, Mode, NodeName, ServerSpec, ServerState};
+use lbagent::render::{render_managed, RenderOptions};
+use lbagent::runtime::parse::ProxyKind;
+use lbagent::runtime::{ClientOptions, Endpoint, RuntimeClient};
+
+/// A main config; `@DIR@` is the test's directory. The stats socket is its one listener:
+/// without any, `haproxy -c` says the config "will not start" and fails.
+const MAIN: &str = "global
+    stats socket @DIR@/admin.sock mode 600 level admin
+    maxconn 200
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+";
+
+fn loopback() -> RenderOptions {
+    RenderOptions {
+        frontend_bind: "127.0.0.1".parse().unwrap(),
+    }
+}
+
+fn server(ip: &str, port: u16, state: ServerState, weight: Option<u16>) -> ServerSpec {
+    ServerSpec {
+        node_ip: ip.parse().unwrap(),
+        node_port: port,
+        state,
+        service: None,
+        weight,
+    }
+}
+
+/// Frontends on `ports`, each with one ready server (nothing needs to listen behind it: the
+/// tests only connect to the frontend).
+fn state(generation: u64, ports: &[u16]) -> DesiredState {
+    let mut st = DesiredState {
+        generation,
+        ..DesiredState::default()
+    };
+    for &p in ports {
+        let mut fe = FrontendSpec::default();
+        fe.servers.insert(
+            NodeName::new("node-a").unwrap(),
+            server("127.0.0.1", free_port(), ServerState::Ready, None),
+        );
+        st.frontends.insert(p, fe);
+    }
+    st
+}
+
+fn client(sock: &Path) -> RuntimeClient {
+    RuntimeClient::new(
+        Endpoint::Unix(sock.to_path_buf()),
+        ClientOptions {
+            timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    )
+}
+
+/// Connects to a loopback port, retrying until `within` has passed.
+fn connects(port: u16, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+            .is_ok()
+        {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+async fn gone_within(pid: u32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while process_exists(pid) {
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn frontends(c: &mut RuntimeClient) -> Vec<String> {
+    c.show_stat()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == ProxyKind::Frontend && r.proxy.starts_with("fe_"))
+        .map(|r| r.proxy)
+        .collect()
+}
+
+async fn worker_pids(master: &Path) -> Vec<u32> {
+    client(master)
+        .show_proc()
+        .await
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .collect()
+}
+
+#[tokio::test]
+async fn render_install_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &main,
+        MAIN.replace("@DIR@", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let files = ConfigFiles {
+        haproxy_bin: haproxy_bin(),
+        main,
+        managed: dir.path().join("managed.cfg"),
+    };
+
+    // Two frontends; weights, drain, maint and an IPv6 server all pass HAProxy's check.
+    let (p1, p2) = (free_port(), free_port());
+    let mut st = state(1, &[p1, p2]);
+    let fe = st.frontends.get_mut(&p1).unwrap();
+    fe.mode = Mode::Http;
+    for (node, spec) in [
+        ("node-b", server("::1", 30443, ServerState::Drain, Some(10))),
+        (
+            "node-c",
+            server("127.0.0.2", 30443, ServerState::Maint, Some(0)),
+        ),
+    ] {
+        fe.servers.insert(NodeName::new(node).unwrap(), spec);
+    }
+    let first = render_managed(&st, &loopback());
+    assert!(first.contains("disabled # drain"), "{first}");
+    assert_eq!(files.install(&first).await.unwrap(), None);
+    assert_eq!(std::fs::read_to_string(&files.managed).unwrap(), first);
+
+    // A server address HAProxy cannot parse: refused with HAProxy's words, file untouched.
+    let bad = format!("{first}\nbackend be_bad\n    server n1 300.1.1.1:80 check\n");
+    let err = files.install(&bad).await.unwrap_err();
+    match &err {
+        HaproxyError::InvalidConfig { message, .. } => {
+            assert!(message.contains("300.1.1.1"), "{message}")
+        }
+        other => panic!("expected InvalidConfig, got {other}"),
+    }
+    assert_eq!(std::fs::read_to_string(&files.managed).unwrap(), first);
+    assert!(!dir.path().join("managed.cfg.tmp").exists());
+
+    // A good change returns the previous text, and restore puts it back.
+    let second = render_managed(&state(2, &[p2]), &loopback());
+    assert_eq!(
+        files.install(&second).await.unwrap().as_deref(),
+        Some(first.as_str())
+    );
+    assert_eq!(std::fs::read_to_string(&files.managed).unwrap(), second);
+    files.restore(Some(first.clone())).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&files.managed).unwrap(), first);
+
+    // Nothing to restore: an empty file, which HAProxy accepts.
+    files.restore(None).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&files.managed).unwrap(), "");
+    files.validate(&files.managed).await.unwrap();
+}
+
+#[tokio::test]
+async fn managed_start_reload_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    let mut admin = client(&h.admin_socket());
+    assert!(admin.show_info().await.unwrap().version().is_some());
+    assert!(frontends(&mut admin).await.is_empty());
+    let before = worker_pids(&h.master_socket()).await;
+    assert_eq!(before.len(), 1);
+
+    let port = free_port();
+    let files = h.config_files();
+    let previous = files
+        .install(&render_managed(&state(1, &[port]), &loopback()))
+        .await
+        .unwrap();
+    assert_eq!(previous.as_deref(), Some(""));
+    let report = h.reload(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(report.old_worker_pids, before);
+    assert_eq!(report.new_worker_pids.len(), 1);
+    assert!(!before.contains(&report.new_worker_pids[0]));
+    // `admin` still holds a connection from before the reload: it must find the new worker.
+    wait_frontend_open(&mut admin, &format!("fe_{port}"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(connects(port, Duration::from_secs(5)));
+
+    // Stop: the master and its workers are gone.
+    let master = h.pid();
+    let worker = report.new_worker_pids[0];
+    assert!(process_exists(master));
+    h.stop().await.unwrap();
+    assert!(gone_within(master, Duration::from_secs(5)).await);
+    assert!(gone_within(worker, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn failed_reload_keeps_the_old_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    let files = h.config_files();
+    let (a, b) = (free_port(), free_port());
+    files
+        .install(&render_managed(&state(1, &[a]), &loopback()))
+        .await
+        .unwrap();
+    let first = h.reload(Duration::from_secs(10)).await.unwrap();
+    let mut admin = client(&h.admin_socket());
+    wait_frontend_open(&mut admin, &format!("fe_{a}"), Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // Port b is taken; `haproxy -c` does not bind, so the config installs, and the reload fails.
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", b)).unwrap();
+    let previous = files
+        .install(&render_managed(&state(2, &[a, b]), &loopback()))
+        .await
+        .unwrap();
+    let err = h.reload(Duration::from_secs(10)).await.unwrap_err();
+    match &err {
+        HaproxyError::ReloadFailed { message } => {
+            assert!(message.contains("[ALERT]"), "{message}");
+            assert!(message.contains(&format!("127.0.0.1:{b}")), "{message}");
+        }
+        other => panic!("expected ReloadFailed, got {other}"),
+    }
+    // The worker from before still serves the previous frontend.
+    assert_eq!(worker_pids(&h.master_socket()).await, first.new_worker_pids);
+    assert!(connects(a, Duration::from_secs(5)));
+    assert_eq!(frontends(&mut admin).await, vec![format!("fe_{a}")]);
+
+    // Roll the file back; the next reload works again.
+    files.restore(previous).await.unwrap();
+    let again = h.reload(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(again.old_worker_pids, first.new_worker_pids);
+    wait_frontend_open(&mut admin, &format!("fe_{a}"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(connects(a, Duration::from_secs(5)));
+    drop(blocker);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn noticed_death_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    let port = free_port();
+    h.config_files()
+        .install(&render_managed(&state(1, &[port]), &loopback()))
+        .await
+        .unwrap();
+    assert!(h.try_exited().is_none());
+    let old = h.pid();
+    common::unsafe_kill(old, "KILL");
+    let end = Instant::now() + Duration::from_secs(5);
+    while h.try_exited().is_none() {
+        assert!(Instant::now() < end, "exit of pid {old} not noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The restarted HAProxy loads the installed file: the frontend is there without a reload.
+    h.restart().await.unwrap();
+    assert_ne!(h.pid(), old);
+    assert!(h.try_exited().is_none());
+    let mut admin = client(&h.admin_socket());
+    wait_frontend_open(&mut admin, &format!("fe_{port}"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(connects(port, Duration::from_secs(5)));
+    h.stop().await.unwrap();
+}
