@@ -15,8 +15,16 @@
 //! after `runtime` (the HTTP API, the desired-state store, the reconciler and the config
 //! renderer) arrive with the agent itself.
 
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod daemon;
+pub mod haproxy;
 pub mod lbctl;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod reconcile;
+pub mod render;
 pub mod runtime;
+pub mod store;

@@ -64,6 +64,38 @@ fn add_commands(server: ServerRef, spec: &ServerSpec, out: &mut Vec<Command>) {
     }
 }
 
+/// Commands that take a server HAProxy has as `previous` (or does not have: `None`) to `spec`.
+/// The request path uses this instead of asking HAProxy first; drift is the timer's job.
+pub fn commands_for(
+    server: &ServerRef,
+    previous: Option<&ServerSpec>,
+    spec: &ServerSpec,
+) -> Vec<Command> {
+    let mut out = Vec::new();
+    let Some(prev) = previous else {
+        add_commands(server.clone(), spec, &mut out);
+        return out;
+    };
+    if prev.node_ip != spec.node_ip || prev.node_port != spec.node_port {
+        out.push(Command::SetServerAddr {
+            server: server.clone(),
+            addr: spec.node_ip,
+            port: Some(spec.node_port),
+        });
+    }
+    if prev.weight != spec.weight {
+        // Back to HAProxy's default when the weight is no longer set.
+        out.push(Command::SetServerWeight(
+            server.clone(),
+            spec.weight.unwrap_or(1),
+        ));
+    }
+    if prev.state != spec.state {
+        out.push(state_command(server.clone(), spec.state));
+    }
+    out
+}
+
 /// Plans the runtime commands for `ports` (all desired frontends when `None`), given the
 /// servers (`show servers state`) and the backend names (`show backend`) HAProxy reports.
 /// Both are needed: `show servers state` does not list a backend that has no server.
@@ -217,6 +249,49 @@ mod tests {
 
     fn wire(plan: &Plan) -> Vec<String> {
         plan.commands.iter().map(|c| c.to_string()).collect()
+    }
+
+    #[test]
+    fn commands_from_previous_spec() {
+        let server = ServerRef::new("be_443", "node-a").unwrap();
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let spec = d.frontends[&443].servers.values().next().unwrap().clone();
+        let added: Vec<String> = commands_for(&server, None, &spec)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(added[0], "add server be_443/node-a 10.0.0.1:30443 check");
+        assert!(commands_for(&server, Some(&spec), &spec).is_empty());
+        let moved = ServerSpec {
+            node_ip: "10.0.0.2".parse().unwrap(),
+            weight: Some(9),
+            state: ServerState::Drain,
+            ..spec.clone()
+        };
+        let cmds: Vec<String> = commands_for(&server, Some(&spec), &moved)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            cmds,
+            [
+                "set server be_443/node-a addr 10.0.0.2 port 30443",
+                "set server be_443/node-a weight 9",
+                "set server be_443/node-a state drain"
+            ]
+        );
+        let unweighted: Vec<String> = commands_for(
+            &server,
+            Some(&moved),
+            &ServerSpec {
+                weight: None,
+                ..moved.clone()
+            },
+        )
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+        assert_eq!(unweighted, ["set server be_443/node-a weight 1"]);
     }
 
     #[test]

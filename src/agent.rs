@@ -1,0 +1,832 @@
+//! The agent's owner task: the one place that holds the desired state, the store and the
+//! runtime connection. Requests arrive on a channel; simultaneous ones are group-committed (one
+//! fsync, one batched runtime round trip for the lot); a change that needs a new frontend goes
+//! through validate → reload → confirm, alone, and is rolled back if HAProxy refuses it. A timer
+//! compares HAProxy with the desired state and repairs drift.
+//!
+//! Order for a runtime change: policy → apply to the in-memory state → store (fsync) → batch to
+//! HAProxy → answer. The managed config file is rewritten in the background (see
+//! [`ConfigWriter`]), off the request path: it is derived from the stored state, and
+//! validating it with `haproxy -c` takes tens of milliseconds.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::haproxy::{wait_frontend_open, ConfigFiles, ManagedHaproxy, Reloader};
+use crate::metrics::Metrics;
+use crate::model::{
+    backend_name, frontend_name, server_ref, Change, Conflict, DesiredState, Effect, Undo,
+};
+use crate::policy::{Denied, Policy};
+use crate::reconcile::{self, Plan};
+use crate::render::{render_managed, RenderOptions};
+use crate::runtime::parse::{ProxyKind, StatRow};
+use crate::runtime::{
+    Command, Error as RuntimeError, OutcomeKind, RuntimeClient, ServerAdminState,
+};
+use crate::store::Store;
+
+/// How a change reached HAProxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Applied {
+    Runtime,
+    Reload,
+    Unchanged,
+    /// Stored, but HAProxy did not answer: applied when it returns.
+    Pending,
+}
+
+/// A change that was acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyOk {
+    pub applied: Applied,
+    pub generation: u64,
+}
+
+/// Why a change was not acknowledged. Nothing of it was recorded.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// HAProxy refused the new configuration or could not bind: its own words.
+    #[error("HAProxy refused the change: {0}")]
+    Rejected(String),
+    #[error("storing the change failed: {0}")]
+    Store(String),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// What `/healthz` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    pub haproxy: &'static str,
+    pub in_sync: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub generation: u64,
+}
+
+/// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerView {
+    pub node: String,
+    pub node_ip: String,
+    pub node_port: u16,
+    pub state: crate::model::ServerState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+    pub haproxy: Option<ObservedView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ObservedView {
+    pub status: String,
+    pub check_status: Option<String>,
+    pub addr: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontendView {
+    pub frontend_port: u16,
+    pub frontend: String,
+    pub backend: String,
+    pub mode: crate::model::Mode,
+    pub haproxy_status: Option<String>,
+    pub servers: Vec<ServerView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StateView {
+    pub generation: u64,
+    pub haproxy: &'static str,
+    pub frontends: Vec<FrontendView>,
+}
+
+enum Msg {
+    Apply {
+        change: Change,
+        reply: ReplyTx,
+    },
+    View {
+        reply: oneshot::Sender<StateView>,
+    },
+    Health {
+        reply: oneshot::Sender<Health>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<DesiredState>,
+    },
+}
+
+/// The cheap, cloneable way to talk to the owner task.
+#[derive(Clone)]
+pub struct AgentHandle {
+    tx: mpsc::Sender<Msg>,
+    pub metrics: Metrics,
+}
+
+impl AgentHandle {
+    pub async fn apply(&self, change: Change) -> Result<ApplyOk, ApplyError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Apply { change, reply })
+            .await
+            .map_err(|_| ApplyError::ShuttingDown)?;
+        rx.await.map_err(|_| ApplyError::ShuttingDown)?
+    }
+
+    pub async fn view(&self) -> Option<StateView> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::View { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn health(&self) -> Option<Health> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Health { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn snapshot(&self) -> Option<DesiredState> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Snapshot { reply }).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Everything the owner needs.
+pub struct AgentParts {
+    pub state: DesiredState,
+    pub store: Store,
+    pub client: RuntimeClient,
+    pub files: Arc<Mutex<ConfigFiles>>,
+    pub reloader: Reloader,
+    pub policy: Policy,
+    pub render: RenderOptions,
+    /// Managed mode: the HAProxy this agent supervises.
+    pub managed: Option<ManagedHaproxy>,
+    /// How often HAProxy is compared with the desired state.
+    pub reconcile_every: Duration,
+    /// Deadline for a reload to show a new worker.
+    pub reload_deadline: Duration,
+    /// Where HAProxy's stderr goes (managed mode): a failed reload quotes it.
+    pub haproxy_log: Option<std::path::PathBuf>,
+    /// Managed mode: leave HAProxy running when the agent stops.
+    pub keep_haproxy: bool,
+}
+
+/// Where a change's answer goes.
+type ReplyTx = oneshot::Sender<Result<ApplyOk, ApplyError>>;
+
+/// A change that passed policy and applied to the in-memory state, awaiting store and HAProxy.
+struct Accepted {
+    change: Change,
+    effect: Effect,
+    undo: Undo,
+    reply: ReplyTx,
+}
+
+/// Most requests group-committed together.
+const MAX_GROUP: usize = 256;
+
+struct Owner {
+    state: DesiredState,
+    store: Option<Store>,
+    client: RuntimeClient,
+    files: Arc<Mutex<ConfigFiles>>,
+    reloader: Reloader,
+    policy: Policy,
+    render: RenderOptions,
+    managed: Option<ManagedHaproxy>,
+    reload_deadline: Duration,
+    haproxy_log: Option<std::path::PathBuf>,
+    keep_haproxy: bool,
+    metrics: Metrics,
+    /// The generation the config writer should catch up with.
+    dirty: watch::Sender<u64>,
+    /// Changes stored but not confirmed applied (HAProxy unreachable or a command failed).
+    out_of_sync: bool,
+    haproxy_up: bool,
+    last_error: Option<String>,
+    drift: Vec<String>,
+    /// (pid, start time) of the HAProxy worker, to notice a restart.
+    identity: Option<(u64, u64)>,
+}
+
+/// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
+pub fn spawn(
+    parts: AgentParts,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> (AgentHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(4096);
+    let (dirty, dirty_rx) = watch::channel(parts.state.generation);
+    metrics.servers.set(parts.state.server_count() as i64);
+    let owner = Owner {
+        state: parts.state,
+        store: Some(parts.store),
+        client: parts.client,
+        files: parts.files.clone(),
+        reloader: parts.reloader,
+        policy: parts.policy,
+        render: parts.render.clone(),
+        managed: parts.managed,
+        reload_deadline: parts.reload_deadline,
+        haproxy_log: parts.haproxy_log,
+        keep_haproxy: parts.keep_haproxy,
+        metrics: metrics.clone(),
+        dirty,
+        out_of_sync: true,
+        haproxy_up: false,
+        last_error: None,
+        drift: Vec::new(),
+        identity: None,
+    };
+    let handle = AgentHandle { tx, metrics };
+    let writer = ConfigWriter {
+        handle: handle.clone(),
+        files: parts.files,
+        render: parts.render,
+    };
+    let every = parts.reconcile_every;
+    let task = tokio::spawn(async move {
+        let writer_stop = shutdown.child_token();
+        let writer_task = tokio::spawn(writer.run(dirty_rx, writer_stop.clone()));
+        owner.run(rx, every, shutdown).await;
+        writer_stop.cancel();
+        let _ = writer_task.await;
+    });
+    (handle, task)
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        // First look at HAProxy right away: after a restart of the agent, or of HAProxy.
+        self.reconcile().await;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                biased;
+                msg = rx.recv() => {
+                    let Some(first) = msg else { break };
+                    let mut group = Vec::new();
+                    self.take(first, &mut group).await;
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(m) => self.take(m, &mut group).await,
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply_group(group).await;
+                }
+                _ = tick.tick() => self.reconcile().await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        // Finish what is queued: every request that got in is answered.
+        rx.close();
+        let mut group = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            self.take(m, &mut group).await;
+        }
+        self.apply_group(group).await;
+        drop(self.store.take());
+        // Leave the managed file matching the state, so a HAProxy restart keeps everything.
+        let text = render_managed(&self.state, &self.render);
+        if let Err(e) = self.files.lock().await.install(&text).await {
+            tracing::error!(error = %e, "could not write the managed configuration at shutdown");
+        }
+        if let Some(m) = self.managed.take() {
+            if self.keep_haproxy {
+                tracing::info!(pid = m.pid(), "leaving the managed HAProxy running");
+                m.detach();
+            } else {
+                tracing::info!(pid = m.pid(), "stopping the managed HAProxy");
+                if let Err(e) = m.stop().await {
+                    tracing::warn!(error = %e, "stopping HAProxy");
+                }
+            }
+        }
+    }
+
+    /// Answers reads at once; collects changes for the group.
+    async fn take(&mut self, msg: Msg, group: &mut Vec<(Change, ReplyTx)>) {
+        match msg {
+            Msg::Apply { change, reply } => group.push((change, reply)),
+            Msg::View { reply } => {
+                let v = self.view().await;
+                let _ = reply.send(v);
+            }
+            Msg::Health { reply } => {
+                let _ = reply.send(self.health());
+            }
+            Msg::Snapshot { reply } => {
+                let _ = reply.send(self.state.clone());
+            }
+        }
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            haproxy: if self.haproxy_up { "up" } else { "down" },
+            in_sync: self.haproxy_up && !self.out_of_sync,
+            drift: self.drift.clone(),
+            error: self.last_error.clone(),
+            generation: self.state.generation,
+        }
+    }
+
+    fn check_policy(&self, change: &Change) -> Result<(), Denied> {
+        self.policy.check_frontend_port(change.frontend_port())?;
+        if let Change::PutServer {
+            frontend_port,
+            node,
+            spec,
+            ..
+        } = change
+        {
+            let fe = self.state.frontends.get(frontend_port);
+            let count = fe.map_or(0, |f| f.servers.len())
+                + usize::from(!fe.is_some_and(|f| f.servers.contains_key(node)));
+            self.policy
+                .check_server(&spec.node_ip, spec.node_port, count)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a change creates or removes a frontend.
+    fn needs_reload(&self, change: &Change) -> bool {
+        match change {
+            Change::PutServer { frontend_port, .. } => {
+                !self.state.frontends.contains_key(frontend_port)
+            }
+            Change::DeleteFrontend { .. } => true,
+            Change::DeleteServer { .. } => false,
+        }
+    }
+
+    async fn apply_group(&mut self, group: Vec<(Change, ReplyTx)>) {
+        if group.is_empty() {
+            return;
+        }
+        let mut accepted = Vec::new();
+        let mut reloads = Vec::new();
+        for (change, reply) in group {
+            if let Err(d) = self.check_policy(&change) {
+                let _ = reply.send(Err(d.into()));
+                continue;
+            }
+            if self.needs_reload(&change) {
+                reloads.push((change, reply));
+                continue;
+            }
+            match self.state.apply_with_undo(&change) {
+                Ok((effect, undo)) => accepted.push(Accepted {
+                    change,
+                    effect,
+                    undo,
+                    reply,
+                }),
+                Err(c) => {
+                    let _ = reply.send(Err(c.into()));
+                }
+            }
+        }
+        self.commit_runtime(accepted).await;
+        for (change, reply) in reloads {
+            let result = self.apply_with_reload(change).await;
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Stores the group with one fsync, then sends its commands in one batch.
+    async fn commit_runtime(&mut self, accepted: Vec<Accepted>) {
+        if accepted.is_empty() {
+            return;
+        }
+        let changed: Vec<Change> = accepted
+            .iter()
+            .filter(|a| a.effect != Effect::Unchanged)
+            .map(|a| a.change.clone())
+            .collect();
+        if !changed.is_empty() {
+            if let Err(e) = self.store_commit(&changed) {
+                for a in accepted.iter().rev() {
+                    self.state.undo(a.undo.clone());
+                }
+                for a in accepted {
+                    let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
+                }
+                return;
+            }
+        }
+        // Commands from what HAProxy had (the previous spec, in the undo record) to the new
+        // spec: no `show servers state` round trip on the request path. Drift that makes these
+        // wrong is found and repaired by the timer.
+        let mut commands = Vec::new();
+        let mut deletions = Vec::new();
+        for a in &accepted {
+            if a.effect == Effect::Unchanged {
+                continue;
+            }
+            let Undo::Server { previous, .. } = &a.undo else {
+                continue;
+            };
+            match &a.change {
+                Change::PutServer {
+                    frontend_port,
+                    node,
+                    spec,
+                    ..
+                } => {
+                    let server = server_ref(*frontend_port, node);
+                    commands.extend(reconcile::commands_for(&server, previous.as_ref(), spec));
+                }
+                Change::DeleteServer {
+                    frontend_port,
+                    node,
+                } => {
+                    let server = server_ref(*frontend_port, node);
+                    commands.push(Command::SetServerState(
+                        server.clone(),
+                        ServerAdminState::Maint,
+                    ));
+                    deletions.push(server);
+                }
+                Change::DeleteFrontend { .. } => {}
+            }
+        }
+        let applied = self.send(commands, deletions).await;
+        self.metrics.servers.set(self.state.server_count() as i64);
+        self.dirty.send_replace(self.state.generation);
+        let generation = self.state.generation;
+        for a in accepted {
+            let applied = if a.effect == Effect::Unchanged {
+                Applied::Unchanged
+            } else {
+                applied
+            };
+            let _ = a.reply.send(Ok(ApplyOk {
+                applied,
+                generation,
+            }));
+        }
+    }
+
+    fn store_commit(&mut self, changes: &[Change]) -> Result<(), String> {
+        let Some(store) = self.store.as_mut() else {
+            return Err("the store is closed".into());
+        };
+        // fsync blocks: tell the runtime so other tasks (the HTTP server) keep running.
+        let state = &self.state;
+        tokio::task::block_in_place(|| store.commit(state, changes)).map_err(|e| e.to_string())
+    }
+
+    /// Sends commands (then deletions of servers with no connections left). Returns Runtime
+    /// when HAProxy took them all, Pending when it could not be reached; a refused command
+    /// marks the state out of sync for the timer to repair.
+    async fn send(
+        &mut self,
+        commands: Vec<Command>,
+        deletions: Vec<crate::runtime::ServerRef>,
+    ) -> Applied {
+        if commands.is_empty() && deletions.is_empty() {
+            return Applied::Runtime;
+        }
+        let mut all = commands;
+        all.extend(deletions.iter().cloned().map(Command::DelServer));
+        match self.client.batch(&all).await {
+            Ok(replies) => {
+                self.set_up(true);
+                let mut ok = true;
+                for r in &replies {
+                    if r.outcome.is_success() {
+                        continue;
+                    }
+                    // A server that still has connections is deleted later by the timer.
+                    if r.command.starts_with("del server") && r.outcome.kind == OutcomeKind::Refused
+                    {
+                        tracing::info!(command = %r.command, "server still in use; deleting it once idle");
+                    } else {
+                        tracing::warn!(command = %r.command, outcome = %r.outcome.kind, text = %r.outcome.text.trim_end(), "HAProxy refused a command");
+                    }
+                    ok = false;
+                }
+                if !ok {
+                    self.out_of_sync = true;
+                }
+                Applied::Runtime
+            }
+            Err(e) => {
+                self.transport_failed(&e);
+                Applied::Pending
+            }
+        }
+    }
+
+    fn set_up(&mut self, up: bool) {
+        self.haproxy_up = up;
+        self.metrics.haproxy_up.set(i64::from(up));
+        if up {
+            self.last_error = None;
+        }
+    }
+
+    fn transport_failed(&mut self, e: &RuntimeError) {
+        if self.haproxy_up {
+            tracing::warn!(error = %e, "HAProxy is unreachable; changes are stored and applied when it returns");
+        }
+        self.set_up(false);
+        self.out_of_sync = true;
+        self.last_error = Some(e.to_string());
+    }
+
+    /// A change that adds or removes a frontend: rewrite, validate, reload, confirm, then
+    /// store. Any failure puts back the previous file and leaves HAProxy serving as before.
+    async fn apply_with_reload(&mut self, change: Change) -> Result<ApplyOk, ApplyError> {
+        let (_, undo) = self.state.apply_with_undo(&change)?;
+        match self.reload_to_current(&change).await {
+            Ok(()) => {}
+            Err(msg) => {
+                self.state.undo(undo);
+                self.metrics.reload_failures.inc();
+                return Err(ApplyError::Rejected(msg));
+            }
+        }
+        if let Err(e) = self.store_commit(std::slice::from_ref(&change)) {
+            // HAProxy now runs a frontend the store does not have: take it back out.
+            self.state.undo(undo);
+            if let Err(msg) = self.reload_to_current(&change).await {
+                tracing::error!(error = %msg, "could not take back a frontend after the store failed");
+            }
+            return Err(ApplyError::Store(e));
+        }
+        self.metrics.servers.set(self.state.server_count() as i64);
+        self.dirty.send_replace(self.state.generation);
+        // New workers start from the file: put runtime-only details (drain) back.
+        self.reconcile().await;
+        Ok(ApplyOk {
+            applied: Applied::Reload,
+            generation: self.state.generation,
+        })
+    }
+
+    /// Makes HAProxy's configuration match `self.state` through a reload, confirmed; on any
+    /// failure the previous file is put back and, if HAProxy already took the new one, reloaded
+    /// again, so HAProxy keeps serving as before.
+    async fn reload_to_current(&mut self, change: &Change) -> Result<(), String> {
+        let text = render_managed(&self.state, &self.render);
+        let files = self.files.clone();
+        let files = files.lock().await;
+        let previous = files.install(&text).await.map_err(|e| e.to_string())?;
+        self.metrics.reloads.inc();
+        let reloaded = self
+            .reloader
+            .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+            .await;
+        // Our CLI connection belongs to the old worker now.
+        self.client.disconnect();
+        let failure = match reloaded {
+            Err(e) => Some((e.to_string(), false)),
+            Ok(_) => match change {
+                Change::PutServer { frontend_port, .. } => wait_frontend_open(
+                    &mut self.client,
+                    frontend_name(*frontend_port).as_str(),
+                    self.reload_deadline,
+                )
+                .await
+                .err()
+                .map(|e| (e.to_string(), true)),
+                _ => None,
+            },
+        };
+        let Some((msg, took_new_config)) = failure else {
+            return Ok(());
+        };
+        tracing::warn!(error = %msg, "reload failed; restoring the previous configuration");
+        if let Err(e) = files.restore(previous).await {
+            tracing::error!(error = %e, "could not restore the previous managed configuration");
+        } else if took_new_config {
+            self.metrics.reloads.inc();
+            if let Err(e) = self
+                .reloader
+                .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+                .await
+            {
+                tracing::error!(error = %e, "could not reload the previous configuration back");
+            }
+            self.client.disconnect();
+        }
+        Err(msg)
+    }
+
+    /// Compares HAProxy with the desired state and repairs what differs.
+    async fn reconcile(&mut self) {
+        if let Some(m) = self.managed.as_mut() {
+            if let Some(status) = m.try_exited() {
+                tracing::warn!(%status, "the managed HAProxy exited; restarting it");
+                if let Err(e) = m.restart().await {
+                    self.last_error = Some(e.to_string());
+                    self.set_up(false);
+                    return;
+                }
+            }
+        }
+        let started = Instant::now();
+        // A fresh connection each time: after a reload by someone else (systemctl reload), the
+        // old one would still talk to the old worker.
+        self.client.disconnect();
+        let info = match self.client.show_info().await {
+            Ok(i) => i,
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        self.set_up(true);
+        let identity = (info.pid().unwrap_or(0), info.start_time().unwrap_or(0));
+        if self.identity.is_some_and(|id| id != identity) {
+            tracing::info!(
+                pid = identity.0,
+                "HAProxy restarted or reloaded; re-applying runtime state"
+            );
+        }
+        self.identity = Some(identity);
+        let observed = match self.client.show_servers_state(None).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        let backends: BTreeSet<String> = match self.client.show_backends().await {
+            Ok(b) => b.into_iter().collect(),
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        let plan: Plan = reconcile::plan(&self.state, &observed, &backends, None);
+        if plan.is_empty() {
+            self.out_of_sync = false;
+            self.drift.clear();
+            return;
+        }
+        for line in &plan.drift {
+            tracing::info!(drift = %line, "repairing");
+        }
+        self.drift = plan.drift.clone();
+        if !plan.missing_backends.is_empty() {
+            // The running config lacks frontends the state has (HAProxy restarted from an old
+            // file, or an operator reloaded without ours): rewrite and reload.
+            let text = render_managed(&self.state, &self.render);
+            let files = self.files.clone();
+            let files = files.lock().await;
+            match files.install(&text).await {
+                Ok(_) => {
+                    self.metrics.reloads.inc();
+                    let reloaded = self
+                        .reloader
+                        .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+                        .await;
+                    self.client.disconnect();
+                    if let Err(e) = reloaded {
+                        self.metrics.reload_failures.inc();
+                        self.last_error = Some(e.to_string());
+                    }
+                }
+                Err(e) => self.last_error = Some(e.to_string()),
+            }
+            self.out_of_sync = true;
+            return;
+        }
+        let before = self.out_of_sync;
+        self.out_of_sync = false;
+        let applied = self.send(plan.commands, plan.deletions).await;
+        if applied == Applied::Runtime {
+            self.metrics.drift_repairs.inc();
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                was_known = before,
+                "drift repaired"
+            );
+        }
+        // Check again next tick before calling it in sync.
+        self.out_of_sync = true;
+    }
+
+    async fn view(&mut self) -> StateView {
+        let rows: Vec<StatRow> = match self.client.show_stat().await {
+            Ok(r) => {
+                self.set_up(true);
+                r
+            }
+            Err(e) => {
+                self.transport_failed(&e);
+                Vec::new()
+            }
+        };
+        let find =
+            |proxy: &str, name: &str| rows.iter().find(|r| r.proxy == proxy && r.name == name);
+        let frontends = self
+            .state
+            .frontends
+            .iter()
+            .map(|(port, fe)| {
+                let fe_name = frontend_name(*port).to_string();
+                let be_name = backend_name(*port).to_string();
+                FrontendView {
+                    frontend_port: *port,
+                    haproxy_status: rows
+                        .iter()
+                        .find(|r| r.proxy == fe_name && r.kind == ProxyKind::Frontend)
+                        .and_then(|r| r.status.as_ref().map(|s| s.summary().to_string())),
+                    frontend: fe_name,
+                    mode: fe.mode,
+                    servers: fe
+                        .servers
+                        .iter()
+                        .map(|(node, spec)| ServerView {
+                            node: node.to_string(),
+                            node_ip: spec.node_ip.to_string(),
+                            node_port: spec.node_port,
+                            state: spec.state,
+                            service: spec.service.clone(),
+                            weight: spec.weight,
+                            haproxy: find(&be_name, node.as_str()).map(|r| ObservedView {
+                                status: r
+                                    .status
+                                    .as_ref()
+                                    .map(|s| s.summary().to_string())
+                                    .unwrap_or_default(),
+                                check_status: r.check_status.clone(),
+                                addr: r.addr.clone(),
+                            }),
+                        })
+                        .collect(),
+                    backend: be_name,
+                }
+            })
+            .collect();
+        StateView {
+            generation: self.state.generation,
+            haproxy: if self.haproxy_up { "up" } else { "down" },
+            frontends,
+        }
+    }
+}
+
+/// Rewrites the managed config file in the background whenever the state changed, coalescing
+/// bursts: at most one rewrite in flight, always of the newest state.
+struct ConfigWriter {
+    handle: AgentHandle,
+    files: Arc<Mutex<ConfigFiles>>,
+    render: RenderOptions,
+}
+
+impl ConfigWriter {
+    async fn run(self, mut dirty: watch::Receiver<u64>, stop: CancellationToken) {
+        let mut written = None;
+        loop {
+            let generation = *dirty.borrow_and_update();
+            if written != Some(generation) {
+                let Some(state) = self.handle.snapshot().await else {
+                    return;
+                };
+                let text = render_managed(&state, &self.render);
+                let files = self.files.lock().await;
+                match files.install(&text).await {
+                    Ok(_) => written = Some(state.generation),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not write the managed configuration")
+                    }
+                }
+                drop(files);
+            }
+            tokio::select! {
+                changed = dirty.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! The HTTP API: routes, body limits, authentication, input validation and the JSON answers.
+//! A request flows one way: read (≤ 64 KiB) → verify the signature → parse and validate →
+//! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
+//! signature verifier's nonce cache.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{AgentHandle, Applied, ApplyError};
+use crate::auth::{AuthHeaders, Verifier};
+use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
+use crate::model::{backend_name, Change, Conflict, Mode, NodeName, ServerSpec, ServerState};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the HTTP server needs.
+pub struct Api {
+    pub agent: AgentHandle,
+    pub verifier: Verifier,
+    pub metrics: Metrics,
+    /// `/metrics` can be turned off.
+    pub metrics_enabled: bool,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    json_reply(status, json!({"error": code, "message": message.into()}))
+}
+
+/// The routes, parsed from the path.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Healthz,
+    Metrics,
+    Frontends,
+    Frontend(&'a str),
+    Server(&'a str, &'a str),
+    NotFound,
+}
+
+impl Route<'_> {
+    fn parse(path: &str) -> Route<'_> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["healthz"] => Route::Healthz,
+            ["metrics"] => Route::Metrics,
+            ["v1", "frontends"] => Route::Frontends,
+            ["v1", "frontends", port] => Route::Frontend(port),
+            ["v1", "frontends", port, "servers", node] => Route::Server(port, node),
+            _ => Route::NotFound,
+        }
+    }
+
+    fn label(&self, method: &Method) -> &'static str {
+        match (self, method) {
+            (Route::Healthz, _) => "healthz",
+            (Route::Metrics, _) => "metrics",
+            (Route::Frontends, _) => "get_frontends",
+            (Route::Frontend(_), _) => "delete_frontend",
+            (Route::Server(..), &Method::PUT) => "put_server",
+            (Route::Server(..), _) => "delete_server",
+            (Route::NotFound, _) => "not_found",
+        }
+    }
+
+    fn allowed(&self) -> &'static str {
+        match self {
+            Route::Healthz | Route::Metrics | Route::Frontends => "GET",
+            Route::Frontend(_) => "DELETE",
+            Route::Server(..) => "PUT, DELETE",
+            Route::NotFound => "",
+        }
+    }
+}
+
+/// The body of `PUT /v1/frontends/{port}/servers/{node}`. Numbers are read wide so an
+/// out-of-range value gets a message naming the field rather than a type error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutServerBody {
+    node_ip: String,
+    node_port: i64,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    state: Option<ServerState>,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    weight: Option<i64>,
+}
+
+fn bad_request(message: impl Into<String>) -> Reply {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// A 400 answer's message; turned into a response where it is returned.
+#[derive(Debug)]
+struct BadRequest(String);
+
+impl From<BadRequest> for Reply {
+    fn from(b: BadRequest) -> Reply {
+        bad_request(b.0)
+    }
+}
+
+fn parse_port(field: &str, raw: &str) -> Result<u16, BadRequest> {
+    match raw.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(BadRequest(format!(
+            "{field} {raw:?} must be a port from 1 to 65535"
+        ))),
+    }
+}
+
+fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, BadRequest> {
+    let b: PutServerBody =
+        serde_json::from_slice(body).map_err(|e| BadRequest(format!("invalid JSON body: {e}")))?;
+    let node_ip: IpAddr = b.node_ip.parse().map_err(|_| {
+        BadRequest(format!(
+            "node_ip {:?} is not an IPv4 or IPv6 address",
+            b.node_ip
+        ))
+    })?;
+    if node_ip.is_unspecified() || node_ip.is_multicast() {
+        return Err(BadRequest(format!(
+            "node_ip {node_ip} cannot be a server address"
+        )));
+    }
+    let node_port = u16::try_from(b.node_port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            BadRequest(format!(
+                "node_port {} must be a port from 1 to 65535",
+                b.node_port
+            ))
+        })?;
+    let weight = match b.weight {
+        None => None,
+        Some(w) if (0..=256).contains(&w) => Some(w as u16),
+        Some(w) => return Err(BadRequest(format!("weight {w} must be from 0 to 256"))),
+    };
+    if let Some(s) = &b.service {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(BadRequest(format!(
+                "service {s:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
+            )));
+        }
+    }
+    Ok(Change::PutServer {
+        frontend_port,
+        node,
+        mode: b.mode.unwrap_or_default(),
+        spec: ServerSpec {
+            node_ip,
+            node_port,
+            state: b.state.unwrap_or_default(),
+            service: b.service,
+            weight,
+        },
+    })
+}
+
+fn apply_error(e: ApplyError) -> Reply {
+    match &e {
+        ApplyError::Denied(d) => error(StatusCode::FORBIDDEN, "forbidden", d.message.clone()),
+        ApplyError::Conflict(Conflict::Mode { .. }) => {
+            error(StatusCode::CONFLICT, "conflict", e.to_string())
+        }
+        ApplyError::Conflict(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        ApplyError::Rejected(_) => error(StatusCode::CONFLICT, "haproxy_rejected", e.to_string()),
+        ApplyError::Store(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_failed",
+            e.to_string(),
+        ),
+        ApplyError::ShuttingDown => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        ),
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Api {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let path_with_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| path.clone());
+        let route = Route::parse(&path);
+        let label = route.label(&method);
+        let reply = self.route(req, &method, &route, &path_with_query).await;
+        self.metrics
+            .requests
+            .get_or_create(&RouteLabels {
+                route: label,
+                status: reply.status().as_u16(),
+            })
+            .inc();
+        reply
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        route: &Route<'_>,
+        path_with_query: &str,
+    ) -> Reply {
+        let allowed = match (route, method) {
+            (Route::NotFound, _) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route {}", req.uri().path()),
+                )
+            }
+            (Route::Healthz | Route::Metrics | Route::Frontends, &Method::GET) => true,
+            (Route::Frontend(_), &Method::DELETE) => true,
+            (Route::Server(..), &Method::PUT | &Method::DELETE) => true,
+            _ => false,
+        };
+        if !allowed {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here; use {}", route.allowed()),
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(route.allowed()));
+            return r;
+        }
+        match route {
+            Route::Healthz => return self.healthz().await,
+            Route::Metrics if self.metrics_enabled => {
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                return r;
+            }
+            Route::Metrics => {
+                return error(StatusCode::NOT_FOUND, "not_found", "metrics are turned off")
+            }
+            _ => {}
+        }
+
+        // Everything under /v1: body first (bounded), then the signature, then the content.
+        let (parts, body) = req.into_parts();
+        if let Some(len) = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > MAX_BODY as u64 {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("body of {len} bytes is over the 65536-byte limit"),
+                );
+            }
+        }
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "body is over the 65536-byte limit",
+                    );
+                }
+                return bad_request(format!("could not read the body: {e}"));
+            }
+        };
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let headers = AuthHeaders {
+            key_id: header(crate::auth::HEADER_KEY),
+            timestamp: header(crate::auth::HEADER_TIMESTAMP),
+            nonce: header(crate::auth::HEADER_NONCE),
+            signature: header(crate::auth::HEADER_SIGNATURE),
+        };
+        if let Err(f) = self.verifier.verify(
+            method.as_str(),
+            path_with_query,
+            &headers,
+            &body,
+            now_unix(),
+        ) {
+            self.metrics
+                .auth_failures
+                .get_or_create(&ReasonLabels {
+                    reason: f.reason.as_str(),
+                })
+                .inc();
+            tracing::info!(reason = f.reason.as_str(), path = %path_with_query, "request refused: {}", f.message);
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", f.message);
+        }
+
+        match route {
+            Route::Frontends => match self.agent.view().await {
+                Some(v) => json_reply(StatusCode::OK, serde_json::to_value(v).unwrap_or_default()),
+                None => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the agent is shutting down",
+                ),
+            },
+            Route::Frontend(port) => {
+                let port = match parse_port("frontend_port", port) {
+                    Ok(p) => p,
+                    Err(r) => return r.into(),
+                };
+                self.change(
+                    Change::DeleteFrontend {
+                        frontend_port: port,
+                    },
+                    None,
+                )
+                .await
+            }
+            Route::Server(port, node) => {
+                let port = match parse_port("frontend_port", port) {
+                    Ok(p) => p,
+                    Err(r) => return r.into(),
+                };
+                let node = match NodeName::new(node) {
+                    Ok(n) => n,
+                    Err(e) => return bad_request(e.message),
+                };
+                let change = if method == Method::PUT {
+                    match parse_put(&body, port, node.clone()) {
+                        Ok(c) => c,
+                        Err(r) => return r.into(),
+                    }
+                } else {
+                    Change::DeleteServer {
+                        frontend_port: port,
+                        node: node.clone(),
+                    }
+                };
+                self.change(change, Some(node)).await
+            }
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        }
+    }
+
+    async fn change(&self, change: Change, node: Option<NodeName>) -> Reply {
+        let port = change.frontend_port();
+        let started = Instant::now();
+        let result = self.agent.apply(change).await;
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(ok) => {
+                let status = if ok.applied == Applied::Pending {
+                    StatusCode::ACCEPTED
+                } else {
+                    StatusCode::OK
+                };
+                let mut body = json!({
+                    "frontend_port": port,
+                    "backend": backend_name(port).as_str(),
+                    "applied": ok.applied,
+                    "generation": ok.generation,
+                });
+                if let Some(n) = node {
+                    body["server"] = json!(n.as_str());
+                }
+                json_reply(status, body)
+            }
+            Err(e) => apply_error(e),
+        }
+    }
+
+    async fn healthz(&self) -> Reply {
+        match self.agent.health().await {
+            Some(h) => {
+                let status = if h.haproxy == "up" && h.in_sync {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json_reply(status, serde_json::to_value(h).unwrap_or_default())
+            }
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the agent is shutting down",
+            ),
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown`; then stops accepting, lets in-flight
+/// requests finish (up to `grace`) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        stream.set_nodelay(true).ok();
+        let api = api.clone();
+        let service = service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections were still open after {grace:?}; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("/healthz"), Route::Healthz);
+        assert_eq!(Route::parse("/v1/frontends"), Route::Frontends);
+        assert_eq!(Route::parse("/v1/frontends/443"), Route::Frontend("443"));
+        assert_eq!(
+            Route::parse("/v1/frontends/443/servers/node-a"),
+            Route::Server("443", "node-a")
+        );
+        assert_eq!(
+            Route::parse("/v1/frontends/443/servers/a/b"),
+            Route::NotFound
+        );
+        assert_eq!(Route::parse("/"), Route::NotFound);
+    }
+
+    fn node() -> NodeName {
+        NodeName::new("node-a").unwrap()
+    }
+
+    #[test]
+    fn put_body_validation_names_the_field() {
+        let ok = parse_put(br#"{"node_ip":"203.0.113.7","node_port":30443,"mode":"http","state":"drain","service":"traefik","weight":100}"#, 443, node()).unwrap();
+        let Change::PutServer { mode, spec, .. } = ok else {
+            panic!()
+        };
+        assert_eq!(mode, Mode::Http);
+        assert_eq!(spec.state, ServerState::Drain);
+        assert_eq!(spec.weight, Some(100));
+        let defaults =
+            parse_put(br#"{"node_ip":"2001:db8::1","node_port":1}"#, 443, node()).unwrap();
+        let Change::PutServer { mode, spec, .. } = defaults else {
+            panic!()
+        };
+        assert_eq!(
+            (mode, spec.state, spec.weight),
+            (Mode::Tcp, ServerState::Ready, None)
+        );
+
+        let cases: &[(&[u8], &str)] = &[
+            (b"{", "invalid JSON"),
+            (
+                br#"{"node_ip":"1.2.3.4","node_port":1,"extra":1}"#,
+                "unknown field `extra`",
+            ),
+            (
+                br#"{"node_ip":"1.2.3.4;show info","node_port":1}"#,
+                "node_ip",
+            ),
+            (br#"{"node_ip":"0.0.0.0","node_port":1}"#, "node_ip"),
+            (br#"{"node_ip":"1.2.3.4","node_port":0}"#, "node_port"),
+            (br#"{"node_ip":"1.2.3.4","node_port":65536}"#, "node_port"),
+            (
+                br#"{"node_ip":"1.2.3.4","node_port":1,"weight":257}"#,
+                "weight",
+            ),
+            (
+                br#"{"node_ip":"1.2.3.4","node_port":1,"weight":-1}"#,
+                "weight",
+            ),
+            (
+                br#"{"node_ip":"1.2.3.4","node_port":1,"mode":"udp"}"#,
+                "udp",
+            ),
+            (br#"{"node_ip":"1.2.3.4","node_port":1,"state":"up"}"#, "up"),
+            (
+                br#"{"node_ip":"1.2.3.4","node_port":1,"service":"a b"}"#,
+                "service",
+            ),
+            (br#"{"node_port":1}"#, "node_ip"),
+        ];
+        for (body, needle) in cases {
+            let r = parse_put(body, 443, node()).unwrap_err();
+            assert!(
+                r.0.contains(needle),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                r.0
+            );
+        }
+    }
+
+    #[test]
+    fn ports_in_paths() {
+        assert_eq!(parse_port("frontend_port", "443").unwrap(), 443);
+        for bad in ["0", "65536", "-1", "x", ""] {
+            assert!(parse_port("frontend_port", bad).is_err(), "{bad}");
+        }
+    }
+}

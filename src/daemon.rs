@@ -1,0 +1,363 @@
+//! `lbagent` the daemon: flags and TOML settings, start-up in managed or attached mode, signals
+//! and orderly shutdown. The binary in `src/bin/lbagent.rs` only calls [`main`].
+//!
+//! - **Managed** (no `--socket`): starts and supervises its own HAProxy under
+//!   `<state-dir>/haproxy`, generates a key file on first start, listens on 127.0.0.1:9900.
+//! - **Attached** (`--socket`): drives an existing HAProxy through its stats socket, its master
+//!   CLI (or `--reload-command`), its main config and the file this agent owns.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentParts};
+use crate::api::{self, Api};
+use crate::auth::{Keys, Verifier, DEFAULT_KEY_ID};
+use crate::haproxy::{ConfigFiles, ManagedHaproxy, Reloader};
+use crate::metrics::Metrics;
+use crate::policy::{CidrList, Policy, PortList};
+use crate::render::RenderOptions;
+use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
+use crate::store::Store;
+
+/// Every setting, from flags; each may also come from the `--config` TOML file (same names,
+/// e.g. `state-dir = "/var/lib/lbagent"`). A flag given on the command line wins.
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(
+    name = "lbagent",
+    version,
+    about = "Route phone-home requests into HAProxy, live through its runtime API"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// A TOML file with any of these settings.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:9900].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Where the desired state (and in managed mode HAProxy's files) live [default: ./lbagent-data].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// TOML file of `key_id = "secret"` lines, mode 0600 [managed default: <state-dir>/keys.toml, generated].
+    #[arg(long, value_name = "FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// HAProxy's admin stats socket; giving it selects attached mode.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<String>,
+    /// HAProxy's master CLI socket (`haproxy -S`), used to reload.
+    #[arg(long, value_name = "PATH")]
+    pub master_socket: Option<String>,
+    /// HAProxy's main configuration file (attached mode).
+    #[arg(long, value_name = "FILE")]
+    pub haproxy_config: Option<PathBuf>,
+    /// The configuration file this agent owns, loaded by HAProxy as a second `-f` (attached mode).
+    #[arg(long, value_name = "FILE")]
+    pub managed_config: Option<PathBuf>,
+    /// Reload with this command instead of the master socket, e.g. `systemctl reload haproxy`.
+    #[arg(long, value_name = "CMD")]
+    pub reload_command: Option<String>,
+    /// Address frontends bind to [default: 0.0.0.0].
+    #[arg(long, value_name = "ADDR")]
+    pub frontend_bind: Option<IpAddr>,
+    /// Frontend ports requests may use [default: 1-65535 except 22 and the API's port].
+    #[arg(long, value_name = "LIST")]
+    pub allow_frontend_ports: Option<String>,
+    /// Node ports requests may use [default: 30000-32767].
+    #[arg(long, value_name = "LIST")]
+    pub allow_node_ports: Option<String>,
+    /// Node address prefixes requests may use, e.g. 10.0.0.0/8,2001:db8::/32 [default: any].
+    #[arg(long, value_name = "LIST")]
+    pub allow_node_cidrs: Option<String>,
+    /// Most servers one frontend may hold [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_servers_per_frontend: Option<usize>,
+    /// Accepted clock difference for signed requests, in seconds [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    pub auth_window: Option<u64>,
+    /// Seconds between comparisons of HAProxy with the desired state [default: 2].
+    #[arg(long, value_name = "SECONDS")]
+    pub reconcile_interval: Option<f64>,
+    /// Turn `/metrics` off.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_metrics: bool,
+    /// Managed mode: leave HAProxy running when the agent stops.
+    #[arg(long)]
+    #[serde(default)]
+    pub keep_haproxy: bool,
+    /// The haproxy binary [default: haproxy on PATH, else /usr/sbin/haproxy].
+    #[arg(long, value_name = "PATH")]
+    pub haproxy_bin: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Fills what the command line left unset from the TOML file.
+    fn merge(mut self, file: Settings) -> Settings {
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            listen,
+            state_dir,
+            keys_file,
+            socket,
+            master_socket,
+            haproxy_config,
+            managed_config,
+            reload_command,
+            frontend_bind,
+            allow_frontend_ports,
+            allow_node_ports,
+            allow_node_cidrs,
+            max_servers_per_frontend,
+            auth_window,
+            reconcile_interval,
+            haproxy_bin
+        );
+        self.no_metrics |= file.no_metrics;
+        self.keep_haproxy |= file.keep_haproxy;
+        self
+    }
+}
+
+fn haproxy_bin(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("haproxy");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/sbin/haproxy")
+}
+
+/// Runs the daemon with the process arguments.
+pub fn main() -> ExitCode {
+    let cli = Settings::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbagent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbagent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn parse_list<T: std::str::FromStr<Err = String>>(flag: &str, v: &str) -> Result<T, BoxError> {
+    v.parse::<T>().map_err(|e| format!("--{flag}: {e}").into())
+}
+
+/// Reads settings, starts everything, and runs until SIGTERM or SIGINT.
+pub async fn run(cli: Settings) -> Result<(), BoxError> {
+    let settings = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?;
+            let file: Settings =
+                toml::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))?;
+            cli.merge(file)
+        }
+        None => cli,
+    };
+    let listen = settings
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9900)));
+    let state_dir = settings
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("lbagent-data"));
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| format!("cannot create --state-dir {}: {e}", state_dir.display()))?;
+    let bin = haproxy_bin(settings.haproxy_bin.clone());
+
+    let mut policy = Policy::defaults(listen.port());
+    if let Some(v) = &settings.allow_frontend_ports {
+        policy.frontend_ports = parse_list::<PortList>("allow-frontend-ports", v)?;
+    }
+    if let Some(v) = &settings.allow_node_ports {
+        policy.node_ports = parse_list::<PortList>("allow-node-ports", v)?;
+    }
+    if let Some(v) = &settings.allow_node_cidrs {
+        policy.node_cidrs = parse_list::<CidrList>("allow-node-cidrs", v)?;
+    }
+    if let Some(n) = settings.max_servers_per_frontend {
+        policy.max_servers_per_frontend = n;
+    }
+
+    let attached = settings.socket.is_some();
+    let keys_path = match (&settings.keys_file, attached) {
+        (Some(p), _) => p.clone(),
+        (None, false) => state_dir.join("keys.toml"),
+        (None, true) => return Err("attached mode needs --keys-file".into()),
+    };
+    let keys = if !attached && !keys_path.exists() {
+        let keys = Keys::generate_file(&keys_path, DEFAULT_KEY_ID)?;
+        println!(
+            "lbagent: generated a key, id `{DEFAULT_KEY_ID}`, in {} (mode 0600)",
+            keys_path.display()
+        );
+        keys
+    } else {
+        Keys::load(&keys_path)?
+    };
+    let window = Duration::from_secs(settings.auth_window.unwrap_or(300));
+    let verifier = Verifier::new(keys, window);
+
+    let (store, state) = Store::open(&state_dir)?;
+    tracing::info!(
+        generation = state.generation,
+        frontends = state.frontends.len(),
+        servers = state.server_count(),
+        "desired state loaded"
+    );
+
+    let mut managed = None;
+    let (socket, files, reloader, haproxy_log) = if attached {
+        let socket = Endpoint::parse(settings.socket.as_deref().unwrap_or_default());
+        let main = settings
+            .haproxy_config
+            .clone()
+            .ok_or("attached mode needs --haproxy-config (HAProxy's main file)")?;
+        let managed_file = settings.managed_config.clone().ok_or(
+            "attached mode needs --managed-config (the file HAProxy loads as a second -f)",
+        )?;
+        let reloader = match (&settings.reload_command, &settings.master_socket) {
+            (Some(cmd), _) => Reloader::Command(cmd.clone()),
+            (None, Some(m)) => Reloader::Master(Endpoint::parse(m)),
+            (None, None) => {
+                return Err(
+                    "attached mode needs --master-socket or --reload-command to add frontends"
+                        .into(),
+                )
+            }
+        };
+        let files = ConfigFiles {
+            haproxy_bin: bin.clone(),
+            main,
+            managed: managed_file,
+        };
+        (socket, files, reloader, None)
+    } else {
+        let m = ManagedHaproxy::start(&state_dir.join("haproxy"), &bin).await?;
+        let parts = (
+            Endpoint::Unix(m.admin_socket()),
+            m.config_files(),
+            m.reloader(),
+            Some(m.log_path()),
+        );
+        println!(
+            "lbagent: managed HAProxy (pid {}) in {}; stats socket {}",
+            m.pid(),
+            m.dir().display(),
+            m.admin_socket().display()
+        );
+        managed = Some(m);
+        parts
+    };
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
+    let parts = AgentParts {
+        state,
+        store,
+        client: RuntimeClient::new(socket, ClientOptions::default()),
+        files: Arc::new(Mutex::new(files)),
+        reloader,
+        policy,
+        render: RenderOptions {
+            frontend_bind: settings.frontend_bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        },
+        managed,
+        reconcile_every: Duration::from_secs_f64(
+            settings
+                .reconcile_interval
+                .unwrap_or(2.0)
+                .clamp(0.1, 3600.0),
+        ),
+        reload_deadline: Duration::from_secs(15),
+        haproxy_log,
+        keep_haproxy: settings.keep_haproxy,
+    };
+    let (handle, agent_task) = agent::spawn(parts, metrics.clone(), shutdown.clone());
+    let api = Arc::new(Api {
+        agent: handle,
+        verifier,
+        metrics,
+        metrics_enabled: !settings.no_metrics,
+    });
+    println!(
+        "lbagent: listening on http://{} (keys: {})",
+        listener.local_addr().unwrap_or(listen),
+        keys_path.display()
+    );
+    let server = tokio::spawn(api::serve(
+        listener,
+        api.clone(),
+        shutdown.clone(),
+        Duration::from_secs(10),
+    ));
+
+    wait_for_signals(&api, &keys_path).await;
+    tracing::info!("stopping: finishing in-flight requests");
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = agent_task.await;
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file.
+async fn wait_for_signals(api: &Api, keys_path: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match api.verifier.reload(keys_path) {
+                Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
+                Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
+            },
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The agent's Prometheus metrics: one registry, handles cloned to where things happen.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric the agent exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub requests: Family<RouteLabels, Counter>,
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    /// Seconds from a change's arrival at the owner to its answer.
+    pub apply_seconds: Histogram,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    pub drift_repairs: Counter,
+    pub haproxy_up: Gauge,
+    pub servers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("lbagent");
+        let requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Rejected signatures by reason",
+            auth_failures.clone(),
+        );
+        // 50 µs to ~1.6 s.
+        let apply_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "apply_seconds",
+            "Time to store and apply a change, in seconds",
+            apply_seconds.clone(),
+        );
+        let reloads = Counter::default();
+        registry.register(
+            "haproxy_reloads",
+            "HAProxy reloads started",
+            reloads.clone(),
+        );
+        let reload_failures = Counter::default();
+        registry.register(
+            "haproxy_reload_failures",
+            "HAProxy reloads that failed and were rolled back",
+            reload_failures.clone(),
+        );
+        let drift_repairs = Counter::default();
+        registry.register(
+            "drift_repairs",
+            "Times HAProxy differed from the desired state and was repaired",
+            drift_repairs.clone(),
+        );
+        let haproxy_up = Gauge::default();
+        registry.register(
+            "haproxy_up",
+            "1 when HAProxy's runtime socket answers",
+            haproxy_up.clone(),
+        );
+        let servers = Gauge::default();
+        registry.register("servers", "Servers in the desired state", servers.clone());
+        Metrics {
+            registry: Arc::new(registry),
+            requests,
+            auth_failures,
+            apply_seconds,
+            reloads,
+            reload_failures,
+            drift_repairs,
+            haproxy_up,
+            servers,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_counted() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RouteLabels {
+                route: "put_server",
+                status: 200,
+            })
+            .inc();
+        m.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: "bad_signature",
+            })
+            .inc_by(2);
+        m.apply_seconds.observe(0.0004);
+        m.haproxy_up.set(1);
+        let text = m.render();
+        assert!(
+            text.contains("lbagent_http_requests_total{route=\"put_server\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lbagent_auth_failures_total{reason=\"bad_signature\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("lbagent_apply_seconds_count 1"), "{text}");
+        assert!(text.contains("lbagent_haproxy_up 1"), "{text}");
+        assert!(text.contains("lbagent_haproxy_reloads_total 0"), "{text}");
+    }
+}
