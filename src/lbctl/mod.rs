@@ -1,6 +1,7 @@
 //! `lbctl`, the operator's CLI: its commands and their output. The binary in `src/bin/lbctl.rs`
 //! only calls [`main`].
 
+pub mod agent_client;
 pub mod show;
 
 use std::io::{IsTerminal, Write};
@@ -31,6 +32,27 @@ pub struct Cli {
 pub enum Commands {
     /// Show what HAProxy is doing: frontends, backends and servers (or `show info`).
     Show(ShowArgs),
+    /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
+    State(StateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StateArgs {
+    /// The agent's URL.
+    #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
+    pub agent: String,
+    /// The key: the agent's keys.toml, or a file holding the secret alone.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Which key of a keys.toml (default `default`).
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Print the agent's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+    /// Deadline, in seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub timeout: f64,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +98,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Commands::Show(args) => run_show(args).await,
+            Commands::State(args) => run_state(args).await,
         }
     });
     match result {
@@ -153,6 +176,32 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = agent_client::SigningKey::from_file(&args.key_file, args.key_id.as_deref())
+        .map_err(|e| e.to_string())?;
+    let timeout = seconds("--timeout", args.timeout)?;
+    let (status, body) = agent_client::signed_request(
+        &args.agent,
+        &key,
+        hyper::Method::GET,
+        "/v1/frontends",
+        Vec::new(),
+        timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("the agent answered {status}: {}", body.trim()).into());
+    }
+    let value: serde_json::Value = serde_json::from_str(&body)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print!("{}", show::render_state(&value));
+    Ok(())
 }
 
 /// Where `lbctl show` looks by default, for messages.

@@ -43,6 +43,8 @@ pub struct ServerView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendView {
     pub name: String,
+    /// Named `be_<port>`: the agent's (it names every backend it creates so).
+    pub lbagent: bool,
     pub status: String,
     pub algo: Option<String>,
     pub sessions_current: Option<u64>,
@@ -97,6 +99,7 @@ impl Overview {
             }
             view.backends.push(BackendView {
                 name: name.to_string(),
+                lbagent: is_agent_backend(name),
                 status: String::new(),
                 algo: None,
                 sessions_current: None,
@@ -156,6 +159,13 @@ impl Overview {
         }
         view
     }
+}
+
+/// Whether a backend name is one the agent creates: `be_<port>`.
+pub fn is_agent_backend(name: &str) -> bool {
+    name.strip_prefix("be_")
+        .and_then(|p| p.parse::<u16>().ok())
+        .is_some_and(|p| p > 0 && name.len() == 3 + p.to_string().len())
 }
 
 /// Seconds as `45s`, `12m`, `3h`, `2d`.
@@ -250,12 +260,13 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
     for b in &view.backends {
         let _ = writeln!(
             out,
-            "{} {} ({}, {} server{})",
+            "{} {} ({}, {} server{}){}",
             colour.bold(&format!("BACKEND {}", b.name)),
             colour.paint(&b.status, 0),
             b.algo.as_deref().unwrap_or("-"),
             b.servers.len(),
             if b.servers.len() == 1 { "" } else { "s" },
+            if b.lbagent { " [lbagent]" } else { "" },
         );
         if b.servers.is_empty() {
             out.push('\n');
@@ -298,6 +309,56 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
         .any(|b| b.servers.iter().any(|s| s.backup))
     {
         out.push_str("* backup server\n");
+    }
+    out
+}
+
+/// `lbctl state`: the agent's desired state beside what HAProxy reports.
+pub fn render_state(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "generation {}, HAProxy {}",
+        v["generation"],
+        v["haproxy"].as_str().unwrap_or("?")
+    );
+    let empty = Vec::new();
+    for fe in v["frontends"].as_array().unwrap_or(&empty) {
+        let _ = writeln!(
+            out,
+            "\nFRONTEND {} ({}, {}) {}",
+            fe["frontend_port"],
+            fe["mode"].as_str().unwrap_or("?"),
+            fe["backend"].as_str().unwrap_or("?"),
+            fe["haproxy_status"].as_str().unwrap_or("not in HAProxy")
+        );
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<22} {:<6} {:>3} {:<10} {:<6} {:<7}",
+            "NODE", "WANTED", "STATE", "WT", "SERVICE", "STATUS", "CHECK"
+        );
+        for s in fe["servers"].as_array().unwrap_or(&empty) {
+            let ip = s["node_ip"].as_str().unwrap_or("?");
+            let wanted = if ip.contains(':') {
+                format!("[{ip}]:{}", s["node_port"])
+            } else {
+                format!("{ip}:{}", s["node_port"])
+            };
+            let observed = &s["haproxy"];
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<22} {:<6} {:>3} {:<10} {:<6} {:<7}",
+                fit(s["node"].as_str().unwrap_or("?"), 16),
+                wanted,
+                s["state"].as_str().unwrap_or("?"),
+                s["weight"]
+                    .as_u64()
+                    .map_or_else(|| "-".into(), |w| w.to_string()),
+                fit(s["service"].as_str().unwrap_or("-"), 10),
+                observed["status"].as_str().unwrap_or("ABSENT"),
+                fit(observed["check_status"].as_str().unwrap_or("-"), 7),
+            );
+        }
     }
     out
 }
@@ -402,6 +463,23 @@ be_80,BACKEND,0,0,DOWN,0,0,0,9,1,,,http,leastconn\n";
         assert_eq!(split_addr("1.2.3.4"), ("1.2.3.4".into(), None));
         assert_eq!(split_addr("unix@/x"), ("unix@/x".into(), None));
         assert_eq!(split_addr("1.2.3.4:99999"), ("1.2.3.4:99999".into(), None));
+    }
+
+    #[test]
+    fn agent_backends_by_name() {
+        assert!(is_agent_backend("be_443"));
+        assert!(!is_agent_backend("be_0443"));
+        assert!(!is_agent_backend("be_0"));
+        assert!(!is_agent_backend("be_70000"));
+        assert!(!is_agent_backend("be_app"));
+        let rows = parse_show_stat(STAT).unwrap();
+        let v = Overview::from_stat(&rows, None);
+        assert!(v.backends[0].lbagent);
+        let t = render_table(&v, Colour::Never);
+        assert!(
+            t.contains("BACKEND be_443 UP (roundrobin, 3 servers) [lbagent]"),
+            "{t}"
+        );
     }
 
     #[test]
