@@ -30,7 +30,11 @@ impl Plan {
     }
 }
 
-/// Which admin state a server shows, from its `srv_admin_state` flags.
+/// Which admin state a server shows, from its `srv_admin_state` flags. The renderer writes a
+/// drained server as `disabled`, so after a restart it carries the config-maintenance marker
+/// (CMAINT) under its drain; [`AdminFlags::in_maintenance`] does not count that marker.
+///
+/// [`AdminFlags::in_maintenance`]: crate::runtime::parse::AdminFlags::in_maintenance
 fn observed_state(s: &ObservedServer) -> ServerState {
     if s.admin.in_maintenance() {
         ServerState::Maint
@@ -181,6 +185,7 @@ pub fn plan(
                 continue;
             };
             plan.drift.push(format!("{server} is not wanted"));
+            // `del server` needs the server in maintenance first.
             if !obs.admin.in_maintenance() {
                 plan.commands.push(Command::SetServerState(
                     server.clone(),
@@ -359,6 +364,26 @@ mod tests {
         assert_eq!(wire(&p), ["set server be_443/stale state maint"]);
         let dels: Vec<_> = p.deletions.iter().map(|s| s.to_string()).collect();
         assert_eq!(dels, ["be_443/gone", "be_443/stale"]);
+    }
+
+    #[test]
+    fn config_maint_marker_alone_is_not_maintenance() {
+        // HAProxy 2.6: a server the file starts `disabled` (flags 5) that was set to drain
+        // shows 12 (CMAINT | FDRAIN, `show stat` says DRAIN); set ready, it shows 4 (UP).
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Drain, None)]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 12, 1)];
+        assert!(plan(&d, &o, &be(), None).is_empty());
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let o = [observed("node-a", "10.0.0.1", 30443, 4, 1)];
+        assert!(plan(&d, &o, &be(), None).is_empty());
+        // An unwanted one is put in maintenance before `del server`, which requires it.
+        let o = [
+            observed("node-a", "10.0.0.1", 30443, 4, 1),
+            observed("stale", "10.0.0.5", 30443, 12, 1),
+        ];
+        let p = plan(&d, &o, &be(), None);
+        assert_eq!(wire(&p), ["set server be_443/stale state maint"]);
+        assert_eq!(p.deletions.len(), 1);
     }
 
     #[test]

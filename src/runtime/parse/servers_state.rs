@@ -61,9 +61,11 @@ impl AdminFlags {
     /// `SRV_ADMF_HMAINT` up to 3.0; 3.2 reuses the bit for "FQDN changed", which is no
     /// maintenance, so [`Self::in_maintenance`] ignores it.
     pub const HMAINT: u32 = 0x40;
-    /// HAProxy's own `SRV_ADMF_MAINT` mask (FMAINT | IMAINT | RMAINT) plus CMAINT, which HAProxy
-    /// always sets together with FMAINT.
-    const ANY_MAINT: u32 = Self::FMAINT | Self::IMAINT | Self::CMAINT | Self::RMAINT;
+    /// HAProxy's own `SRV_ADMF_MAINT` mask: FMAINT | IMAINT | RMAINT. Not CMAINT: HAProxy keeps
+    /// that as a marker on a server the config starts `disabled` even after
+    /// `set server state ready|drain` lifts the maintenance (2.6: `disabled` shows 5, then
+    /// `drain` 12 — `show stat` says DRAIN — and `ready` 4, UP).
+    const ANY_MAINT: u32 = Self::FMAINT | Self::IMAINT | Self::RMAINT;
     const ANY_DRAIN: u32 = Self::FDRAIN | Self::IDRAIN;
 
     pub fn in_maintenance(self) -> bool {
@@ -266,6 +268,16 @@ mod tests {
         assert!(s3.admin.in_maintenance());
         assert_eq!(s3.user_weight, Some(10));
         assert_eq!(s3.oper_state, Some(OperState::Running));
+    }
+
+    #[test]
+    fn config_disabled_marker_alone_is_not_maintenance() {
+        assert!(AdminFlags(5).in_maintenance()); // `disabled` in the config
+        assert!(!AdminFlags(4).in_maintenance()); // then `set server state ready`
+        assert!(!AdminFlags(12).in_maintenance() && AdminFlags(12).draining()); // then `drain`
+        assert!(AdminFlags(2).in_maintenance()); // tracking a server in maintenance
+        assert!(AdminFlags(0x20).in_maintenance()); // DNS resolution
+        assert!(!AdminFlags(0x40).in_maintenance()); // 3.2: FQDN changed
     }
 
     #[test]
