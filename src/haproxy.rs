@@ -750,7 +750,39 @@ impl ManagedHaproxy {
             pid: 0,
             exited: None,
         };
+        // Fix: an HAProxy left running here by a previous agent (killed with SIGKILL, or
+        // stopped with --keep-haproxy) used to stay alive beside the new one: both listened on
+        // the frontend ports (HAProxy binds with SO_REUSEPORT), the old one with a config
+        // nobody updated any more. Take its sockets' names away first, so that the new
+        // HAProxy's readiness check and the agent can only reach the new one; once the new one
+        // serves, soft-stop the old one (SIGUSR1: it stops listening and exits when its
+        // connections end), so no connection is refused in between.
+        let leftover =
+            match show_proc_once(&Endpoint::Unix(h.master_socket()), POLL_CALL_TIMEOUT).await {
+                Ok(p) => p.master.map(|m| m.pid),
+                Err(_) => None,
+            };
+        if let Some(pid) = leftover {
+            tracing::warn!(
+                pid,
+                "an HAProxy from an earlier run still runs in {}; replacing it",
+                h.dir.display()
+            );
+            for sock in [h.master_socket(), h.admin_socket()] {
+                let _ = tokio::fs::remove_file(&sock).await;
+            }
+        }
         h.spawn().await?;
+        if let Some(pid) = leftover {
+            let _ = Command::new("kill")
+                .arg("-USR1")
+                .arg(pid.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await;
+        }
         Ok(h)
     }
 
