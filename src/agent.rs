@@ -59,6 +59,9 @@ pub enum ApplyError {
     /// HAProxy refused the new configuration or could not bind: its own words.
     #[error("HAProxy refused the change: {0}")]
     Rejected(String),
+    /// A new or removed frontend needs a reload, and HAProxy does not answer.
+    #[error("HAProxy is unreachable, and a new or removed frontend needs a reload: {0}")]
+    Unavailable(String),
     #[error("storing the change failed: {0}")]
     Store(String),
     #[error("the agent is shutting down")]
@@ -564,6 +567,13 @@ impl Owner {
     /// A change that adds or removes a frontend: rewrite, validate, reload, confirm, then
     /// store. Any failure puts back the previous file and leaves HAProxy serving as before.
     async fn apply_with_reload(&mut self, change: Change) -> Result<ApplyOk, ApplyError> {
+        // Fail at once when HAProxy is gone, rather than after the reload's deadline.
+        self.client.disconnect();
+        if let Err(e) = self.client.show_info().await {
+            self.transport_failed(&e);
+            return Err(ApplyError::Unavailable(e.to_string()));
+        }
+        self.set_up(true);
         let (_, undo) = self.state.apply_with_undo(&change)?;
         match self.reload_to_current(&change).await {
             Ok(()) => {}
@@ -797,7 +807,11 @@ impl Owner {
 }
 
 /// Rewrites the managed config file in the background whenever the state changed, coalescing
-/// bursts: at most one rewrite in flight, always of the newest state.
+/// bursts: at most one rewrite in flight, always of the newest state, and at most one every
+/// [`WRITE_INTERVAL`]. Each rewrite runs `haproxy -c`, which parses the whole configuration:
+/// running it per change would take the CPU the request path needs.
+const WRITE_INTERVAL: Duration = Duration::from_millis(500);
+
 struct ConfigWriter {
     handle: AgentHandle,
     files: Arc<Mutex<ConfigFiles>>,
@@ -822,6 +836,11 @@ impl ConfigWriter {
                     }
                 }
                 drop(files);
+                // Let changes pile up for a moment; they are all in the store already.
+                tokio::select! {
+                    _ = tokio::time::sleep(WRITE_INTERVAL) => {}
+                    _ = stop.cancelled() => return,
+                }
             }
             tokio::select! {
                 changed = dirty.changed() => if changed.is_err() { return },
