@@ -515,10 +515,7 @@ fn take_lock(dir: &Path) -> Result<File, StoreError> {
         .mode(0o600)
         .open(&path)
         .map_err(io_err(&path, "open"))?;
-    // `File::try_lock` (flock(2)) is stable since Rust 1.89, but Cargo.toml still says
-    // `rust-version = "1.80"`; the alternative is `unsafe` FFI, which the crate avoids. Drop
-    // this `allow` once `rust-version` is raised to 1.89.
-    #[allow(clippy::incompatible_msrv)]
+    // flock(2): released by the kernel when the process dies, even by kill -9.
     let locked = file.try_lock();
     match locked {
         Ok(()) => Ok(file),

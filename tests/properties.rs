@@ -992,7 +992,7 @@ proptest! {
         set_weight in prop_oneof![0..=300u32, any::<u32>()],
     ) {
         let options = AddServerOptions { weight, ..AddServerOptions::default() };
-        let ok = port != 0 && weight.map_or(true, |w| w <= 256);
+        let ok = port != 0 && weight.is_none_or(|w| w <= 256);
         prop_assert_eq!(Command::add_server(r.clone(), addr, port, options).is_ok(), ok);
         prop_assert_eq!(Command::set_weight(r, set_weight).is_ok(), set_weight <= 256);
     }
