@@ -1,0 +1,1120 @@
+//! A real `lbagent` for black-box tests, in managed mode (it runs its own HAProxy) or attached
+//! mode (the harness runs HAProxy, the agent drives it), with a small blocking HTTP/1.1 client
+//! that signs requests, echo backends on loopback aliases, and readers of HAProxy's own sockets.
+//!
+//! Every process started here — the agent, an attached HAProxy, and whatever HAProxy a managed
+//! agent left behind after a `kill -9` — is stopped when the handle drops, also when the test
+//! panics. Nothing waits with a bare sleep: every wait polls a condition until a deadline.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lbagent::runtime::parse::{parse_servers_state, parse_show_proc, ProcList, ServerState};
+use serde_json::Value;
+
+use super::{answers, free_port, haproxy_bin, unsafe_kill};
+
+/// How long the agent may take to answer `/healthz` with 200 after it starts.
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Unix seconds now.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP answer.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {:?}", self.status, self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts a JSON error answer `{"error": code, "message": ...}` with this status.
+    pub fn assert_error(&self, status: u16, code: &str, what: &str) {
+        assert_eq!(self.status, status, "{what}: {self:?}");
+        let v = self.json();
+        assert_eq!(v["error"], code, "{what}: {self:?}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: no message: {self:?}"
+        );
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{what}"
+        );
+    }
+}
+
+/// Reads one HTTP/1.1 response (Content-Length body, or until EOF without one).
+fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed before a full response head: {:?}",
+                    String::from_utf8_lossy(&buf)
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
+        })?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[head_end + 4..].to_vec();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match len {
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(len);
+        }
+        None => {
+            s.read_to_end(&mut body)?;
+        }
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn write_request(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !keep_alive {
+        req.push_str("Connection: close\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes)
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    // A reload is confirmed within the agent's 15 s deadline; leave room above it.
+    s.set_read_timeout(Some(Duration::from_secs(40)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut s = connect(addr)?;
+    write_request(&mut s, method, path, headers, body, false)?;
+    read_response(&mut s)
+}
+
+/// [`try_http`] that panics on a transport error.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Response {
+    try_http(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path} to {addr}: {e}"))
+}
+
+/// Sends only the request head, announcing `content_length` bytes, and reads the answer without
+/// sending the body: for limits the server must enforce from the head alone. Not sending the
+/// body keeps the server from closing on unread data, which would reset the connection.
+pub fn http_head_only(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    content_length: usize,
+) -> Response {
+    let mut s = connect(addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {content_length}\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(&mut s).unwrap()
+}
+
+/// A keep-alive connection to the agent.
+pub struct KeepAlive {
+    stream: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<KeepAlive> {
+        Ok(KeepAlive {
+            stream: connect(addr)?,
+        })
+    }
+
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        write_request(&mut self.stream, method, path, headers, body, true)?;
+        read_response(&mut self.stream)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Echo backends and connections through HAProxy
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP listener that answers every connection with one line (`<reply>\n`) and closes it.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub reply: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Listens on `ip` (a loopback address such as 127.0.0.2) on a port the kernel picks.
+    pub fn start(ip: &str, reply: &str) -> Echo {
+        Echo::bind(&format!("{ip}:0"), reply).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
+    }
+
+    /// Listens on exactly `addr`.
+    pub fn bind(addr: &str, reply: &str) -> std::io::Result<Echo> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let line = format!("{reply}\n");
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(mut c) = conn {
+                        // Health checks close at once: a failed write is fine.
+                        let _ = c.write_all(line.as_bytes());
+                        let _ = c.shutdown(Shutdown::Write);
+                    }
+                }
+            })
+        };
+        Ok(Echo {
+            addr,
+            reply: reply.to_string(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn ip(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects to 127.0.0.1:`port` and reads the one line the backend behind it sends.
+pub fn through(port: u16) -> Result<String, String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match text.split_once('\n') {
+        Some((line, _)) => Ok(line.to_string()),
+        None => Err(format!("no reply line (got {text:?})")),
+    }
+}
+
+/// Polls until a connection through `port` answers `reply`.
+pub fn wait_reaches(port: u16, reply: &str, within: Duration) {
+    let mut last;
+    let deadline = Instant::now() + within;
+    loop {
+        match through(port) {
+            Ok(l) if l == reply => return,
+            Ok(l) => last = format!("answered {l:?}"),
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port {port} did not reach {reply:?} within {within:?}: last {last}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether something accepts connections on 127.0.0.1:`port`.
+pub fn accepts(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// Pids of live processes whose command line contains `needle` (a unique temp path), read from
+/// /proc: the HAProxy processes of one test, whoever started them.
+pub fn pids_with(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        // Zombies have an empty command line; they are gone for our purposes.
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && cmd.contains("haproxy") {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    unsafe_kill(child.id(), "TERM");
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent
+// ---------------------------------------------------------------------------------------------
+
+/// HAProxy run by the harness for an attached agent.
+struct AttachedHaproxy {
+    child: Child,
+}
+
+/// How an agent is started.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub allow_node_ports: String,
+    /// More flags, appended.
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            allow_node_ports: "1-65535".into(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A running `lbagent`.
+pub struct Agent {
+    /// Holds everything: state dir, keys, (attached) HAProxy's files, logs.
+    pub dir: tempfile::TempDir,
+    /// Canonical path of `dir`, as HAProxy's command lines show it.
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub key_id: String,
+    pub secret: Vec<u8>,
+    pub keys_path: PathBuf,
+    /// HAProxy's admin stats socket, master CLI, managed config and log.
+    pub admin: PathBuf,
+    pub master: PathBuf,
+    pub managed_cfg: PathBuf,
+    pub haproxy_log: PathBuf,
+    pub attached: bool,
+    options: Options,
+    child: Option<Child>,
+    haproxy: Option<AttachedHaproxy>,
+    starts: u32,
+}
+
+/// Attached mode's main config: `@DIR@` is the HAProxy directory.
+const ATTACHED_MAIN: &str = "global
+    stats socket @DIR@/admin.sock mode 600 level admin expose-fd listeners
+    stats timeout 1m
+    maxconn 2000
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+";
+
+impl Agent {
+    /// A managed agent with the default options.
+    pub fn managed() -> Agent {
+        Agent::managed_with(Options::default())
+    }
+
+    pub fn managed_with(options: Options) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().canonicalize().unwrap();
+        let state_dir = root.join("state");
+        let hdir = state_dir.join("haproxy");
+        let mut a = Agent {
+            keys_path: state_dir.join("keys.toml"),
+            admin: hdir.join("admin.sock"),
+            master: hdir.join("master.sock"),
+            managed_cfg: hdir.join("managed.cfg"),
+            haproxy_log: hdir.join("haproxy.log"),
+            state_dir,
+            root,
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key_id: "default".into(),
+            secret: Vec::new(),
+            attached: false,
+            options,
+            child: None,
+            haproxy: None,
+            starts: 0,
+        };
+        a.start();
+        a
+    }
+
+    /// An attached agent: the harness starts HAProxy (`-W -S master.sock -f main.cfg -f
+    /// managed.cfg`) and writes a 0600 keys file.
+    pub fn attached() -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().canonicalize().unwrap();
+        let hdir = root.join("haproxy");
+        std::fs::create_dir_all(&hdir).unwrap();
+        let main = hdir.join("main.cfg");
+        std::fs::write(
+            &main,
+            ATTACHED_MAIN.replace("@DIR@", &hdir.display().to_string()),
+        )
+        .unwrap();
+        let managed_cfg = hdir.join("managed.cfg");
+        std::fs::write(&managed_cfg, "").unwrap();
+        let keys_path = root.join("keys.toml");
+        let secret = "attached-test-secret-0123456789abcdef";
+        write_keys(&keys_path, &[("default", secret)]);
+        let mut a = Agent {
+            keys_path,
+            admin: hdir.join("admin.sock"),
+            master: hdir.join("master.sock"),
+            managed_cfg,
+            haproxy_log: hdir.join("haproxy.log"),
+            state_dir: root.join("state"),
+            root,
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key_id: "default".into(),
+            secret: secret.as_bytes().to_vec(),
+            attached: true,
+            options: Options::default(),
+            child: None,
+            haproxy: None,
+            starts: 0,
+        };
+        a.start_attached_haproxy();
+        a.start();
+        a
+    }
+
+    fn hdir(&self) -> PathBuf {
+        self.admin.parent().unwrap().to_path_buf()
+    }
+
+    /// Attached mode: stops the HAProxy the harness runs (SIGTERM; its sockets go away).
+    pub fn stop_attached_haproxy(&mut self) {
+        if let Some(mut h) = self.haproxy.take() {
+            stop_child(&mut h.child, Duration::from_secs(5));
+        }
+    }
+
+    /// Attached mode: starts HAProxy (again) with the same files and waits for its sockets.
+    pub fn start_attached_haproxy(&mut self) {
+        assert!(self.attached && self.haproxy.is_none());
+        let hdir = self.hdir();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.haproxy_log)
+            .unwrap();
+        let child = Command::new(haproxy_bin())
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", self.master.display()))
+            .arg("-f")
+            .arg(hdir.join("main.cfg"))
+            .arg("-f")
+            .arg(&self.managed_cfg)
+            .current_dir(&hdir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start haproxy");
+        self.haproxy = Some(AttachedHaproxy { child });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if answers(&self.admin, "show info\n").is_some_and(|a| a.contains("Version:"))
+                && answers(&self.master, "show proc\n").is_some_and(|a| a.contains("worker"))
+            {
+                return;
+            }
+            if let Ok(Some(st)) = self.haproxy.as_mut().unwrap().child.try_wait() {
+                panic!("haproxy exited ({st}):\n{}", self.haproxy_log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "attached haproxy did not answer within 10 s:\n{}",
+                self.haproxy_log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--listen".into(),
+            self.addr.to_string(),
+            "--frontend-bind".into(),
+            "127.0.0.1".into(),
+            "--allow-node-ports".into(),
+            self.options.allow_node_ports.clone(),
+            "--reconcile-interval".into(),
+            "0.5".into(),
+        ];
+        if self.attached {
+            for (flag, v) in [
+                ("--socket", &self.admin),
+                ("--master-socket", &self.master),
+                ("--haproxy-config", &self.hdir().join("main.cfg")),
+                ("--managed-config", &self.managed_cfg),
+                ("--keys-file", &self.keys_path),
+            ] {
+                args.push(flag.into());
+                args.push(v.display().to_string());
+            }
+        }
+        args.extend(self.options.extra.iter().cloned());
+        args
+    }
+
+    /// Starts the agent (again, on the same state dir, on a fresh API port) and waits for
+    /// `/healthz` to answer 200.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "the agent is already running");
+        self.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        self.starts += 1;
+        let log_path = self.root.join(format!("agent-{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lbagent"))
+            .args(self.args())
+            .env(
+                "PATH",
+                format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+            )
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lbagent");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        let mut last;
+        loop {
+            if let Ok(Some(st)) = self.child.as_mut().unwrap().try_wait() {
+                self.child = None;
+                panic!("lbagent exited at start ({st}):\n{}", self.log());
+            }
+            match try_http(self.addr, "GET", "/healthz", &[], b"") {
+                Ok(r) if r.status == 200 => break,
+                Ok(r) => last = format!("{} {}", r.status, r.body),
+                Err(e) => last = e.to_string(),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz not 200 within {START_DEADLINE:?} (last: {last}):\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.attached {
+            let keys = lbagent::auth::Keys::load(&self.keys_path).expect("generated keys file");
+            self.secret = keys.secret(&self.key_id).expect("default key").to_vec();
+        }
+    }
+
+    /// SIGTERM, waiting for an orderly stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(20));
+        }
+    }
+
+    /// `kill -9` the agent (its managed HAProxy, if any, stays).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same state dir after a stop or a kill.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// `kill -<signal>` the agent.
+    pub fn signal(&self, signal: &str) {
+        unsafe_kill(self.pid(), signal);
+    }
+
+    /// Everything the agent printed, over all its starts.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.starts {
+            let p = self.root.join(format!("agent-{i}.log"));
+            out.push_str(&format!("--- agent start {i} ---\n"));
+            out.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        out.push_str("--- haproxy log ---\n");
+        out.push_str(&self.haproxy_log_text());
+        out
+    }
+
+    pub fn haproxy_log_text(&self) -> String {
+        std::fs::read_to_string(&self.haproxy_log).unwrap_or_default()
+    }
+
+    // --- requests ---
+
+    pub fn get(&self, path: &str) -> Response {
+        http(self.addr, "GET", path, &[], b"")
+    }
+
+    /// The four auth headers for a request signed with this agent's key.
+    pub fn auth_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Vec<(&'static str, String)> {
+        lbagent::auth::signed_headers(&self.key_id, &self.secret, method, path, body, now_unix())
+    }
+
+    pub fn try_signed(&self, method: &str, path: &str, body: &str) -> std::io::Result<Response> {
+        let h = self.auth_headers(method, path, body.as_bytes());
+        try_http(self.addr, method, path, &h, body.as_bytes())
+    }
+
+    pub fn signed(&self, method: &str, path: &str, body: &str) -> Response {
+        self.try_signed(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
+    }
+
+    /// `PUT /v1/frontends/{port}/servers/{node}` with `body`.
+    pub fn put(&self, port: u16, node: &str, body: &Value) -> Response {
+        self.signed(
+            "PUT",
+            &format!("/v1/frontends/{port}/servers/{node}"),
+            &body.to_string(),
+        )
+    }
+
+    /// A PUT that must answer 200 with `applied`; returns the answer's JSON.
+    pub fn put_ok(&self, port: u16, node: &str, body: &Value, applied: &str) -> Value {
+        let r = self.put(port, node, body);
+        assert_eq!(
+            r.status,
+            200,
+            "PUT {port}/{node} {body}: {r:?}\n{}",
+            self.log()
+        );
+        let v = r.json();
+        assert_eq!(v["applied"], applied, "PUT {port}/{node} {body}: {v}");
+        assert_eq!(v["frontend_port"], port);
+        assert_eq!(v["backend"], format!("be_{port}"));
+        assert_eq!(v["server"], node);
+        v
+    }
+
+    /// `GET /v1/frontends`.
+    pub fn state(&self) -> Value {
+        let r = self.signed("GET", "/v1/frontends", "");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()
+    }
+
+    /// The desired part of `GET /v1/frontends`: (port, mode, node → (ip, port, state, weight)).
+    pub fn desired(&self) -> Desired {
+        desired_of(&self.state())
+    }
+
+    /// `/metrics` as (series → value).
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse::<f64>().ok()?)))
+            .collect()
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics().get(series).copied().unwrap_or(0.0)
+    }
+
+    // --- HAProxy, read independently of the agent ---
+
+    /// `show servers state`, parsed.
+    pub fn servers_state(&self) -> Vec<ServerState> {
+        let text = answers(&self.admin, "show servers state\n").expect("admin socket answers");
+        parse_servers_state(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    /// `show servers state` of the agent's backends as (backend, server) → [`Observed`].
+    pub fn observed(&self) -> BTreeMap<(String, String), Observed> {
+        self.servers_state()
+            .into_iter()
+            .filter(|s| s.backend.starts_with("be_"))
+            .map(|s| {
+                (
+                    (s.backend.clone(), s.server.clone()),
+                    Observed {
+                        addr: s.addr.clone().unwrap_or_default(),
+                        port: s.port.unwrap_or(0),
+                        admin: s.admin.0,
+                        weight: s.user_weight.unwrap_or(0),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// [`Self::observed`] as (addr, port, weight, state): what the agent promises, without the
+    /// exact flags (a server HAProxy loaded `disabled` from the file keeps CMAINT, one added at
+    /// runtime does not; both are the same state).
+    pub fn summary(&self) -> BTreeMap<(String, String), (String, u16, u32, &'static str)> {
+        self.observed()
+            .into_iter()
+            .map(|(k, o)| {
+                let state = o.state();
+                (k, (o.addr, o.port, o.weight, state))
+            })
+            .collect()
+    }
+
+    /// Like [`Self::observed`], `None` while the admin socket does not answer.
+    pub fn try_observed(&self) -> Option<BTreeMap<(String, String), Observed>> {
+        let text = answers(&self.admin, "show servers state\n")?;
+        let rows = parse_servers_state(&text).ok()?;
+        Some(
+            rows.into_iter()
+                .filter(|s| s.backend.starts_with("be_"))
+                .map(|s| {
+                    (
+                        (s.backend.clone(), s.server.clone()),
+                        Observed {
+                            addr: s.addr.clone().unwrap_or_default(),
+                            port: s.port.unwrap_or(0),
+                            admin: s.admin.0,
+                            weight: s.user_weight.unwrap_or(0),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The master CLI's `show proc`.
+    pub fn show_proc(&self) -> ProcList {
+        self.try_show_proc().expect("master CLI answers show proc")
+    }
+
+    pub fn try_show_proc(&self) -> Option<ProcList> {
+        let text = answers(&self.master, "show proc\n")?;
+        parse_show_proc(&text).ok()
+    }
+
+    /// Sends a command to the admin socket and returns the answer.
+    pub fn admin_cmd(&self, line: &str) -> String {
+        answers(&self.admin, &format!("{line}\n")).expect("admin socket answers")
+    }
+
+    /// HAProxy processes of this test (by the unique temp path in their command line).
+    pub fn haproxy_pids(&self) -> Vec<u32> {
+        pids_with(&self.root.display().to_string())
+    }
+
+    /// Everything that must not change when a request is refused: the desired state, HAProxy's
+    /// servers and the managed file (once the background writer caught up).
+    pub fn fingerprint(&self) -> (Desired, BTreeMap<(String, String), Observed>, String) {
+        let desired = self.desired();
+        let text = self.managed_text_at(desired.0);
+        (desired, self.observed(), text)
+    }
+
+    /// The managed file once the agent's background writer has caught up with `generation`
+    /// (its header names the generation it was rendered from).
+    pub fn managed_text_at(&self, generation: u64) -> String {
+        let header = format!("generation {generation}\n");
+        eventually(
+            Duration::from_secs(15),
+            "the managed file to catch up",
+            || {
+                let t = std::fs::read_to_string(&self.managed_cfg).unwrap_or_default();
+                let first = t.lines().next().unwrap_or_default().to_string() + "\n";
+                if first.ends_with(&header) {
+                    Ok(t)
+                } else {
+                    Err(format!("want {header:?}, file starts {first:?}"))
+                }
+            },
+        )
+    }
+
+    /// Polls until HAProxy's servers match the desired state exactly (addresses, weights,
+    /// states, nothing extra), returning the last mismatch on timeout.
+    pub fn wait_in_sync(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let desired = self.desired();
+            let mismatch = match self.try_observed() {
+                Some(obs) => compare(&desired, &obs),
+                None => Some("admin socket does not answer".into()),
+            };
+            let Some(m) = mismatch else { return };
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy did not match the desired state within {within:?}: {m}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One server as `show servers state` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub addr: String,
+    pub port: u16,
+    /// `srv_admin_state` flags.
+    pub admin: u32,
+    /// `srv_uweight`.
+    pub weight: u32,
+}
+
+impl Observed {
+    /// The agent's name for the admin flags: maint, drain or ready. HAProxy's maintenance
+    /// flags are FMAINT 0x01, IMAINT 0x02 and RMAINT 0x20; CMAINT 0x04 alone only marks a
+    /// server the config file started `disabled` (`show stat` says UP or DRAIN).
+    pub fn state(&self) -> &'static str {
+        if self.admin & 0x23 != 0 {
+            "maint"
+        } else if self.admin & 0x18 != 0 {
+            "drain"
+        } else {
+            "ready"
+        }
+    }
+}
+
+/// A desired server: ip, port, state, weight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredServer {
+    pub ip: String,
+    pub port: u16,
+    pub state: String,
+    pub weight: Option<u32>,
+}
+
+/// (frontend port, node) → desired server, plus the generation.
+pub type Desired = (u64, BTreeMap<(u16, String), DesiredServer>);
+
+pub fn desired_of(v: &Value) -> Desired {
+    let mut out = BTreeMap::new();
+    for fe in v["frontends"].as_array().expect("frontends array") {
+        let port = fe["frontend_port"].as_u64().unwrap() as u16;
+        for s in fe["servers"].as_array().unwrap() {
+            out.insert(
+                (port, s["node"].as_str().unwrap().to_string()),
+                DesiredServer {
+                    ip: s["node_ip"].as_str().unwrap().to_string(),
+                    port: s["node_port"].as_u64().unwrap() as u16,
+                    state: s["state"].as_str().unwrap().to_string(),
+                    weight: s["weight"].as_u64().map(|w| w as u32),
+                },
+            );
+        }
+    }
+    (v["generation"].as_u64().unwrap(), out)
+}
+
+/// `None` when HAProxy's servers of `be_*` backends are exactly the desired ones.
+pub fn compare(
+    desired: &Desired,
+    observed: &BTreeMap<(String, String), Observed>,
+) -> Option<String> {
+    let mut problems = Vec::new();
+    for ((port, node), d) in &desired.1 {
+        let key = (format!("be_{port}"), node.clone());
+        match observed.get(&key) {
+            None => problems.push(format!("{key:?} missing")),
+            Some(o) => {
+                if o.addr != d.ip || o.port != d.port {
+                    problems.push(format!(
+                        "{key:?} at {}:{}, want {}:{}",
+                        o.addr, o.port, d.ip, d.port
+                    ));
+                }
+                if o.state() != d.state {
+                    problems.push(format!(
+                        "{key:?} is {} (flags {}), want {}",
+                        o.state(),
+                        o.admin,
+                        d.state
+                    ));
+                }
+                if o.weight != d.weight.unwrap_or(1) {
+                    problems.push(format!("{key:?} weight {}, want {:?}", o.weight, d.weight));
+                }
+            }
+        }
+    }
+    for key in observed.keys() {
+        let port: Option<u16> = key.0.strip_prefix("be_").and_then(|p| p.parse().ok());
+        if let Some(port) = port {
+            if !desired.1.contains_key(&(port, key.1.clone())) {
+                problems.push(format!("{key:?} is not desired"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        None
+    } else {
+        Some(problems.join("; "))
+    }
+}
+
+/// Writes a keys file with mode 0600 (created with that mode, then rewritten in place).
+pub fn write_keys(path: &Path, keys: &[(&str, &str)]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    for (id, secret) in keys {
+        text.push_str(&format!("{id} = \"{secret}\"\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `{"node_ip": ip, "node_port": port}` plus `extra` fields.
+pub fn body(ip: &str, port: u16, extra: Value) -> Value {
+    let mut v = serde_json::json!({"node_ip": ip, "node_port": port});
+    if let Value::Object(m) = extra {
+        for (k, x) in m {
+            v[k] = x;
+        }
+    }
+    v
+}
+
+/// Polls `check` (which returns `Err(why)` while not yet true) until `within`.
+pub fn eventually<T>(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}: {why}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // The agent first (in managed mode it stops its HAProxy), then an attached HAProxy,
+        // then anything HAProxy left behind (a managed one orphaned by `kill -9`).
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(15));
+        }
+        if let Some(mut h) = self.haproxy.take() {
+            stop_child(&mut h.child, Duration::from_secs(5));
+        }
+        let needle = self.root.display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = pids_with(&needle);
+            if left.is_empty() {
+                break;
+            }
+            for pid in &left {
+                unsafe_kill(*pid, "KILL");
+            }
+            if Instant::now() >= deadline {
+                eprintln!("processes of {needle} still alive after SIGKILL: {left:?}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
