@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Starts a demo HAProxy on loopback (master-worker, temporary sockets), shows it with
-# `lbctl show` and `lbctl show info`, moves a server live through the runtime API, shows it
-# again, then stops HAProxy. `--keep` leaves it running and prints how to look at it.
-#
-# Until the lbagent daemon lands, this is the first README command.
+# The README's first command: starts lbagent on its embedded default (a HAProxy it manages
+# itself, a generated key) and shows it working, on loopback only:
+#   two "nodes" (small HTTP servers on 127.0.0.2 and 127.0.0.3) → a signed phone-home PUT →
+#   a new frontend (a reload) → traffic through it → the node's IP changes (runtime, no reload)
+#   → traffic follows. Then it stops everything; `--keep` leaves the agent running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
@@ -21,53 +21,101 @@ if ! command -v haproxy >/dev/null 2>&1; then
         exit 1
     fi
 fi
+for tool in curl openssl python3; do
+    command -v "$tool" >/dev/null || { echo "demo: needs $tool" >&2; exit 1; }
+done
 
-cargo build --release --quiet --bin lbctl
+echo "== building"
+cargo build --release --quiet --bin lbagent --bin lbctl
+lbagent=target/release/lbagent
 lbctl=target/release/lbctl
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-dir=$(mktemp -d /tmp/lbagent-demo.XXXXXX)
-fe=$(free_port); up=$(free_port); closed=$(free_port)
-sed -e "s|@DIR@|$dir|g" -e "s|@FE@|$fe|g" -e "s|@UP@|$up|g" -e "s|@CLOSED@|$closed|g" \
-    haproxy/demo.cfg >"$dir/haproxy.cfg"
-haproxy -c -q -f "$dir/haproxy.cfg"
-haproxy -W -D -S "$dir/master.sock" -p "$dir/haproxy.pid" -f "$dir/haproxy.cfg" 2>>"$dir/haproxy.log"
+work=$(mktemp -d /tmp/lbagent-demo.XXXXXX)
+api_port=9900
+python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",9900))' 2>/dev/null || api_port=$(free_port)
+fe_port=$(free_port)
+AGENT=http://127.0.0.1:$api_port
+KEYS=$work/data/keys.toml
 
-stop() { [ -f "$dir/haproxy.pid" ] && kill "$(head -1 "$dir/haproxy.pid")" 2>/dev/null; rm -rf "$dir"; }
-$keep || trap stop EXIT
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+$keep || trap cleanup EXIT
 
-# Wait (bounded) for the stats socket and for the first health checks.
+# Two "nodes": each answers with its own name, on a NodePort-range port.
+node() { # name ip port
+    mkdir -p "$work/$1" && echo "hello from $1 ($2)" >"$work/$1/index.html"
+    python3 -m http.server "$3" --bind "$2" --directory "$work/$1" >/dev/null 2>&1 &
+    pids+=($!)
+}
+node node-a 127.0.0.2 30080
+node node-b 127.0.0.3 30081
+
+echo "== starting lbagent (managed HAProxy, generated key) on $AGENT"
+"$lbagent" --state-dir "$work/data" --listen "127.0.0.1:$api_port" --frontend-bind 127.0.0.1 \
+    >"$work/lbagent.log" 2>&1 &
+agent_pid=$!
+pids=("$agent_pid" "${pids[@]}")
 for _ in $(seq 1 100); do
-    "$lbctl" show --json --socket "$dir/admin.sock" 2>/dev/null | grep -q '"DOWN"' && break
+    curl -sf "$AGENT/healthz" >/dev/null 2>&1 && break
     sleep 0.1
 done
+curl -sf "$AGENT/healthz" >/dev/null || { cat "$work/lbagent.log"; exit 1; }
+sed -n 's/^lbagent: /  /p' "$work/lbagent.log"
 
-export LBCTL_SOCKET="$dir/admin.sock"
-echo "== lbctl show info"
-"$lbctl" show info
+# A signed request, exactly as docs/protocol.md describes it.
+signed() { # METHOD PATH [BODY]
+    local method=$1 path=$2 body=${3:-} secret ts nonce body_sha sig
+    secret=$(sed -n 's/^default = "\(.*\)"$/\1/p' "$KEYS")
+    ts=$(date +%s)
+    nonce=$(openssl rand -hex 16)
+    body_sha=$(printf '%s' "$body" | openssl dgst -sha256 -r | cut -d' ' -f1)
+    sig=$(printf '%s\n%s\n%s\n%s\n%s' "$method" "$path" "$ts" "$nonce" "$body_sha" |
+        openssl dgst -sha256 -hmac "$secret" -r | cut -d' ' -f1)
+    curl -sS -X "$method" "$AGENT$path" -H "X-Lbagent-Timestamp: $ts" -H "X-Lbagent-Nonce: $nonce" \
+        -H "X-Lbagent-Signature: sha256=$sig" -H "Content-Type: application/json" ${body:+--data "$body"}
+    echo
+}
+
 echo
-echo "== lbctl show"
-"$lbctl" show
-echo "== a request through the frontend on 127.0.0.1:$fe"
-python3 - "$fe" <<'PY'
-import sys, urllib.request
-print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=5).read().decode().strip())
-PY
-echo
-echo "== node-b moves: set server be_$fe/node-b addr 127.0.0.1 port $up (runtime API, no reload)"
-python3 - "$dir/admin.sock" "be_$fe" "$up" <<'PY'
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.sendall(f"set server {sys.argv[2]}/node-b addr 127.0.0.1 port {sys.argv[3]}\n".encode())
-print(s.recv(4096).decode().strip())
-PY
-for _ in $(seq 1 100); do
-    "$lbctl" show --json | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(s["status"]!="DOWN" for b in d["backends"] for s in b["servers"]) else 1)' && break
+echo "== phone-home: frontend $fe_port → node-a at 127.0.0.2:30080 (a new port: one reload)"
+signed PUT "/v1/frontends/$fe_port/servers/node-a" '{"node_ip":"127.0.0.2","node_port":30080,"service":"web"}'
+export LBCTL_SOCKET=$work/data/haproxy/admin.sock
+for _ in $(seq 1 50); do
+    "$lbctl" show --json | grep -q '"status": "UP"' && break
     sleep 0.1
 done
-"$lbctl" show --backend "be_$fe"
+"$lbctl" show --backend "be_$fe_port"
+echo "== through the frontend:"
+curl -sS "http://127.0.0.1:$fe_port/"
+
+echo
+echo "== the node's IP changes: node-a is now 127.0.0.3:30081 (runtime API, no reload)"
+signed PUT "/v1/frontends/$fe_port/servers/node-a" '{"node_ip":"127.0.0.3","node_port":30081,"service":"web"}'
+for _ in $(seq 1 50); do
+    curl -sS "http://127.0.0.1:$fe_port/" | grep -q node-b && break
+    sleep 0.1
+done
+"$lbctl" show --backend "be_$fe_port"
+echo "== through the frontend:"
+curl -sS "http://127.0.0.1:$fe_port/"
+
+echo
+echo "== the agent's view (lbctl state)"
+"$lbctl" state --agent "$AGENT" --key-file "$KEYS"
+echo
+echo "== health and metrics"
+curl -sS "$AGENT/healthz"
+curl -sS "$AGENT/metrics" | grep -E '^lbagent_(haproxy_reloads|http_requests)_total' || true
 
 if $keep; then
-    echo "HAProxy keeps running. Look:   LBCTL_SOCKET=$dir/admin.sock $lbctl show --watch 1"
-    echo "Stop it:                       kill \$(cat $dir/haproxy.pid)"
+    echo
+    echo "lbagent keeps running (pid $agent_pid), state in $work/data."
+    echo "  LBCTL_SOCKET=$LBCTL_SOCKET $lbctl show --watch 1"
+    echo "  $lbctl state --agent $AGENT --key-file $KEYS"
+    echo "Stop it: kill ${pids[*]}"
 fi
