@@ -97,27 +97,16 @@ fn start_agent() -> Agent {
     }
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn put(client: &HttpClient, agent: &Agent, path: &str, body: String) -> u16 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut req = Request::builder()
-        .method(Method::PUT)
-        .uri(format!("{}{path}", agent.url));
-    for (k, v) in signed_headers("default", &agent.secret, "PUT", path, body.as_bytes(), now) {
-        req = req.header(k, v);
+impl Agent {
+    fn signer(&self) -> Signer {
+        Signer {
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+        }
     }
-    let resp = client
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
 }
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -157,7 +146,7 @@ fn main() {
         assert_eq!(
             put(
                 &client,
-                &agent,
+                &agent.signer(),
                 &path,
                 r#"{"node_ip":"127.0.0.2","node_port":30001,"state":"maint"}"#.into()
             )
@@ -192,7 +181,7 @@ fn main() {
                 2 + i % 2
             );
             let t = Instant::now();
-            assert_eq!(put(&client, &agent, &path, body).await, 200);
+            assert_eq!(put(&client, &agent.signer(), &path, body).await, 200);
             via_agent.push(t.elapsed());
         }
         via_agent.sort();
@@ -225,7 +214,7 @@ fn main() {
                 let agent_url = agent.url.clone();
                 let secret = agent.secret.clone();
                 tasks.push(tokio::spawn(async move {
-                    let a = Agent2 {
+                    let a = Signer {
                         url: agent_url,
                         secret,
                     };
@@ -235,7 +224,7 @@ fn main() {
                             r#"{{"node_ip":"127.0.0.{}","node_port":30001,"state":"maint"}}"#,
                             2 + i % 2
                         );
-                        let status = put2(&client, &a, &path, body).await;
+                        let status = put(&client, &a, &path, body).await;
                         assert!(status == 200, "status {status}");
                         done.fetch_add(1, Ordering::Relaxed);
                         i += 1;
@@ -257,7 +246,7 @@ fn main() {
         let mut tasks = Vec::new();
         for c in 0..32 {
             let client = client.clone();
-            let a = Agent2 {
+            let a = Signer {
                 url: agent.url.clone(),
                 secret: agent.secret.clone(),
             };
@@ -271,7 +260,7 @@ fn main() {
                         i / 250,
                         1 + i % 250
                     );
-                    assert_eq!(put2(&client, &a, &path, body).await, 200);
+                    assert_eq!(put(&client, &a, &path, body).await, 200);
                     fill.fetch_add(1, Ordering::Relaxed);
                     i += 32;
                 }
@@ -331,12 +320,13 @@ fn main() {
     );
 }
 
-struct Agent2 {
+/// What signing a request needs; `Send`, so client tasks can own one.
+struct Signer {
     url: String,
     secret: Vec<u8>,
 }
 
-async fn put2(client: &HttpClient, a: &Agent2, path: &str, body: String) -> u16 {
+async fn put(client: &HttpClient, a: &Signer, path: &str, body: String) -> u16 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

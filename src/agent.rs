@@ -601,6 +601,17 @@ impl Owner {
         })
     }
 
+    /// Reloads HAProxy (counted), then drops our CLI connection: it belongs to the old worker.
+    async fn reload_haproxy(&mut self) -> Result<(), String> {
+        self.metrics.reloads.inc();
+        let reloaded = self
+            .reloader
+            .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+            .await;
+        self.client.disconnect();
+        reloaded.map(|_| ()).map_err(|e| e.to_string())
+    }
+
     /// Makes HAProxy's configuration match `self.state` through a reload, confirmed; on any
     /// failure the previous file is put back and, if HAProxy already took the new one, reloaded
     /// again, so HAProxy keeps serving as before.
@@ -609,15 +620,8 @@ impl Owner {
         let files = self.files.clone();
         let files = files.lock().await;
         let previous = files.install(&text).await.map_err(|e| e.to_string())?;
-        self.metrics.reloads.inc();
-        let reloaded = self
-            .reloader
-            .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
-            .await;
-        // Our CLI connection belongs to the old worker now.
-        self.client.disconnect();
-        let failure = match reloaded {
-            Err(e) => Some((e.to_string(), false)),
+        let failure = match self.reload_haproxy().await {
+            Err(e) => Some((e, false)),
             Ok(_) => match change {
                 Change::PutServer { frontend_port, .. } => wait_frontend_open(
                     &mut self.client,
@@ -637,15 +641,9 @@ impl Owner {
         if let Err(e) = files.restore(previous).await {
             tracing::error!(error = %e, "could not restore the previous managed configuration");
         } else if took_new_config {
-            self.metrics.reloads.inc();
-            if let Err(e) = self
-                .reloader
-                .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
-                .await
-            {
+            if let Err(e) = self.reload_haproxy().await {
                 tracing::error!(error = %e, "could not reload the previous configuration back");
             }
-            self.client.disconnect();
         }
         Err(msg)
     }
@@ -714,15 +712,9 @@ impl Owner {
             let files = files.lock().await;
             match files.install(&text).await {
                 Ok(_) => {
-                    self.metrics.reloads.inc();
-                    let reloaded = self
-                        .reloader
-                        .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
-                        .await;
-                    self.client.disconnect();
-                    if let Err(e) = reloaded {
+                    if let Err(e) = self.reload_haproxy().await {
                         self.metrics.reload_failures.inc();
-                        self.last_error = Some(e.to_string());
+                        self.last_error = Some(e);
                     }
                 }
                 Err(e) => self.last_error = Some(e.to_string()),
