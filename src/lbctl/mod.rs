@@ -2,6 +2,7 @@
 //! only calls [`main`].
 
 pub mod agent_client;
+pub mod phone_home;
 pub mod show;
 
 use std::io::{IsTerminal, Write};
@@ -34,6 +35,27 @@ pub enum Commands {
     Show(ShowArgs),
     /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
     State(StateArgs),
+    /// The sidecar: keep telling the agent which node serves a frontend port.
+    PhoneHome(phone_home::PhoneHomeArgs),
+    /// Print the four auth headers for a request, for curl users.
+    Sign(SignArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SignArgs {
+    /// HTTP method, e.g. PUT.
+    pub method: String,
+    /// Path with query, e.g. /v1/frontends/443/servers/node-a.
+    pub path: String,
+    /// The request body (the exact bytes that will be sent).
+    #[arg(long, value_name = "FILE")]
+    pub body: Option<PathBuf>,
+    /// File holding the secret alone, or the agent's keys.toml.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Key id.
+    #[arg(long, default_value = "default")]
+    pub key_id: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,10 +117,15 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Commands::PhoneHome(args) = cli.command {
+        return runtime.block_on(phone_home::run(args));
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Commands::Show(args) => run_show(args).await,
             Commands::State(args) => run_state(args).await,
+            Commands::Sign(args) => run_sign(args),
+            Commands::PhoneHome(_) => unreachable!("handled above"),
         }
     });
     match result {
@@ -201,6 +228,27 @@ async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     print!("{}", show::render_state(&value));
+    Ok(())
+}
+
+fn run_sign(args: SignArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = agent_client::SigningKey::from_file(&args.key_file, Some(&args.key_id))
+        .map_err(|e| e.to_string())?;
+    let body = match &args.body {
+        Some(p) => {
+            std::fs::read(p).map_err(|e| format!("cannot read --body {}: {e}", p.display()))?
+        }
+        None => Vec::new(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let method = args.method.to_ascii_uppercase();
+    for (name, value) in
+        crate::auth::signed_headers(&key.id, &key.secret, &method, &args.path, &body, now)
+    {
+        println!("{name}: {value}");
+    }
     Ok(())
 }
 

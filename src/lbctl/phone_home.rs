@@ -1,0 +1,405 @@
+//! `lbctl phone-home`, the sidecar: tells the agent, every interval, which node serves a frontend
+//! port, re-resolving the node's IP each time so an IP change reaches HAProxy within one
+//! interval; retries with capped exponential backoff while the agent is away; on SIGTERM
+//! removes its server and exits 0. Logs one line per change or failure, not per heartbeat.
+//!
+//! Exit codes: 0 done (stopped by a signal, or `--once` registered); 1 the agent could not be
+//! reached or kept failing (`--once` gave up); 2 a usage or configuration error, or the agent
+//! refused the request for good (400, 403, 404, 409).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::Method;
+
+use super::agent_client::{signed_request, SigningKey};
+use crate::model::NodeName;
+
+#[derive(clap::Args, Debug)]
+pub struct PhoneHomeArgs {
+    /// The agent's URL.
+    #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
+    pub agent: String,
+    /// The frontend port on the load balancer.
+    #[arg(long)]
+    pub frontend_port: u16,
+    /// The port on the node (a NodePort).
+    #[arg(long)]
+    pub node_port: u16,
+    /// The node's name (the server's name in HAProxy).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// The node's IP (the downward API fills NODE_IP from status.hostIP).
+    #[arg(long, env = "NODE_IP", conflicts_with = "node_ip_from")]
+    pub node_ip: Option<IpAddr>,
+    /// Where to read the node's IP each interval: `interface:NAME` or `url:URL` (an endpoint
+    /// answering the public egress IP as text).
+    #[arg(long, value_name = "interface:NAME|url:URL")]
+    pub node_ip_from: Option<String>,
+    /// File holding the secret alone (a trailing newline is ignored), or the agent's keys.toml.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Key id.
+    #[arg(long, default_value = "default")]
+    pub key_id: String,
+    /// `tcp` or `http`.
+    #[arg(long, default_value = "tcp")]
+    pub mode: String,
+    /// `ready`, `drain` or `maint`.
+    #[arg(long, default_value = "ready")]
+    pub state: String,
+    /// A label shown by lbctl (`traefik`, `mqtt`).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Weight, 0–256.
+    #[arg(long)]
+    pub weight: Option<u16>,
+    /// How often to re-send: `30s`, `500ms`, `1m` (±10 % jitter).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Register once and exit (for init containers).
+    #[arg(long)]
+    pub once: bool,
+    /// Deadline for each request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `500ms`, `30s`, `1m`, `2h`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !(0.01..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?} must be between 10ms and 24h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Where the node IP comes from.
+enum IpSource {
+    Fixed(IpAddr),
+    Interface(String),
+    Url(String),
+}
+
+impl IpSource {
+    async fn resolve(&self, timeout: Duration) -> Result<IpAddr, String> {
+        match self {
+            IpSource::Fixed(ip) => Ok(*ip),
+            IpSource::Interface(name) => interface_ip(name),
+            IpSource::Url(url) => {
+                let text = plain_get(url, timeout).await?;
+                let t = text.trim();
+                t.parse()
+                    .map_err(|_| format!("{url} answered {t:?}, not an IP address"))
+            }
+        }
+    }
+}
+
+/// The first global IPv4 address of an interface, else its first IPv6 one.
+fn interface_ip(name: &str) -> Result<IpAddr, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("cannot list interfaces: {e}"))?;
+    let mut v6 = None;
+    let mut seen = false;
+    for a in addrs.filter(|a| a.interface_name == name) {
+        seen = true;
+        let Some(addr) = a.address else { continue };
+        if let Some(v4) = addr.as_sockaddr_in() {
+            return Ok(IpAddr::V4(v4.ip()));
+        }
+        if let Some(s6) = addr.as_sockaddr_in6() {
+            let ip = s6.ip();
+            // Link-local addresses are no use to a load balancer elsewhere.
+            if (ip.segments()[0] & 0xffc0) != 0xfe80 && v6.is_none() {
+                v6 = Some(IpAddr::V6(ip));
+            }
+        }
+    }
+    match (v6, seen) {
+        (Some(ip), _) => Ok(ip),
+        (None, true) => Err(format!("interface {name} has no usable IP address")),
+        (None, false) => Err(format!("no interface named {name}")),
+    }
+}
+
+async fn plain_get(url: &str, timeout: Duration) -> Result<String, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let resp = tokio::time::timeout(timeout, client.get(uri))
+        .await
+        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url} answered {}", resp.status()));
+    }
+    let body = tokio::time::timeout(timeout, resp.into_body().collect())
+        .await
+        .map_err(|_| format!("{url} did not finish answering"))?
+        .map_err(|e| format!("reading {url}: {e}"))?
+        .to_bytes();
+    if body.len() > 256 {
+        return Err(format!(
+            "{url} answered {} bytes, not an IP address",
+            body.len()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn log(line: &str) {
+    eprintln!("lbctl phone-home: {line}");
+}
+
+/// Jitter from the clock: spreads sidecars that start together.
+fn jittered(interval: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.9 + 0.2 * (f64::from(nanos % 1000) / 1000.0);
+    interval.mul_f64(factor)
+}
+
+enum Sent {
+    Ok(String),
+    /// Worth retrying: the agent is away, overloaded, or the clock/key may be fixed.
+    Retry(String),
+    /// Retrying will not help.
+    Refused(String),
+}
+
+struct PhoneHome {
+    args: PhoneHomeArgs,
+    key: SigningKey,
+    source: IpSource,
+    path: String,
+}
+
+impl PhoneHome {
+    async fn put(&self, ip: IpAddr) -> Sent {
+        let mut body = serde_json::json!({
+            "node_ip": ip.to_string(),
+            "node_port": self.args.node_port,
+            "mode": self.args.mode,
+            "state": self.args.state,
+        });
+        if let Some(s) = &self.args.service {
+            body["service"] = serde_json::json!(s);
+        }
+        if let Some(w) = self.args.weight {
+            body["weight"] = serde_json::json!(w);
+        }
+        let body = body.to_string().into_bytes();
+        match signed_request(
+            &self.args.agent,
+            &self.key,
+            Method::PUT,
+            &self.path,
+            body,
+            self.args.timeout,
+        )
+        .await
+        {
+            Ok((200 | 202, text)) => Sent::Ok(text),
+            Ok((status @ (400 | 403 | 404 | 409 | 413), text)) => {
+                Sent::Refused(format!("the agent refused it ({status}): {}", text.trim()))
+            }
+            Ok((status, text)) => {
+                Sent::Retry(format!("the agent answered {status}: {}", text.trim()))
+            }
+            Err(e) => Sent::Retry(e.to_string()),
+        }
+    }
+
+    async fn delete(&self) -> Result<(), String> {
+        match signed_request(
+            &self.args.agent,
+            &self.key,
+            Method::DELETE,
+            &self.path,
+            Vec::new(),
+            self.args.timeout,
+        )
+        .await
+        {
+            Ok((200 | 404, _)) => Ok(()),
+            Ok((status, text)) => Err(format!("the agent answered {status}: {}", text.trim())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Runs the sidecar.
+pub async fn run(args: PhoneHomeArgs) -> ExitCode {
+    let usage = |m: String| {
+        log(&m);
+        ExitCode::from(2)
+    };
+    if let Err(e) = NodeName::new(&args.node) {
+        return usage(e.message);
+    }
+    let key = match (&args.key_file, std::env::var("LBAGENT_KEY")) {
+        (Some(path), _) => match SigningKey::from_file(path, Some(&args.key_id)) {
+            Ok(k) => k,
+            Err(e) => return usage(e.to_string()),
+        },
+        (None, Ok(secret)) if !secret.trim().is_empty() => SigningKey {
+            id: args.key_id.clone(),
+            secret: secret.trim_end_matches(['\n', '\r']).as_bytes().to_vec(),
+        },
+        _ => return usage("no key: give --key-file FILE or set LBAGENT_KEY".into()),
+    };
+    let source = match (&args.node_ip, &args.node_ip_from) {
+        (Some(ip), _) => IpSource::Fixed(*ip),
+        (None, Some(from)) => match from.split_once(':') {
+            Some(("interface", name)) => IpSource::Interface(name.to_string()),
+            Some(("url", url)) => IpSource::Url(url.to_string()),
+            _ => {
+                return usage(format!(
+                    "--node-ip-from {from:?}: use interface:NAME or url:URL"
+                ))
+            }
+        },
+        (None, None) => {
+            return usage("no node IP: give --node-ip, set NODE_IP, or --node-ip-from".into())
+        }
+    };
+    let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
+    let ph = PhoneHome {
+        args,
+        key,
+        source,
+        path,
+    };
+
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => return usage(format!("cannot watch SIGTERM: {e}")),
+    };
+    let max_backoff = ph
+        .args
+        .interval
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let give_up_once = Instant::now() + Duration::from_secs(120);
+    let mut backoff = Duration::from_millis(500);
+    let mut registered: Option<IpAddr> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        let attempt = match ph.source.resolve(ph.args.timeout).await {
+            Err(e) => Sent::Retry(format!("node IP: {e}")),
+            Ok(ip) => match ph.put(ip).await {
+                Sent::Ok(answer) => {
+                    if registered != Some(ip) || last_error.is_some() {
+                        log(&format!(
+                            "{} at {ip}:{} serves frontend {}: {}",
+                            ph.args.node,
+                            ph.args.node_port,
+                            ph.args.frontend_port,
+                            answer.trim()
+                        ));
+                    }
+                    registered = Some(ip);
+                    Sent::Ok(answer)
+                }
+                other => other,
+            },
+        };
+        let wait = match attempt {
+            Sent::Ok(_) => {
+                last_error = None;
+                backoff = Duration::from_millis(500);
+                if ph.args.once {
+                    return ExitCode::SUCCESS;
+                }
+                jittered(ph.args.interval)
+            }
+            Sent::Refused(e) => {
+                log(&e);
+                return ExitCode::from(2);
+            }
+            Sent::Retry(e) => {
+                if last_error.as_deref() != Some(e.as_str()) {
+                    log(&format!("{e}; retrying"));
+                    last_error = Some(e);
+                }
+                if ph.args.once && Instant::now() > give_up_once {
+                    log("giving up");
+                    return ExitCode::from(1);
+                }
+                let w = backoff;
+                backoff = (backoff * 2).min(max_backoff);
+                jittered(w)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Leaving: take our server out so a pod that moves leaves nothing stale behind.
+    match ph.delete().await {
+        Ok(()) => log(&format!(
+            "{} removed from frontend {}",
+            ph.args.node, ph.args.frontend_port
+        )),
+        Err(e) => log(&format!("could not remove {}: {e}", ph.args.node)),
+    }
+    ExitCode::SUCCESS
+}
+
+use std::time::Instant;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        for bad in ["", "x", "5d", "0s", "-1s", "1ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_secs(10));
+            assert!(
+                j >= Duration::from_secs(9) && j <= Duration::from_secs(11),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_interface_has_an_address() {
+        assert_eq!(interface_ip("lo").unwrap(), IpAddr::from([127, 0, 0, 1]));
+        assert!(interface_ip("no-such-if0")
+            .unwrap_err()
+            .contains("no interface"));
+    }
+}

@@ -1,0 +1,259 @@
+//! `lbctl phone-home` and `lbctl sign` against a real agent and HAProxy, on loopback: the
+//! sidecar follows an IP change read from `--node-ip-from url:...` within a few seconds at
+//! `--interval 1s`, SIGTERM removes its server and exits 0, `--once` registers and exits, bad
+//! settings exit 2; `lbctl sign`'s headers are accepted by the agent.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::agent::{http, through, Agent, Echo};
+
+/// Answers every HTTP request with the IP in `ip`, as a "what is my IP" endpoint would.
+fn ip_endpoint(ip: Arc<Mutex<String>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let body = ip.lock().unwrap().clone();
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+struct Sidecar(Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lbctl() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lbctl"));
+    c.env_remove("LBAGENT_KEY")
+        .env_remove("NODE_NAME")
+        .env_remove("NODE_IP");
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if ok() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
+
+#[test]
+fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
+    let agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "node at .2");
+    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
+        .expect("same port on another loopback address");
+    let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
+    let url = ip_endpoint(ip.clone());
+    let fe = free_port();
+
+    let mut child = lbctl()
+        .args(["phone-home", "--agent", &format!("http://{}", agent.addr)])
+        .args([
+            "--frontend-port",
+            &fe.to_string(),
+            "--node-port",
+            &a.port().to_string(),
+        ])
+        .args(["--node", "node-1", "--node-ip-from", &format!("url:{url}")])
+        .arg("--key-file")
+        .arg(&agent.keys_path)
+        .args(["--interval", "1s", "--service", "web"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let sidecar = Sidecar(child);
+
+    wait_for(Duration::from_secs(20), "traffic to .2", || {
+        through(fe).is_ok_and(|r| r.contains("node at .2"))
+    });
+    *ip.lock().unwrap() = "127.0.0.3".into();
+    let took = wait_for(Duration::from_secs(10), "traffic to .3", || {
+        through(fe).is_ok_and(|r| r.contains("node at .3"))
+    });
+    assert!(took < Duration::from_secs(5), "IP change took {took:?}");
+    let state = agent.state();
+    let fe_state = state["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend_port"] == fe)
+        .unwrap()
+        .clone();
+    assert_eq!(fe_state["servers"][0]["node_ip"], "127.0.0.3");
+    assert_eq!(fe_state["servers"][0]["service"], "web");
+
+    // SIGTERM: the server goes, the sidecar exits 0.
+    let mut child = sidecar;
+    common::unsafe_kill(child.0.id(), "TERM");
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut log = String::new();
+    let mut stderr = stderr;
+    stderr.read_to_string(&mut log).unwrap();
+    let state = agent.state();
+    let servers = state["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend_port"] == fe)
+        .map(|f| f["servers"].as_array().unwrap().len());
+    assert_eq!(servers, Some(0), "{state}");
+    // One line per change, not per heartbeat: the first registration, the move, the removal.
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() <= 4, "{log}");
+    assert!(log.contains("127.0.0.3"), "{log}");
+    assert!(log.contains("removed"), "{log}");
+    drop(b);
+}
+
+#[test]
+fn once_registers_and_exits_and_bad_settings_exit_2() {
+    let agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "once");
+    let fe = free_port();
+    let secret_file = agent.dir.path().join("secret");
+    std::fs::write(
+        &secret_file,
+        format!("{}\n", String::from_utf8_lossy(&agent.secret)),
+    )
+    .unwrap();
+    let base = |node: &str| {
+        let mut c = lbctl();
+        c.args([
+            "phone-home",
+            "--once",
+            "--agent",
+            &format!("http://{}", agent.addr),
+        ])
+        .args([
+            "--frontend-port",
+            &fe.to_string(),
+            "--node-port",
+            &a.port().to_string(),
+        ])
+        .args(["--node", node, "--node-ip", "127.0.0.2"])
+        .arg("--key-file")
+        .arg(&secret_file);
+        c
+    };
+    let out = base("node-1").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), "traffic", || {
+        through(fe).is_ok_and(|r| r.contains("once"))
+    });
+
+    let bad = base("bad;name").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("';'"));
+
+    // Policy refusal is final: exit 2 at once.
+    let refused = lbctl()
+        .args([
+            "phone-home",
+            "--once",
+            "--agent",
+            &format!("http://{}", agent.addr),
+        ])
+        .args([
+            "--frontend-port",
+            "22",
+            "--node-port",
+            "30000",
+            "--node",
+            "n",
+            "--node-ip",
+            "127.0.0.2",
+        ])
+        .arg("--key-file")
+        .arg(&secret_file)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("403"));
+
+    let no_key = lbctl()
+        .args([
+            "phone-home",
+            "--once",
+            "--frontend-port",
+            "80",
+            "--node-port",
+            "30000",
+        ])
+        .args(["--node", "n", "--node-ip", "127.0.0.2"])
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+}
+
+#[test]
+fn sign_prints_headers_the_agent_accepts() {
+    let agent = Agent::managed();
+    let body_file = agent.dir.path().join("body.json");
+    let body = r#"{"node_ip":"127.0.0.2","node_port":30000,"state":"maint"}"#;
+    std::fs::write(&body_file, body).unwrap();
+    let fe = free_port();
+    let path = format!("/v1/frontends/{fe}/servers/signed");
+    let out = lbctl()
+        .args(["sign", "PUT", &path, "--body"])
+        .arg(&body_file)
+        .arg("--key-file")
+        .arg(&agent.keys_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let headers: Vec<(&str, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    assert_eq!(headers.len(), 4, "{text}");
+    let r = http(agent.addr, "PUT", &path, &headers, body.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    // The same headers again: a replay.
+    let r = http(agent.addr, "PUT", &path, &headers, body.as_bytes());
+    assert_eq!(r.status, 401, "{r:?}");
+}
