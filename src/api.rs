@@ -35,6 +35,8 @@ pub struct Api {
     pub metrics: Metrics,
     /// `/metrics` can be turned off.
     pub metrics_enabled: bool,
+    /// The old webhook's token: enables `POST /hooks/update-haproxy` (migration only).
+    pub legacy_token: Option<Vec<u8>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -59,6 +61,7 @@ enum Route<'a> {
     Frontends,
     Frontend(&'a str),
     Server(&'a str, &'a str),
+    LegacyHook,
     NotFound,
 }
 
@@ -71,6 +74,7 @@ impl Route<'_> {
             ["v1", "frontends"] => Route::Frontends,
             ["v1", "frontends", port] => Route::Frontend(port),
             ["v1", "frontends", port, "servers", node] => Route::Server(port, node),
+            ["hooks", "update-haproxy"] => Route::LegacyHook,
             _ => Route::NotFound,
         }
     }
@@ -83,6 +87,7 @@ impl Route<'_> {
             (Route::Frontend(_), _) => "delete_frontend",
             (Route::Server(..), &Method::PUT) => "put_server",
             (Route::Server(..), _) => "delete_server",
+            (Route::LegacyHook, _) => "legacy_hook",
             (Route::NotFound, _) => "not_found",
         }
     }
@@ -92,6 +97,7 @@ impl Route<'_> {
             Route::Healthz | Route::Metrics | Route::Frontends => "GET",
             Route::Frontend(_) => "DELETE",
             Route::Server(..) => "PUT, DELETE",
+            Route::LegacyHook => "POST",
             Route::NotFound => "",
         }
     }
@@ -263,6 +269,14 @@ impl Api {
             (Route::Healthz | Route::Metrics | Route::Frontends, &Method::GET) => true,
             (Route::Frontend(_), &Method::DELETE) => true,
             (Route::Server(..), &Method::PUT | &Method::DELETE) => true,
+            (Route::LegacyHook, _) if self.legacy_token.is_none() => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the legacy endpoint is off (--legacy-token-file enables it)",
+                )
+            }
+            (Route::LegacyHook, &Method::POST) => true,
             _ => false,
         };
         if !allowed {
@@ -325,6 +339,33 @@ impl Api {
             }
         };
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        if let (Route::LegacyHook, Some(token)) = (route, &self.legacy_token) {
+            if !crate::legacy::token_matches(token, header(crate::legacy::TOKEN_HEADER)) {
+                self.metrics
+                    .auth_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: "legacy_token",
+                    })
+                    .inc();
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    format!("header {} is missing or wrong", crate::legacy::TOKEN_HEADER),
+                );
+            }
+            return match crate::legacy::parse(&body) {
+                Ok(change) => {
+                    let node = match &change {
+                        Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => {
+                            Some(node.clone())
+                        }
+                        Change::DeleteFrontend { .. } => None,
+                    };
+                    self.change(change, node).await
+                }
+                Err(m) => bad_request(m),
+            };
+        }
         let headers = AuthHeaders {
             key_id: header(crate::auth::HEADER_KEY),
             timestamp: header(crate::auth::HEADER_TIMESTAMP),

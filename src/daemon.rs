@@ -94,6 +94,10 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub keep_haproxy: bool,
+    /// Enable the old webhook's `POST /hooks/update-haproxy` with the token in FILE (mode 0600).
+    /// A plain token without replay protection: for migrating old sidecars only.
+    #[arg(long, value_name = "FILE")]
+    pub legacy_token_file: Option<PathBuf>,
     /// The haproxy binary [default: haproxy on PATH, else /usr/sbin/haproxy].
     #[arg(long, value_name = "PATH")]
     pub haproxy_bin: Option<PathBuf>,
@@ -234,6 +238,11 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let window = Duration::from_secs(settings.auth_window.unwrap_or(300));
     let verifier = Verifier::new(keys, window);
 
+    let legacy_token = match &settings.legacy_token_file {
+        Some(path) => Some(read_legacy_token(path)?),
+        None => None,
+    };
+
     let (store, state) = Store::open(&state_dir)?;
     tracing::info!(
         generation = state.generation,
@@ -318,6 +327,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         verifier,
         metrics,
         metrics_enabled: !settings.no_metrics,
+        legacy_token,
     });
     println!(
         "lbagent: listening on http://{} (keys: {})",
@@ -337,6 +347,36 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let _ = server.await;
     let _ = agent_task.await;
     Ok(())
+}
+
+/// Reads the legacy token, refusing a file others can read (like the keys file).
+fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "--legacy-token-file {} has mode {mode:03o}: group or others can read it; run chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+        .into());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 8 {
+        return Err(format!(
+            "--legacy-token-file {}: the token is shorter than 8 characters",
+            path.display()
+        )
+        .into());
+    }
+    tracing::warn!(
+        "the legacy endpoint POST /hooks/update-haproxy is on: plain token, no replay protection"
+    );
+    Ok(token.as_bytes().to_vec())
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file.

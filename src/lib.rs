@@ -21,6 +21,7 @@ pub mod auth;
 pub mod daemon;
 pub mod haproxy;
 pub mod lbctl;
+pub mod legacy;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -1,0 +1,161 @@
+//! The seed-compatible endpoint, for migrating from the old webhook: `POST /hooks/update-haproxy`
+//! with the `X-Funkypenguin-Token` header and the old sidecars' JSON, mapped onto the same model
+//! with the same validation and policy. Off unless `--legacy-token-file` is given. It is a plain
+//! shared token with no replay protection: a migration path only (docs/security.md).
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+
+use crate::model::{Change, Mode, NodeName, ServerSpec, ServerState};
+
+/// The header the old sidecars send.
+pub const TOKEN_HEADER: &str = "X-Funkypenguin-Token";
+
+/// Compares a presented token with the configured one in constant time.
+pub fn token_matches(expected: &[u8], presented: Option<&str>) -> bool {
+    match presented {
+        // Length is not secret; contents are compared without an early exit.
+        Some(p) => p.len() == expected.len() && bool::from(p.as_bytes().ct_eq(expected)),
+        None => false,
+    }
+}
+
+/// The server name for a destination address: `ip-203-0-113-7`, `ip6-2001-db8--1`. The old
+/// design keyed servers by address, so one address is one server.
+pub fn node_for(ip: &IpAddr) -> NodeName {
+    let name = match ip {
+        IpAddr::V4(v4) => format!("ip-{}", v4.to_string().replace('.', "-")),
+        IpAddr::V6(v6) => format!("ip6-{}", v6.to_string().replace(':', "-")),
+    };
+    NodeName::new(&name).expect("digits, hex, '-' and a letter prefix, at most 43 characters")
+}
+
+/// A number given as a JSON number or a string ("443").
+fn port_field(body: &Value, field: &'static str) -> Result<u16, String> {
+    let v = body
+        .get(field)
+        .ok_or_else(|| format!("missing field `{field}`"))?;
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(format!("{field} {v} must be a port from 1 to 65535")),
+    }
+}
+
+fn string_field<'a>(body: &'a Value, field: &'static str) -> Result<&'a str, String> {
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s.as_str()),
+        Some(other) => Err(format!("{field} {other} must be a string")),
+        None => Err(format!("missing field `{field}`")),
+    }
+}
+
+/// Reads an old sidecar's request body into a change. Fields the old script ignored
+/// (`send-proxy`, ...) are tolerated.
+pub fn parse(body: &[u8]) -> Result<Change, String> {
+    let body: Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    if !body.is_object() {
+        return Err("the body must be a JSON object".into());
+    }
+    let frontend_port = port_field(&body, "frontend-port")?;
+    let node_port = port_field(&body, "backend-port")?;
+    let ip_text = string_field(&body, "dst-ip")?;
+    let node_ip: IpAddr = ip_text
+        .trim()
+        .parse()
+        .map_err(|_| format!("dst-ip {ip_text:?} is not an IPv4 or IPv6 address"))?;
+    if node_ip.is_unspecified() || node_ip.is_multicast() {
+        return Err(format!("dst-ip {node_ip} cannot be a server address"));
+    }
+    let name = string_field(&body, "name")?;
+    let service_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !service_ok {
+        return Err(format!(
+            "name {name:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
+        ));
+    }
+    let node = node_for(&node_ip);
+    match string_field(&body, "action")? {
+        "add" => Ok(Change::PutServer {
+            frontend_port,
+            node,
+            mode: Mode::Tcp,
+            spec: ServerSpec {
+                node_ip,
+                node_port,
+                state: ServerState::Ready,
+                service: Some(name.to_string()),
+                weight: None,
+            },
+        }),
+        "delete" => Ok(Change::DeleteServer {
+            frontend_port,
+            node,
+        }),
+        other => Err(format!("action {other:?} must be \"add\" or \"delete\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_sidecar_json_with_strings() {
+        let c = parse(br#"{"name":"traefik","frontend-port":"443","backend-port":"30443","dst-ip":"203.0.113.7","action":"add","send-proxy":"false"}"#).unwrap();
+        let Change::PutServer {
+            frontend_port,
+            node,
+            spec,
+            mode,
+        } = c
+        else {
+            panic!()
+        };
+        assert_eq!((frontend_port, mode), (443, Mode::Tcp));
+        assert_eq!(node.as_str(), "ip-203-0-113-7");
+        assert_eq!(spec.node_port, 30443);
+        assert_eq!(spec.service.as_deref(), Some("traefik"));
+        let d = parse(br#"{"name":"x","frontend-port":443,"backend-port":30443,"dst-ip":"2001:db8::1","action":"delete"}"#).unwrap();
+        assert!(
+            matches!(d, Change::DeleteServer { ref node, .. } if node.as_str() == "ip6-2001-db8--1")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"[]", "object"),
+            (b"{", "invalid JSON"),
+            (br#"{"name":"a","backend-port":1,"dst-ip":"1.2.3.4","action":"add"}"#, "frontend-port"),
+            (br#"{"name":"a","frontend-port":"x","backend-port":1,"dst-ip":"1.2.3.4","action":"add"}"#, "frontend-port"),
+            (br#"{"name":"a","frontend-port":1,"backend-port":70000,"dst-ip":"1.2.3.4","action":"add"}"#, "backend-port"),
+            (br#"{"name":"a","frontend-port":1,"backend-port":1,"dst-ip":"1.2.3.4;x","action":"add"}"#, "dst-ip"),
+            (br#"{"name":"a b","frontend-port":1,"backend-port":1,"dst-ip":"1.2.3.4","action":"add"}"#, "name"),
+            (br#"{"name":"a","frontend-port":1,"backend-port":1,"dst-ip":"1.2.3.4","action":"nuke"}"#, "action"),
+        ];
+        for (body, needle) in cases {
+            let e = parse(body).unwrap_err();
+            assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(token_matches(b"s3cret", Some("s3cret")));
+        assert!(!token_matches(b"s3cret", Some("s3cres")));
+        assert!(!token_matches(b"s3cret", Some("s3cret2")));
+        assert!(!token_matches(b"s3cret", None));
+    }
+}

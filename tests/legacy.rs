@@ -1,0 +1,99 @@
+//! The seed-compatible endpoint against a real agent and HAProxy: the old sidecar's exact JSON
+//! (string values, extra fields, the token header) registers a frontend and removes it again; a
+//! wrong or missing token is refused; the endpoint is off unless configured.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::agent::{http, through, Agent, Echo, Options};
+
+const TOKEN: &str = "old-shared-token-1234";
+
+fn legacy_agent() -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--legacy-token-file".into(), path.display().to_string()],
+        ..Options::default()
+    });
+    (agent, dir)
+}
+
+fn hook(agent: &Agent, token: Option<&str>, body: &str) -> common::agent::Response {
+    let mut headers = vec![("Content-Type", "application/json".to_string())];
+    if let Some(t) = token {
+        headers.push(("X-Funkypenguin-Token", t.to_string()));
+    }
+    http(
+        agent.addr,
+        "POST",
+        "/hooks/update-haproxy",
+        &headers,
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn old_sidecar_registers_and_deletes() {
+    let (agent, _dir) = legacy_agent();
+    let node = Echo::start("127.0.0.2", "legacy node");
+    let fe = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Exactly what the old sidecars send: every value a string, plus fields we ignore.
+    let add = format!(
+        r#"{{"name":"traefik","frontend-port":"{fe}","backend-port":"{}","dst-ip":"127.0.0.2","action":"add","send-proxy":"false"}}"#,
+        node.port()
+    );
+    let before = agent.state();
+
+    let r = hook(&agent, Some("wrong-token-000000000"), &add);
+    r.assert_error(401, "unauthorized", "wrong token");
+    let r = hook(&agent, None, &add);
+    r.assert_error(401, "unauthorized", "missing token");
+    assert_eq!(agent.state()["generation"], before["generation"]);
+
+    let r = hook(&agent, Some(TOKEN), &add);
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["applied"], "reload");
+    assert_eq!(v["server"], "ip-127-0-0-2");
+    common::agent::wait_reaches(fe, "legacy node", Duration::from_secs(10));
+    let state = agent.state();
+    let server = &state["frontends"][0]["servers"][0];
+    assert_eq!(server["service"], "traefik");
+    assert_eq!(server["node_port"], node.port());
+
+    // Same validation and policy as the v1 API.
+    let bad = add.replace("127.0.0.2", "127.0.0.2;show info");
+    hook(&agent, Some(TOKEN), &bad).assert_error(400, "bad_request", "bad dst-ip");
+    let port22 = add.replace(&format!("\"{fe}\""), "\"22\"");
+    hook(&agent, Some(TOKEN), &port22).assert_error(403, "forbidden", "port 22");
+
+    let delete = add.replace("\"add\"", "\"delete\"");
+    let r = hook(&agent, Some(TOKEN), &delete);
+    assert_eq!(r.status, 200, "{r:?}");
+    let state = agent.state();
+    assert_eq!(
+        state["frontends"][0]["servers"].as_array().unwrap().len(),
+        0
+    );
+    common::wait_until(
+        Duration::from_secs(10),
+        "the server to leave HAProxy",
+        || through(fe).is_err(),
+    );
+}
+
+#[test]
+fn off_by_default() {
+    let agent = Agent::managed();
+    let r = hook(&agent, Some(TOKEN), "{}");
+    r.assert_error(404, "not_found", "legacy endpoint off");
+}
