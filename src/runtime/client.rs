@@ -72,6 +72,10 @@ impl Reply {
     }
 }
 
+fn conn_name(conn: &Connection) -> String {
+    conn.endpoint().to_string()
+}
+
 impl RuntimeClient {
     /// A client for `endpoint`; nothing is opened until the first call (or [`Self::connect`]).
     pub fn new(endpoint: Endpoint, options: ClientOptions) -> RuntimeClient {
@@ -159,7 +163,20 @@ impl RuntimeClient {
             for _ in 0..lines.len() {
                 match conn.read_answer(what).await? {
                     Some(a) => answers.push(a),
-                    None => return Ok(None),
+                    // Nothing answered: nothing ran, the caller may send it all again.
+                    None if answers.is_empty() => return Ok(None),
+                    // Some commands ran: sending the lot again would run them twice.
+                    None => {
+                        return Err(Error::Closed {
+                            endpoint: conn_name(conn),
+                            what: format!(
+                                "{what} after {} of {} answers",
+                                answers.len(),
+                                lines.len()
+                            ),
+                            received: String::new(),
+                        })
+                    }
                 }
             }
             Ok::<_, Error>(Some(answers))

@@ -198,6 +198,11 @@ impl Connection {
         })
     }
 
+    /// The socket, as errors name it.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     /// The prompt HAProxy answered with (`> ` for a worker, `master> ` for the master CLI).
     pub fn prompt(&self) -> &[u8] {
         &self.prompt
