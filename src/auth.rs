@@ -551,6 +551,9 @@ pub struct Verifier {
     keys: RwLock<Keys>,
     window: u64,
     nonces: Mutex<NonceCache>,
+    /// Requests signed before this (unix seconds) are refused: the nonce cache lives in memory,
+    /// so after a restart it cannot tell a replay of an earlier request from a new one.
+    not_before: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Verifier {
@@ -577,7 +580,15 @@ impl Verifier {
             keys: RwLock::new(keys),
             window: window.as_secs(),
             nonces: Mutex::new(NonceCache::new(capacity)),
+            not_before: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Refuses requests signed before `unix_seconds`; the daemon sets its start time, so a
+    /// request captured before a restart cannot be replayed after it.
+    pub fn refuse_signed_before(&self, unix_seconds: u64) {
+        self.not_before
+            .store(unix_seconds, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Swaps in a new set of keys; a key not in it is revoked from the next request on.
@@ -686,6 +697,15 @@ impl Verifier {
                     "header {HEADER_TIMESTAMP}: {skew} s {direction} the agent's clock, more \
                      than the {} s allowed",
                     self.window
+                ),
+            ));
+        }
+        let not_before = self.not_before.load(std::sync::atomic::Ordering::Relaxed);
+        if timestamp < not_before {
+            return Err(AuthFailure::new(
+                StaleTimestamp,
+                format!(
+                    "header {HEADER_TIMESTAMP}: signed before the agent started; sign it again"
                 ),
             ));
         }
@@ -825,6 +845,40 @@ mod tests {
             failure.message
         );
         failure.reason
+    }
+
+    #[test]
+    fn requests_signed_before_start_are_refused() {
+        let v = Verifier::new(
+            Keys::from_pairs([("default".to_string(), b"0123456789abcdef".to_vec())]).unwrap(),
+            Duration::from_secs(300),
+        );
+        let body = b"{}";
+        let sig = |ts: u64, nonce: &str| sign(b"0123456789abcdef", "PUT", "/p", ts, nonce, body);
+        let s1 = sig(1000, "nonce-aaaaaaaaaaaa");
+        let h1 = AuthHeaders {
+            key_id: None,
+            timestamp: Some("1000"),
+            nonce: Some("nonce-aaaaaaaaaaaa"),
+            signature: Some(&s1),
+        };
+        assert!(v.verify("PUT", "/p", &h1, body, 1001).is_ok());
+        // A restart: a fresh verifier that refuses what was signed before it started.
+        let v = Verifier::new(
+            Keys::from_pairs([("default".to_string(), b"0123456789abcdef".to_vec())]).unwrap(),
+            Duration::from_secs(300),
+        );
+        v.refuse_signed_before(1002);
+        let e = v.verify("PUT", "/p", &h1, body, 1003).unwrap_err();
+        assert_eq!(e.reason, AuthFailureReason::StaleTimestamp);
+        let s2 = sig(1003, "nonce-bbbbbbbbbbbb");
+        let h2 = AuthHeaders {
+            key_id: None,
+            timestamp: Some("1003"),
+            nonce: Some("nonce-bbbbbbbbbbbb"),
+            signature: Some(&s2),
+        };
+        assert!(v.verify("PUT", "/p", &h2, body, 1003).is_ok());
     }
 
     #[test]
