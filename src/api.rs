@@ -28,6 +28,13 @@ use crate::model::{backend_name, Change, Conflict, Mode, NodeName, ServerSpec, S
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most connections served at once; more wait in the kernel's accept queue. Sidecars hold one
+/// keep-alive connection each, so this is far above normal use and far below the file limit.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// What the HTTP server needs.
 pub struct Api {
     pub agent: AgentHandle,
@@ -323,7 +330,18 @@ impl Api {
                 );
             }
         }
-        let body = match Limited::new(body, MAX_BODY).collect().await {
+        // A deadline on the body too: the header timeout does not cover it, and an unsigned
+        // client trickling bytes would otherwise hold the connection forever.
+        let collected =
+            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+        let Ok(collected) = collected else {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+            );
+        };
+        let body = match collected {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -494,12 +512,24 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Wait for a free slot before accepting, so a flood cannot use up file descriptors
+        // the agent needs for HAProxy's socket, its store and its config files.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, typically: give it a moment instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -517,6 +547,7 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
