@@ -175,7 +175,7 @@ pub struct AgentParts {
     pub state: DesiredState,
     pub store: Store,
     pub client: RuntimeClient,
-    pub files: Arc<Mutex<ConfigFiles>>,
+    pub files: ConfigFiles,
     pub reloader: Reloader,
     pub policy: Policy,
     pub render: RenderOptions,
@@ -189,6 +189,31 @@ pub struct AgentParts {
     pub haproxy_log: Option<std::path::PathBuf>,
     /// Managed mode: leave HAProxy running when the agent stops.
     pub keep_haproxy: bool,
+}
+
+/// The agent's config file, behind one lock for the owner (reloads) and the background writer,
+/// with the generation of the state it holds: a writer holding an older snapshot must not
+/// overwrite a newer file.
+pub struct ManagedFile {
+    files: ConfigFiles,
+    written: Option<u64>,
+}
+
+impl ManagedFile {
+    /// Installs `text` for `generation` unless the file already holds that one or a newer one.
+    /// Returns the previous content when it installed.
+    async fn install(
+        &mut self,
+        text: &str,
+        generation: u64,
+    ) -> Result<Option<Option<String>>, crate::haproxy::HaproxyError> {
+        if self.written.is_some_and(|w| w >= generation) {
+            return Ok(None);
+        }
+        let previous = self.files.install(text).await?;
+        self.written = Some(generation);
+        Ok(Some(previous))
+    }
 }
 
 /// Where a change's answer goes.
@@ -209,7 +234,7 @@ struct Owner {
     state: DesiredState,
     store: Option<Store>,
     client: RuntimeClient,
-    files: Arc<Mutex<ConfigFiles>>,
+    files: Arc<Mutex<ManagedFile>>,
     reloader: Reloader,
     policy: Policy,
     render: RenderOptions,
@@ -227,6 +252,10 @@ struct Owner {
     drift: Vec<String>,
     /// (pid, start time) of the HAProxy worker, to notice a restart.
     identity: Option<(u64, u64)>,
+    /// Frontend ports HAProxy may run although the state does not have them: a reload whose
+    /// rollback did not complete, or an agent that died between reload and store. The timer
+    /// reloads them away.
+    suspect_ports: BTreeSet<u16>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -237,12 +266,16 @@ pub fn spawn(
 ) -> (AgentHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4096);
     let (dirty, dirty_rx) = watch::channel(parts.state.generation);
+    let files = Arc::new(Mutex::new(ManagedFile {
+        files: parts.files,
+        written: None,
+    }));
     metrics.servers.set(parts.state.server_count() as i64);
     let owner = Owner {
         state: parts.state,
         store: Some(parts.store),
         client: parts.client,
-        files: parts.files.clone(),
+        files: files.clone(),
         reloader: parts.reloader,
         policy: parts.policy,
         render: parts.render.clone(),
@@ -257,11 +290,12 @@ pub fn spawn(
         last_error: None,
         drift: Vec::new(),
         identity: None,
+        suspect_ports: BTreeSet::new(),
     };
     let handle = AgentHandle { tx, metrics };
     let writer = ConfigWriter {
         handle: handle.clone(),
-        files: parts.files,
+        files,
         render: parts.render,
     };
     let every = parts.reconcile_every;
@@ -282,6 +316,22 @@ impl Owner {
         every: Duration,
         shutdown: CancellationToken,
     ) {
+        // A frontend in the file but not in the state: the agent died after a reload and before
+        // storing it, so HAProxy may be serving a change nobody was told about.
+        if let Ok(Some(text)) = self.files.lock().await.files.read_managed().await {
+            for port in text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("frontend fe_"))
+                .filter_map(|p| p.trim().parse::<u16>().ok())
+                .filter(|p| !self.state.frontends.contains_key(p))
+            {
+                tracing::warn!(
+                    port,
+                    "the managed file has a frontend the state lacks; removing it"
+                );
+                self.suspect_ports.insert(port);
+            }
+        }
         // First look at HAProxy right away: after a restart of the agent, or of HAProxy.
         self.reconcile().await;
         let mut tick = tokio::time::interval(every);
@@ -316,7 +366,8 @@ impl Owner {
         drop(self.store.take());
         // Leave the managed file matching the state, so a HAProxy restart keeps everything.
         let text = render_managed(&self.state, &self.render);
-        if let Err(e) = self.files.lock().await.install(&text).await {
+        let generation = self.state.generation;
+        if let Err(e) = self.files.lock().await.install(&text, generation).await {
             tracing::error!(error = %e, "could not write the managed configuration at shutdown");
         }
         if let Some(m) = self.managed.take() {
@@ -437,6 +488,7 @@ impl Owner {
                 for a in accepted.iter().rev() {
                     self.state.undo(a.undo.clone());
                 }
+                self.reopen_store();
                 for a in accepted {
                     let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
                 }
@@ -447,7 +499,6 @@ impl Owner {
         // spec: no `show servers state` round trip on the request path. Drift that makes these
         // wrong is found and repaired by the timer.
         let mut commands = Vec::new();
-        let mut deletions = Vec::new();
         for a in &accepted {
             if a.effect == Effect::Unchanged {
                 continue;
@@ -469,17 +520,19 @@ impl Owner {
                     frontend_port,
                     node,
                 } => {
+                    // In place, not after the group: a DELETE then PUT of the same node in one
+                    // group must run del before add.
                     let server = server_ref(*frontend_port, node);
                     commands.push(Command::SetServerState(
                         server.clone(),
                         ServerAdminState::Maint,
                     ));
-                    deletions.push(server);
+                    commands.push(Command::DelServer(server));
                 }
                 Change::DeleteFrontend { .. } => {}
             }
         }
-        let applied = self.send(commands, deletions).await;
+        let applied = self.send(commands, Vec::new()).await;
         self.metrics.servers.set(self.state.server_count() as i64);
         self.dirty.send_replace(self.state.generation);
         let generation = self.state.generation;
@@ -493,6 +546,32 @@ impl Owner {
                 applied,
                 generation,
             }));
+        }
+    }
+
+    /// After a failed commit the store refuses further ones (what reached the disk is
+    /// uncertain): open it again, and take what it holds as the desired state, so the agent
+    /// goes on storing and never claims more, or less, than the disk has.
+    fn reopen_store(&mut self) {
+        let Some(old) = self.store.take() else { return };
+        let dir = old.dir().to_path_buf();
+        drop(old);
+        match tokio::task::block_in_place(|| Store::open(&dir)) {
+            Ok((store, state)) => {
+                if state != self.state {
+                    tracing::warn!(
+                        generation = state.generation,
+                        "the store holds a different state than memory after a failed commit; using the store's"
+                    );
+                    self.state = state;
+                    self.out_of_sync = true;
+                }
+                self.store = Some(store);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen the store; changes are refused until restart");
+                self.last_error = Some(format!("store: {e}"));
+            }
         }
     }
 
@@ -574,6 +653,8 @@ impl Owner {
             return Err(ApplyError::Unavailable(e.to_string()));
         }
         self.set_up(true);
+        // Again: changes applied earlier in the same group may have used up the cap.
+        self.check_policy(&change)?;
         let (_, undo) = self.state.apply_with_undo(&change)?;
         match self.reload_to_current(&change).await {
             Ok(()) => {}
@@ -586,6 +667,7 @@ impl Owner {
         if let Err(e) = self.store_commit(std::slice::from_ref(&change)) {
             // HAProxy now runs a frontend the store does not have: take it back out.
             self.state.undo(undo);
+            self.reopen_store();
             if let Err(msg) = self.reload_to_current(&change).await {
                 tracing::error!(error = %msg, "could not take back a frontend after the store failed");
             }
@@ -618,10 +700,21 @@ impl Owner {
     async fn reload_to_current(&mut self, change: &Change) -> Result<(), String> {
         let text = render_managed(&self.state, &self.render);
         let files = self.files.clone();
-        let files = files.lock().await;
-        let previous = files.install(&text).await.map_err(|e| e.to_string())?;
+        let mut files = files.lock().await;
+        let written_before = files.written;
+        let previous = match files
+            .install(&text, self.state.generation)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(previous) => previous,
+            // Already there (not expected: this generation is new); what to go back to is
+            // whatever the file holds.
+            None => files.files.read_managed().await.ok().flatten(),
+        };
         let failure = match self.reload_haproxy().await {
-            Err(e) => Some((e, false)),
+            // A reload that failed or timed out may still have happened: reload back too.
+            Err(e) => Some((e, true)),
             Ok(_) => match change {
                 Change::PutServer { frontend_port, .. } => wait_frontend_open(
                     &mut self.client,
@@ -638,11 +731,14 @@ impl Owner {
             return Ok(());
         };
         tracing::warn!(error = %msg, "reload failed; restoring the previous configuration");
-        if let Err(e) = files.restore(previous).await {
+        // The file goes back to what it held; the writer may write newer states again.
+        files.written = written_before;
+        if let Err(e) = files.files.restore(previous).await {
             tracing::error!(error = %e, "could not restore the previous managed configuration");
         } else if took_new_config {
             if let Err(e) = self.reload_haproxy().await {
                 tracing::error!(error = %e, "could not reload the previous configuration back");
+                self.suspect_ports.insert(change.frontend_port());
             }
         }
         Err(msg)
@@ -694,7 +790,21 @@ impl Owner {
                 return;
             }
         };
-        let plan: Plan = reconcile::plan(&self.state, &observed, &backends, None);
+        self.suspect_ports
+            .retain(|p| backends.contains(backend_name(*p).as_str()));
+        let stale: Vec<u16> = self
+            .suspect_ports
+            .iter()
+            .copied()
+            .filter(|p| !self.state.frontends.contains_key(p))
+            .collect();
+        let mut plan: Plan = reconcile::plan(&self.state, &observed, &backends, None);
+        for p in stale {
+            plan.drift
+                .push(format!("fe_{p} runs in HAProxy but is not wanted"));
+            // Reuses the missing-backend path below: rewrite the file and reload.
+            plan.missing_backends.push(p);
+        }
         if plan.is_empty() {
             self.out_of_sync = false;
             self.drift.clear();
@@ -709,8 +819,10 @@ impl Owner {
             // file, or an operator reloaded without ours): rewrite and reload.
             let text = render_managed(&self.state, &self.render);
             let files = self.files.clone();
-            let files = files.lock().await;
-            match files.install(&text).await {
+            let mut files = files.lock().await;
+            // Forced: the file may be current while HAProxy runs an older one.
+            files.written = None;
+            match files.install(&text, self.state.generation).await {
                 Ok(_) => {
                     if let Err(e) = self.reload_haproxy().await {
                         self.metrics.reload_failures.inc();
@@ -806,7 +918,7 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 
 struct ConfigWriter {
     handle: AgentHandle,
-    files: Arc<Mutex<ConfigFiles>>,
+    files: Arc<Mutex<ManagedFile>>,
     render: RenderOptions,
 }
 
@@ -820,8 +932,8 @@ impl ConfigWriter {
                     return;
                 };
                 let text = render_managed(&state, &self.render);
-                let files = self.files.lock().await;
-                match files.install(&text).await {
+                let mut files = self.files.lock().await;
+                match files.install(&text, state.generation).await {
                     Ok(_) => written = Some(state.generation),
                     Err(e) => {
                         tracing::error!(error = %e, "could not write the managed configuration")

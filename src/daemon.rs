@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentParts};
@@ -237,6 +236,12 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     };
     let window = Duration::from_secs(settings.auth_window.unwrap_or(300));
     let verifier = Verifier::new(keys, window);
+    verifier.refuse_signed_before(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
 
     let legacy_token = match &settings.legacy_token_file {
         Some(path) => Some(read_legacy_token(path)?),
@@ -304,7 +309,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         state,
         store,
         client: RuntimeClient::new(socket, ClientOptions::default()),
-        files: Arc::new(Mutex::new(files)),
+        files,
         reloader,
         policy,
         render: RenderOptions {
@@ -321,7 +326,9 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
     };
-    let (handle, agent_task) = agent::spawn(parts, metrics.clone(), shutdown.clone());
+    // The owner stops only after the HTTP server has finished its in-flight requests.
+    let agent_stop = CancellationToken::new();
+    let (handle, agent_task) = agent::spawn(parts, metrics.clone(), agent_stop.clone());
     let api = Arc::new(Api {
         agent: handle,
         verifier,
@@ -345,6 +352,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     tracing::info!("stopping: finishing in-flight requests");
     shutdown.cancel();
     let _ = server.await;
+    agent_stop.cancel();
     let _ = agent_task.await;
     Ok(())
 }

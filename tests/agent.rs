@@ -1571,3 +1571,62 @@ fn attached_haproxy_down_changes_are_pending_then_applied() {
         }
     });
 }
+
+/// A request captured before a restart cannot be replayed after it: the nonce cache lives in
+/// memory, so the agent refuses anything signed before it started.
+#[test]
+fn replay_after_a_restart_is_refused() {
+    let mut agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "a");
+    let fe = free_port();
+    let path = format!("/v1/frontends/{fe}/servers/node-a");
+    let body = body(&a.ip(), a.port(), json!({}));
+    let body = body.to_string();
+    let h = agent.auth_headers("PUT", &path, body.as_bytes());
+    let signed_at = common::agent::now_unix();
+    let r = http(agent.addr, "PUT", &path, &h, body.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    // Restart in a later second than the signature's.
+    common::wait_until(Duration::from_secs(3), "the clock to tick", || {
+        common::agent::now_unix() > signed_at
+    });
+    agent.restart();
+    let r = http(agent.addr, "PUT", &path, &h, body.as_bytes());
+    r.assert_error(401, "unauthorized", "replay after restart");
+    assert!(r.body.contains("before the agent started"), "{r:?}");
+}
+
+/// SIGTERM while a request is half sent: the request is still answered, and applied.
+#[test]
+fn sigterm_finishes_a_request_in_flight() {
+    use std::io::{Read, Write};
+    let agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "a");
+    let fe = free_port();
+    // A frontend first, so the request in flight is a plain runtime change.
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    let path = format!("/v1/frontends/{fe}/servers/node-b");
+    let payload = body(&a.ip(), a.port(), json!({})).to_string();
+    let mut head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        payload.len()
+    );
+    for (k, v) in agent.auth_headers("PUT", &path, payload.as_bytes()) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut s = std::net::TcpStream::connect(agent.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&payload.as_bytes()[..5]).unwrap();
+    // The server has the request's head: stop the agent now.
+    agent.signal("TERM");
+    // Shutdown has begun once the listener is gone.
+    common::wait_until(Duration::from_secs(5), "the listener to close", || {
+        std::net::TcpStream::connect(agent.addr).is_err()
+    });
+    s.write_all(&payload.as_bytes()[5..]).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
