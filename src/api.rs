@@ -379,7 +379,7 @@ impl Api {
                         }
                         Change::DeleteFrontend { .. } => None,
                     };
-                    self.change(change, node).await
+                    self.change(change, node, "legacy-token").await
                 }
                 Err(m) => bad_request(m),
             };
@@ -390,22 +390,25 @@ impl Api {
             nonce: header(crate::auth::HEADER_NONCE),
             signature: header(crate::auth::HEADER_SIGNATURE),
         };
-        if let Err(f) = self.verifier.verify(
+        let key_id = match self.verifier.verify(
             method.as_str(),
             path_with_query,
             &headers,
             &body,
             now_unix(),
         ) {
-            self.metrics
-                .auth_failures
-                .get_or_create(&ReasonLabels {
-                    reason: f.reason.as_str(),
-                })
-                .inc();
-            tracing::info!(reason = f.reason.as_str(), path = %path_with_query, "request refused: {}", f.message);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", f.message);
-        }
+            Ok(k) => k,
+            Err(f) => {
+                self.metrics
+                    .auth_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: f.reason.as_str(),
+                    })
+                    .inc();
+                tracing::info!(reason = f.reason.as_str(), path = %path_with_query, "request refused: {}", f.message);
+                return error(StatusCode::UNAUTHORIZED, "unauthorized", f.message);
+            }
+        };
 
         match route {
             Route::Frontends => match self.agent.view().await {
@@ -426,6 +429,7 @@ impl Api {
                         frontend_port: port,
                     },
                     None,
+                    &key_id,
                 )
                 .await
             }
@@ -449,16 +453,26 @@ impl Api {
                         node: node.clone(),
                     }
                 };
-                self.change(change, Some(node)).await
+                self.change(change, Some(node), &key_id).await
             }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         }
     }
 
-    async fn change(&self, change: Change, node: Option<NodeName>) -> Reply {
+    /// Hands a change to the owner and answers; every change that did something is logged with
+    /// the key that signed it (an audit trail).
+    async fn change(&self, change: Change, node: Option<NodeName>, key_id: &str) -> Reply {
         let port = change.frontend_port();
         let started = Instant::now();
+        let audit = format!("{change:?}");
         let result = self.agent.apply(change).await;
+        match &result {
+            Ok(ok) if ok.applied != Applied::Unchanged => {
+                tracing::info!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::info!(key = key_id, error = %e, change = %audit, "change refused"),
+        }
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
