@@ -63,10 +63,12 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
         bind = addr(opts.frontend_bind, port),
     );
     // roundrobin is a dynamic algorithm: HAProxy refuses `add server` on a backend with a
-    // static one (static-rr, a hash without `hash-type consistent`).
+    // static one (static-rr, a hash without `hash-type consistent`). `option redispatch`: a
+    // connection attempt to a node's old address, in flight when the address changed, is
+    // retried elsewhere instead of failing.
     let _ = write!(
         out,
-        "\nbackend {backend}\n    mode {mode}\n    balance roundrobin\n"
+        "\nbackend {backend}\n    mode {mode}\n    balance roundrobin\n    retries 3\n    option redispatch 1\n"
     );
     for (node, spec) in &fe.servers {
         let _ = write!(
@@ -173,6 +175,8 @@ frontend fe_443
 backend be_443
     mode http
     balance roundrobin
+    retries 3
+    option redispatch 1
     server node-a 203.0.113.7:30443 check weight 5
     server node-b 203.0.113.8:30443 check weight 0 disabled
     server node-c 203.0.113.9:30443 check disabled # drain: restored at runtime
@@ -185,6 +189,8 @@ frontend fe_8883
 backend be_8883
     mode tcp
     balance roundrobin
+    retries 3
+    option redispatch 1
     server node-b [2001:db8::1]:31883 check
 ";
         let text = render_managed(&st, &RenderOptions::default());
@@ -216,6 +222,8 @@ frontend fe_80
 backend be_80
     mode tcp
     balance roundrobin
+    retries 3
+    option redispatch 1
 "
         );
         let opts = RenderOptions {
