@@ -683,6 +683,9 @@ global
     stats socket @DIR@/admin.sock mode 600 level admin expose-fd listeners
     stats timeout 1m
     maxconn 4096
+    # Nothing here uses HAProxy's HTTP client; without this, every `haproxy -c` the agent runs
+    # loads the system CA bundle (about three quarters of a 40 ms check).
+    httpclient.ssl.verify none
 
 defaults
     mode tcp
