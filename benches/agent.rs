@@ -5,6 +5,7 @@
 //!
 //! `cargo bench --bench agent` (the figures and targets are in docs/performance.md).
 
+mod util;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,7 +130,7 @@ fn admin_socket(dir: &Path) -> PathBuf {
 
 fn main() {
     // `cargo test --benches` runs benches with `--bench` absent: keep that quick.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = !util::measuring();
     let samples = if quick { 50 } else { 2000 };
     let window = Duration::from_millis(if quick { 300 } else { 3000 });
     let rt = tokio::runtime::Builder::new_current_thread()

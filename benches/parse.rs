@@ -14,9 +14,11 @@
 //!
 //!     cargo bench --bench parse
 
+mod util;
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
+use util::measuring;
 
 use criterion::{Criterion, Throughput};
 use lbagent::runtime::parse::{parse_servers_state, parse_show_stat};
@@ -326,16 +328,6 @@ fn summary(cases: &[Case], since: SystemTime) {
             base.map_or_else(|| "-".into(), |b| format!("{:.2}", ns / b)),
         );
     }
-}
-
-/// Whether criterion measures in this run: `cargo bench` passes `--bench`; `cargo test
-/// --benches` does not, and `--test`, `--list` or `--profile-time` run no measurement either.
-fn measuring() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench")
-        && !args
-            .iter()
-            .any(|a| matches!(a.as_str(), "--test" | "--list") || a.starts_with("--profile-time"))
 }
 
 fn main() {

@@ -20,11 +20,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+mod util;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
+use util::measuring;
 
 use criterion::{Criterion, Throughput};
 use lbagent::runtime::parse::parse_servers_state;
@@ -455,16 +457,6 @@ fn summary(since: SystemTime, extra: &Extra) {
         "bare loops: {:.2} read() calls per answer one at a time, {:.2} per answer batched",
         extra.reads_per_answer.0, extra.reads_per_answer.1
     );
-}
-
-/// Whether criterion measures in this run: `cargo bench` passes `--bench`; `cargo test
-/// --benches` does not, and `--test`, `--list` or `--profile-time` run no measurement either.
-fn measuring() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench")
-        && !args
-            .iter()
-            .any(|a| matches!(a.as_str(), "--test" | "--list") || a.starts_with("--profile-time"))
 }
 
 fn main() {
