@@ -4,16 +4,24 @@
 //!
 //! # Layout
 //!
+//! Data flows one way: request → auth → policy → desired state → store → plan → HAProxy.
+//!
 //! - [`runtime`]: HAProxy's runtime API — the socket client ([`runtime::RuntimeClient`]), its
 //!   typed commands with input validation, and the nom parsers of its answers
 //!   ([`runtime::parse`]). Knows nothing of HTTP or of lbagent's state.
-//! - [`lbctl`]: the operator's CLI — `lbctl show` reads the socket and prints what HAProxy is
-//!   doing.
-//! - `src/bin/`: thin mains for the `lbagent` daemon and `lbctl`.
-//!
-//! Data flows one way: request → auth → policy → desired state → plan → HAProxy. The layers
-//! after `runtime` (the HTTP API, the desired-state store, the reconciler and the config
-//! renderer) arrive with the agent itself.
+//! - [`api`]: the HTTP API (routes, body limits, validation, JSON answers) on hyper;
+//!   [`auth`]: HMAC request signatures, keys files, the replay window;
+//!   [`legacy`]: the old webhook's endpoint, for migration.
+//! - [`policy`]: which ports and addresses a request may use.
+//! - [`model`]: the desired state and the one way to change it; [`store`]: its durable
+//!   journal and snapshots.
+//! - [`agent`]: the owner task — the only holder of state, store and runtime connection; group
+//!   commit, reloads with rollback, the drift-repair timer.
+//! - [`reconcile`]: desired vs observed → runtime commands (pure); [`render`]: the config file
+//!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads, the managed process.
+//! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals.
+//! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.
+//! - `src/bin/`: thin mains for `lbagent` and `lbctl`.
 
 pub mod agent;
 pub mod api;
