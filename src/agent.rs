@@ -6,7 +6,7 @@
 //!
 //! Order for a runtime change: policy → apply to the in-memory state → store (fsync) → batch to
 //! HAProxy → answer. The managed config file is rewritten in the background (see
-//! [`ConfigWriter`]), off the request path: it is derived from the stored state, and
+//! `ConfigWriter`), off the request path: it is derived from the stored state, and
 //! validating it with `haproxy -c` takes tens of milliseconds.
 
 use std::collections::BTreeSet;

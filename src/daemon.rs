@@ -46,7 +46,7 @@ pub struct Settings {
     /// Where the desired state (and in managed mode HAProxy's files) live [default: ./lbagent-data].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// TOML file of `key_id = "secret"` lines, mode 0600 [managed default: <state-dir>/keys.toml, generated].
+    /// TOML file of `key_id = "secret"` lines, mode 0600 [managed default: STATE_DIR/keys.toml, generated].
     #[arg(long, value_name = "FILE")]
     pub keys_file: Option<PathBuf>,
     /// HAProxy's admin stats socket; giving it selects attached mode.
