@@ -18,7 +18,7 @@ mod util;
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
-use util::measuring;
+use util::{mean_ns, measuring};
 
 use criterion::{Criterion, Throughput};
 use lbagent::runtime::parse::{parse_servers_state, parse_show_stat};
@@ -280,26 +280,6 @@ fn benches(c: &mut Criterion, cases: &mut Vec<Case>) {
             rows: state_rows,
         });
     }
-}
-
-/// Criterion's mean estimate for a benchmark, in nanoseconds, from the results it saved during
-/// this run (`None` for a benchmark skipped by a filter, or in `--test` mode).
-fn mean_ns(group: &str, id: &str, since: SystemTime) -> Option<f64> {
-    let dir = std::env::var_os("CRITERION_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-            target.join("criterion")
-        });
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
-        return None;
-    }
-    let text = std::fs::read_to_string(&path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["mean"]["point_estimate"].as_f64()
 }
 
 fn summary(cases: &[Case], since: SystemTime) {

@@ -24,9 +24,9 @@ mod util;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
-use util::measuring;
+use util::{mean_ns, measuring};
 
 use criterion::{Criterion, Throughput};
 use lbagent::runtime::parse::parse_servers_state;
@@ -166,26 +166,6 @@ impl Bare {
         assert_eq!(seen, n, "more answers than commands");
         self.answers += n as u64;
     }
-}
-
-/// Criterion's mean estimate for a benchmark, in nanoseconds, from the results it saved during
-/// this run (`None` for a benchmark skipped by a filter, or in `--test` mode).
-fn mean_ns(group: &str, id: &str, since: SystemTime) -> Option<f64> {
-    let dir = std::env::var_os("CRITERION_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-            target.join("criterion")
-        });
-    let path = dir.join(group).join(id).join("new/estimates.json");
-    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
-        return None;
-    }
-    let text = std::fs::read_to_string(&path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["mean"]["point_estimate"].as_f64()
 }
 
 const SINGLE: &str = "set_server_addr";

@@ -586,23 +586,18 @@ impl Agent {
             .spawn()
             .expect("start haproxy");
         self.haproxy = Some(AttachedHaproxy { child });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if answers(&self.admin, "show info\n").is_some_and(|a| a.contains("Version:"))
-                && answers(&self.master, "show proc\n").is_some_and(|a| a.contains("worker"))
-            {
-                return;
-            }
-            if let Ok(Some(st)) = self.haproxy.as_mut().unwrap().child.try_wait() {
-                panic!("haproxy exited ({st}):\n{}", self.haproxy_log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "attached haproxy did not answer within 10 s:\n{}",
-                self.haproxy_log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut attached = self.haproxy.take();
+        let log = || self.haproxy_log_text();
+        super::wait_haproxy_ready(
+            &self.admin,
+            &self.master,
+            || {
+                let st = attached.as_mut()?.child.try_wait().ok().flatten()?;
+                Some(format!("haproxy exited ({st}):\n{}", log()))
+            },
+            log,
+        );
+        self.haproxy = attached;
     }
 
     fn args(&self) -> Vec<String> {
@@ -817,21 +812,7 @@ impl Agent {
 
     /// `show servers state` of the agent's backends as (backend, server) → [`Observed`].
     pub fn observed(&self) -> BTreeMap<(String, String), Observed> {
-        self.servers_state()
-            .into_iter()
-            .filter(|s| s.backend.starts_with("be_"))
-            .map(|s| {
-                (
-                    (s.backend.clone(), s.server.clone()),
-                    Observed {
-                        addr: s.addr.clone().unwrap_or_default(),
-                        port: s.port.unwrap_or(0),
-                        admin: s.admin.0,
-                        weight: s.user_weight.unwrap_or(0),
-                    },
-                )
-            })
-            .collect()
+        observed_of(self.servers_state())
     }
 
     /// [`Self::observed`] as (addr, port, weight, state): what the agent promises, without the
@@ -850,23 +831,7 @@ impl Agent {
     /// Like [`Self::observed`], `None` while the admin socket does not answer.
     pub fn try_observed(&self) -> Option<BTreeMap<(String, String), Observed>> {
         let text = answers(&self.admin, "show servers state\n")?;
-        let rows = parse_servers_state(&text).ok()?;
-        Some(
-            rows.into_iter()
-                .filter(|s| s.backend.starts_with("be_"))
-                .map(|s| {
-                    (
-                        (s.backend.clone(), s.server.clone()),
-                        Observed {
-                            addr: s.addr.clone().unwrap_or_default(),
-                            port: s.port.unwrap_or(0),
-                            admin: s.admin.0,
-                            weight: s.user_weight.unwrap_or(0),
-                        },
-                    )
-                })
-                .collect(),
-        )
+        Some(observed_of(parse_servers_state(&text).ok()?))
     }
 
     /// The master CLI's `show proc`.
@@ -935,6 +900,24 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The agent's backends (`be_*`) of a `show servers state`, keyed by (backend, server).
+fn observed_of(rows: Vec<ServerState>) -> BTreeMap<(String, String), Observed> {
+    rows.into_iter()
+        .filter(|s| s.backend.starts_with("be_"))
+        .map(|s| {
+            (
+                (s.backend, s.server),
+                Observed {
+                    addr: s.addr.unwrap_or_default(),
+                    port: s.port.unwrap_or(0),
+                    admin: s.admin.0,
+                    weight: s.user_weight.unwrap_or(0),
+                },
+            )
+        })
+        .collect()
 }
 
 /// One server as `show servers state` reports it.

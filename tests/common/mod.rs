@@ -45,6 +45,33 @@ pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool)
     }
 }
 
+/// Polls (10 s at most) until the admin socket answers `show info` and the master CLI lists a
+/// worker; panics with what `exited` says if HAProxy is gone, or with `log()` on timeout.
+pub fn wait_haproxy_ready(
+    admin: &Path,
+    master: &Path,
+    mut exited: impl FnMut() -> Option<String>,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if answers(admin, "show info\n").is_some_and(|a| a.contains("Version:"))
+            && answers(master, "show proc\n").is_some_and(|a| a.contains("worker"))
+        {
+            return;
+        }
+        if let Some(why) = exited() {
+            panic!("{why}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "haproxy sockets did not answer within 10 s:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running HAProxy in master-worker mode.
 pub struct Haproxy {
     pub dir: tempfile::TempDir,
@@ -121,23 +148,19 @@ impl Haproxy {
             dir,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if answers(&h.admin, "show info\n").is_some_and(|a| a.contains("Version:"))
-                && answers(&h.master, "show proc\n").is_some_and(|a| a.contains("worker"))
-            {
-                return h;
-            }
-            if let Ok(Some(status)) = h.child.as_mut().unwrap().try_wait() {
-                panic!("haproxy exited ({status}) at start:\n{}", h.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy sockets did not answer within 10 s:\n{}",
-                h.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log_path = h.dir.path().join("haproxy.log");
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let child = h.child.as_mut().unwrap();
+        wait_haproxy_ready(
+            &h.admin,
+            &h.master,
+            || {
+                let st = child.try_wait().ok().flatten()?;
+                Some(format!("haproxy exited ({st}) at start:\n{}", log()))
+            },
+            log,
+        );
+        h
     }
 
     /// What HAProxy printed on stderr so far.
