@@ -138,7 +138,6 @@ enum Msg {
 #[derive(Clone)]
 pub struct AgentHandle {
     tx: mpsc::Sender<Msg>,
-    pub metrics: Metrics,
 }
 
 impl AgentHandle {
@@ -292,7 +291,7 @@ pub fn spawn(
         identity: None,
         suspect_ports: BTreeSet::new(),
     };
-    let handle = AgentHandle { tx, metrics };
+    let handle = AgentHandle { tx };
     let writer = ConfigWriter {
         handle: handle.clone(),
         files,

@@ -251,8 +251,3 @@ fn run_sign(args: SignArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
-
-/// Where `lbctl show` looks by default, for messages.
-pub fn default_socket_path() -> PathBuf {
-    PathBuf::from(DEFAULT_SOCKET)
-}

@@ -90,19 +90,6 @@ impl Error {
             excerpt: excerpt(raw, 200),
         }
     }
-
-    /// True when retrying on a fresh connection may help: the error came from the transport,
-    /// not from HAProxy's answer or our own validation.
-    pub fn is_transport(&self) -> bool {
-        matches!(
-            self,
-            Error::Connect { .. }
-                | Error::Timeout { .. }
-                | Error::Io { .. }
-                | Error::Closed { .. }
-                | Error::SocketNotFound { .. }
-        )
-    }
 }
 
 /// At most `max` bytes of `raw`, cut on a character boundary.
