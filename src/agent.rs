@@ -4,10 +4,11 @@
 //! through validate → reload → confirm, alone, and is rolled back if HAProxy refuses it. A timer
 //! compares HAProxy with the desired state and repairs drift.
 //!
-//! Order for a runtime change: policy → apply to the in-memory state → store (fsync) → batch to
-//! HAProxy → answer. The managed config file is rewritten in the background (see
-//! `ConfigWriter`), off the request path: it is derived from the stored state, and
-//! validating it with `haproxy -c` takes tens of milliseconds.
+//! Order for a runtime change: policy → apply to the in-memory state → batch to HAProxy → store
+//! (fsync) → answer; HAProxy goes before the disk so traffic moves without waiting for the
+//! fsync, and a group the store refuses is taken back out of HAProxy. The managed config file
+//! is rewritten in the background (see `ConfigWriter`), off the request path: it is derived
+//! from the stored state, and validating it with `haproxy -c` takes tens of milliseconds.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -232,6 +233,7 @@ const MAX_GROUP: usize = 256;
 struct Owner {
     state: DesiredState,
     store: Option<Store>,
+    store_dir: std::path::PathBuf,
     client: RuntimeClient,
     files: Arc<Mutex<ManagedFile>>,
     reloader: Reloader,
@@ -272,6 +274,7 @@ pub fn spawn(
     metrics.servers.set(parts.state.server_count() as i64);
     let owner = Owner {
         state: parts.state,
+        store_dir: parts.store.dir().to_path_buf(),
         store: Some(parts.store),
         client: parts.client,
         files: files.clone(),
@@ -442,6 +445,11 @@ impl Owner {
         if group.is_empty() {
             return;
         }
+        if self.store.is_none() {
+            // It could not be reopened after a failure: try again, so a disk that recovered
+            // (space freed, remounted) does not need a restart of the agent.
+            self.reopen_store();
+        }
         let mut accepted = Vec::new();
         let mut reloads = Vec::new();
         for (change, reply) in group {
@@ -472,27 +480,30 @@ impl Owner {
         }
     }
 
-    /// Stores the group with one fsync, then sends its commands in one batch.
+    /// Sends the group's commands to HAProxy in one batch, then stores the group with one
+    /// fsync, then answers. HAProxy goes first so traffic moves without waiting for the disk:
+    /// the fsync is most of a change's time, and several times the round trip when the CPUs are
+    /// busy. The answer still waits for both, so a 200 means applied and stored. If the store
+    /// fails, the group is undone in memory and HAProxy is put back to the stored state at
+    /// once: no change the client was refused stays in the data plane. (An agent killed between
+    /// the two leaves the same kind of unanswered change, which its first reconcile undoes.)
     async fn commit_runtime(&mut self, accepted: Vec<Accepted>) {
         if accepted.is_empty() {
             return;
         }
-        let changed: Vec<Change> = accepted
-            .iter()
-            .filter(|a| a.effect != Effect::Unchanged)
-            .map(|a| a.change.clone())
-            .collect();
-        if !changed.is_empty() {
-            if let Err(e) = self.store_commit(&changed) {
-                for a in accepted.iter().rev() {
-                    self.state.undo(a.undo.clone());
-                }
-                self.reopen_store();
-                for a in accepted {
-                    let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
-                }
-                return;
+        if self.store.is_none() {
+            // Still closed after the retry in `apply_group`: refuse before HAProxy sees it.
+            for a in accepted.iter().rev() {
+                self.state.undo(a.undo.clone());
             }
+            let why = match self.last_error.as_deref() {
+                Some(e) if e.starts_with("store: ") => format!("the store is closed ({e})"),
+                _ => "the store is closed".to_string(),
+            };
+            for a in accepted {
+                let _ = a.reply.send(Err(ApplyError::Store(why.clone())));
+            }
+            return;
         }
         // Commands from what HAProxy had (the previous spec, in the undo record) to the new
         // spec: no `show servers state` round trip on the request path. Drift that makes these
@@ -532,6 +543,25 @@ impl Owner {
             }
         }
         let applied = self.send(commands, Vec::new()).await;
+        let changed: Vec<Change> = accepted
+            .iter()
+            .filter(|a| a.effect != Effect::Unchanged)
+            .map(|a| a.change.clone())
+            .collect();
+        if let Err(e) = self.store_commit(&changed) {
+            for a in accepted.iter().rev() {
+                self.state.undo(a.undo.clone());
+            }
+            self.reopen_store();
+            // Before answering, so a refused client never finds its change still serving.
+            tracing::warn!(error = %e, "not stored: putting HAProxy back to the stored state");
+            self.out_of_sync = true;
+            self.reconcile().await;
+            for a in accepted {
+                let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
+            }
+            return;
+        }
         self.metrics.servers.set(self.state.server_count() as i64);
         self.dirty.send_replace(self.state.generation);
         let generation = self.state.generation;
@@ -552,9 +582,9 @@ impl Owner {
     /// uncertain): open it again, and take what it holds as the desired state, so the agent
     /// goes on storing and never claims more, or less, than the disk has.
     fn reopen_store(&mut self) {
-        let Some(old) = self.store.take() else { return };
-        let dir = old.dir().to_path_buf();
-        drop(old);
+        // The old one goes first: it holds the directory's lock.
+        drop(self.store.take());
+        let dir = self.store_dir.clone();
         match tokio::task::block_in_place(|| Store::open(&dir)) {
             Ok((store, state)) => {
                 if state != self.state {
@@ -568,13 +598,16 @@ impl Owner {
                 self.store = Some(store);
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot reopen the store; changes are refused until restart");
+                tracing::error!(error = %e, "cannot reopen the store; changes are refused until it can be (tried again on each change)");
                 self.last_error = Some(format!("store: {e}"));
             }
         }
     }
 
     fn store_commit(&mut self, changes: &[Change]) -> Result<(), String> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         let Some(store) = self.store.as_mut() else {
             return Err("the store is closed".into());
         };

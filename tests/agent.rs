@@ -1630,3 +1630,88 @@ fn sigterm_finishes_a_request_in_flight() {
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. The store refuses a change
+// ---------------------------------------------------------------------------------------------
+
+/// Takes the immutable flag off again however the test ends, so the temp dir can go.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    /// `chattr +i`: ext4 then refuses writes even through an open descriptor (EPERM), the
+    /// nearest thing to a failing disk a test can cause on demand. None where it cannot be
+    /// set (not root, or a file system without the flag).
+    fn set(path: &std::path::Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
+    let mut agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "A");
+    let b = Echo::start("127.0.0.3", "B");
+    let fe = free_port();
+    agent.put_ok(fe, "n1", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(fe, "A", SETTLE);
+
+    let journal = agent.state_dir.join(lbagent::store::JOURNAL_FILE);
+    let Some(guard) = Immutable::set(&journal) else {
+        eprintln!("SKIPPED: cannot set the immutable flag on {journal:?} (needs root and ext4)");
+        return;
+    };
+    // HAProxy takes the change before the fsync; the fsync fails; the agent must answer the
+    // failure and put HAProxy back to what is stored.
+    let r = agent.put(fe, "n1", &body(&b.ip(), b.port(), json!({})));
+    r.assert_error(500, "store_failed", "PUT while the journal is immutable");
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        msg.contains("journal.log"),
+        "the error names the file: {msg}"
+    );
+    // Already back when the refusal is answered, not at the next tick of the timer.
+    let o = &agent.observed()[&(format!("be_{fe}"), "n1".to_string())];
+    assert_eq!((o.addr.as_str(), o.port), (a.ip().as_str(), a.port()));
+    for _ in 0..4 {
+        assert_eq!(through(fe).unwrap(), "A");
+    }
+    let d = agent.desired();
+    assert_eq!(d.1[&(fe, "n1".to_string())].ip, a.ip(), "{d:?}");
+    // While the disk refuses, so does the agent; nothing changes.
+    let r = agent.put(fe, "n2", &body(&b.ip(), b.port(), json!({})));
+    r.assert_error(
+        500,
+        "store_failed",
+        "PUT while the store cannot be reopened",
+    );
+    assert!(!agent
+        .observed()
+        .contains_key(&(format!("be_{fe}"), "n2".to_string())));
+
+    // The disk recovers: no restart needed, the next change is stored and applied.
+    drop(guard);
+    agent.put_ok(fe, "n1", &body(&b.ip(), b.port(), json!({})), "runtime");
+    wait_reaches(fe, "B", SETTLE);
+    agent.restart();
+    let d = agent.desired();
+    assert_eq!(d.1[&(fe, "n1".to_string())].ip, b.ip(), "{d:?}");
+    assert!(!d.1.contains_key(&(fe, "n2".to_string())), "{d:?}");
+    agent.wait_in_sync(SETTLE);
+    wait_reaches(fe, "B", SETTLE);
+}
