@@ -8,15 +8,23 @@ behind it). Three systems, one after the other, each on its own frontend port:
   B  webhook + update-haproxy.sh, restart (stop HAProxy, start it again)
   L  lbagent, managed mode (its own HAProxy, same binary and same global/defaults)
 
-Two echo "nodes", 127.0.0.2:P and 127.0.0.3:P, answer their own address on connect and then
-echo. Each system first gets a frontend routed to 127.0.0.2 (not measured); then, with a steady
-client load (short connections through the frontend) and HOLD long-lived connections held open
-through it, N address changes alternate the node between the two addresses. For each change:
+Two echo "nodes", 127.0.0.2:P and 127.0.0.3:P, greet each connection with their address and
+the moment they accepted it, then echo. Each system first gets a frontend routed to 127.0.0.2
+(not measured); then, with a steady client load (short connections through the frontend) and
+HOLD long-lived connections held open through it, N address changes (100 by default, so the
+p99 is the second slowest, not the slowest) alternate the node between the two addresses. For
+each change:
 
-  latency   request sent -> first short connection through the frontend answered by the new
-            address (polled back to back for 20 ms, then every 1 ms)
+  latency   request sent (its bytes written, after signing) -> the new address accepts a
+            connection through the frontend, by the node's own clock stamp. The frontend is
+            probed from the moment the request is sent, while it is in flight: a new probe
+            connection every 0.2 ms, up to 3 at once, for 20 ms, then every 1 ms.
+  seen      the same, but until the probe reads the node's answer back (the client's view;
+            adds the return trip through HAProxy)
+  answer    request sent -> the HTTP answer (the webhook answers before its script runs)
   then the bench waits until the system is idle (the baseline: every script run has finished)
-  and paces 0.3 s before the next change.
+  and paces 0.3 s before the next change. The update requests go over one kept-alive
+  connection per system, written and read with plain socket calls.
 
 Then a burst of BURST changes sent back to back (the old webhook answers before its script runs,
 so its runs overlap): updates/s = BURST / (first send -> every change applied and the frontend
@@ -30,6 +38,7 @@ sample before the first change, peak the largest of samples taken every 50 ms ov
 import argparse
 import asyncio
 import hashlib
+import gc
 import hmac
 import http.client
 import json
@@ -38,6 +47,8 @@ import multiprocessing as mp
 import os
 import random
 import secrets
+import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -108,28 +119,30 @@ def port_open(port):
 
 
 def echo_main(port, ready):
-    async def handle(name, r, w):
-        try:
-            w.write(name + b"\n")
-            await w.drain()
-            while True:
-                d = await r.read(4096)
-                if not d:
-                    break
-                w.write(d)
-                await w.drain()
-        except Exception:
-            pass
-        finally:
-            w.close()
+    """The two nodes. Each greets a connection with `<its address> <monotonic ns>`: the moment
+    it accepted, so traffic reaching an address is timed where it arrives (CLOCK_MONOTONIC is
+    one clock for every process). A bare asyncio Protocol, not streams: no task per
+    connection."""
+
+    class Echo(asyncio.Protocol):
+        def __init__(self, name):
+            self.name = name
+
+        def connection_made(self, transport):
+            self.transport = transport
+            transport.write(b"%s %d\n" % (self.name, time.monotonic_ns()))
+
+        def data_received(self, data):
+            self.transport.write(data)
 
     async def main():
+        loop = asyncio.get_running_loop()
         servers = []
         for ip in (NODE_A, NODE_B):
             name = ip.encode()
             servers.append(
-                await asyncio.start_server(
-                    lambda r, w, n=name: handle(n, r, w), ip, port, backlog=1024, reuse_address=True
+                await loop.create_server(
+                    lambda n=name: Echo(n), ip, port, backlog=1024, reuse_address=True
                 )
             )
         ready.set()
@@ -147,7 +160,13 @@ async def short_conn(fe):
         w.close()
     if not line.endswith(b"\n"):
         raise ConnectionError("closed before the node answered")
-    return line.strip().decode()
+    return greeting(line)[0]
+
+
+def greeting(line):
+    """A node's greeting: (its address, when it accepted the connection, monotonic s)."""
+    name, ns = line.split()
+    return name.decode(), int(ns) / 1e9
 
 
 def load_main(fe, rate, conc, stop, conn):
@@ -302,24 +321,70 @@ def probe(fe, timeout=2.0):
             if not d:
                 raise ConnectionError("closed before the node answered")
             buf += d
-        return buf.strip().decode()
+        return greeting(buf)[0]
 
 
-def wait_for_answer(fe, want, timeout):
-    """Polls the frontend with short connections until `want` answers: the time it did."""
+def wait_for_answer(fe, want, timeout, client=None, depth=3, spacing=0.0002):
+    """Polls the frontend with short connections until `want` answers: (when the answer was
+    read here, when the node accepted that connection), or None.
+
+    A new probe starts every `spacing` seconds (every 1 ms after the first 20 ms), with up to
+    `depth` in flight at once, so the answer is seen within about `spacing` of the first
+    connection routed to the new address, not within a whole probe's round trip (~0.5 ms
+    through HAProxy here). With `client`, also notes when its update request is answered."""
     start = time.monotonic()
     end = start + timeout
-    while True:
-        try:
-            if probe(fe) == want:
-                return time.monotonic()
-        except OSError:
-            pass
-        now = time.monotonic()
-        if now > end:
-            return None
-        if now - start > 0.02:
-            time.sleep(0.001)  # poll pacing after the first 20 ms
+    sel = selectors.DefaultSelector()
+    bufs = {}
+    due = start
+
+    def drop(s):
+        sel.unregister(s)
+        del bufs[s]
+        s.close()
+
+    try:
+        while True:
+            now = time.monotonic()
+            if now > end:
+                return None
+            if len(bufs) < depth and now >= due:
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", fe))
+                sel.register(s, selectors.EVENT_READ)
+                bufs[s] = b""
+                due = now + (spacing if now - start < 0.02 else 0.001)
+            wait = max(0.0, due - time.monotonic()) if len(bufs) < depth else 0.05
+            for key, _ in sel.select(wait):
+                s = key.fileobj
+                try:
+                    d = s.recv(64)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    d = b""
+                if not d:
+                    drop(s)
+                    continue
+                bufs[s] += d
+                if bufs[s].endswith(b"\n"):
+                    name, accepted = greeting(bufs[s])
+                    drop(s)
+                    if name == want:
+                        return time.monotonic(), accepted
+            if client is not None:
+                client.note_answer()
+    finally:
+        for s in list(bufs):
+            drop(s)
+        sel.close()
+
+
+def update(system, fe, ip):
+    """One update request, answered before it returns: its status."""
+    system.send_update(fe, ip)
+    return system.finish_update()[0]
 
 
 # ---------------------------------------------------------------- the systems
@@ -336,7 +401,7 @@ class Baseline:
         self.port = free_port()
         self.sent = 0
         self.webhook = None
-        self.conn = None
+        self.client = UpdateClient(self.port)
 
     def start(self):
         os.makedirs(self.state)
@@ -373,13 +438,18 @@ class Baseline:
     def root_pid(self):
         return self.webhook.pid
 
-    def update(self, fe, ip):
+    def send_update(self, fe, ip):
         body = json.dumps({"name": "traefik", "frontend-port": str(fe),
                            "backend-port": str(self.node_port), "dst-ip": ip,
                            "action": "add"}).encode()
         headers = {"X-Funkypenguin-Token": self.token, "Content-Type": "application/json"}
         self.sent += 1
-        return http_request(self, "POST", "/hooks/update-haproxy", body, headers)
+        self.client.send("POST", "/hooks/update-haproxy", body, headers)
+
+    def finish_update(self):
+        """(status, time the answer was first seen)."""
+        status, _, answered = self.client.finish()
+        return status, answered
 
     def runs(self):
         try:
@@ -400,6 +470,7 @@ class Baseline:
         return len(pids_naming(self.state, b"haproxy", serving=True))
 
     def stop(self):
+        self.client.close()
         if self.webhook and self.webhook.poll() is None:
             self.webhook.terminate()
             try:
@@ -419,7 +490,7 @@ class Lbagent:
         self.node_port = node_port
         self.port = free_port()
         self.proc = None
-        self.conn = None
+        self.client = UpdateClient(self.port)
         self.applied = {}
 
     def start(self):
@@ -444,7 +515,7 @@ class Lbagent:
     def root_pid(self):
         return self.proc.pid
 
-    def update(self, fe, ip):
+    def send_update(self, fe, ip):
         path = f"/v1/frontends/{fe}/servers/node-a"
         body = json.dumps({"node_ip": ip, "node_port": self.node_port,
                            "service": "traefik"}).encode()
@@ -456,13 +527,16 @@ class Lbagent:
         headers = {"X-Lbagent-Key": "default", "X-Lbagent-Timestamp": ts,
                    "X-Lbagent-Nonce": nonce, "X-Lbagent-Signature": "sha256=" + sig,
                    "Content-Type": "application/json"}
-        status, answer = http_request(self, "PUT", path, body, headers)
+        self.client.send("PUT", path, body, headers)
+
+    def finish_update(self):
+        status, answer, answered = self.client.finish()
         try:
             kind = json.loads(answer).get("applied", "?")
         except ValueError:
             kind = "?"
         self.applied[kind] = self.applied.get(kind, 0) + 1
-        return status, answer
+        return status, answered
 
     def wait_idle(self, timeout=30):
         pass  # a 200 means stored and applied to HAProxy
@@ -491,6 +565,7 @@ class Lbagent:
         return len(pids_naming(self.state, b"haproxy", serving=True))
 
     def stop(self):
+        self.client.close()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -501,20 +576,95 @@ class Lbagent:
         kill_naming(self.state)
 
 
-def http_request(system, method, path, body, headers):
-    for attempt in (0, 1):
-        if system.conn is None:
-            system.conn = http.client.HTTPConnection("127.0.0.1", system.port, timeout=30)
-        try:
-            system.conn.request(method, path, body=body, headers=headers)
-            resp = system.conn.getresponse()
-            return resp.status, resp.read()
-        except (OSError, http.client.HTTPException):
-            system.conn.close()
-            system.conn = None
-            if attempt:
-                return 0, b""
-    return 0, b""
+class UpdateClient:
+    """The update requests of one system, over one kept-alive HTTP/1.1 connection on a raw
+    socket: the same few syscalls for the webhook and for lbagent, and no http.client (whose
+    header parsing alone costs more than lbagent's whole change). A request is sent, then its
+    answer is read later, so the frontend can be polled while the request is in flight."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = None
+        self.request = None
+        self.answered = None
+        self.sent_at = None
+
+    def send(self, method, path, body, headers):
+        head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}",
+                f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        self.request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        self.answered = None
+        # "Request sent": the request is built and signed, its bytes go out now.
+        self.sent_at = time.monotonic()
+        self._write()
+
+    def _write(self):
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(self.request)
+
+    def note_answer(self):
+        """Records when the answer's first bytes are readable (a non-blocking look)."""
+        if self.answered is None and self.sock is not None:
+            if select.select([self.sock], [], [], 0)[0]:
+                self.answered = time.monotonic()
+
+    def finish(self):
+        """(status, body, time the answer was first seen); status 0 when none came."""
+        for attempt in (0, 1):
+            try:
+                status, body = self._read()
+                if self.answered is None:
+                    self.answered = time.monotonic()
+                return status, body, self.answered
+            except (OSError, ValueError):
+                self.close()
+                if attempt:
+                    break
+                # Closed with nothing answered (an idle keep-alive the server dropped): the
+                # request never ran; send it once more on a fresh connection.
+                try:
+                    self._write()
+                except OSError:
+                    break
+        return 0, b"", time.monotonic()
+
+    def _read(self):
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError("closed before the answer")
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        if "content-length" in fields:
+            n = int(fields["content-length"])
+            while len(rest) < n:
+                d = self.sock.recv(65536)
+                if not d:
+                    raise ConnectionError("closed inside the answer")
+                rest += d
+            if fields.get("connection", "").lower() == "close":
+                self.close()
+            return status, rest[:n]
+        # No length: the body runs to the close.
+        while True:
+            d = self.sock.recv(65536)
+            if not d:
+                break
+            rest += d
+        self.close()
+        return status, rest
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def pids_naming(text, comm=None, serving=False):
@@ -562,7 +712,7 @@ def run_system(system, args):
         fe = free_port()
 
         # The frontend, routed to node A: not measured.
-        status, _ = system.update(fe, NODE_A)
+        status = update(system, fe, NODE_A)
         if status != 200:
             raise BenchError(f"{system.label}: creating the frontend answered {status}")
         system.wait_idle()
@@ -578,21 +728,30 @@ def run_system(system, args):
         load = Helper(load_main, fe, args.rate, 4)
         time.sleep(0.5)  # load pacing: let the client load run steadily before the changes
 
-        lat, answer, bad = [], [], 0
+        lat, seen_lat, answer, bad = [], [], [], 0
         ip = NODE_A
         hist0 = system.apply_histogram() if isinstance(system, Lbagent) else None
         t0 = time.monotonic()
         for i in range(args.changes):
             ip = NODE_B if ip == NODE_A else NODE_A
-            t = time.monotonic()
-            status, _ = system.update(fe, ip)
-            answer.append(time.monotonic() - t)
+            # The frontend is polled from the moment the request is sent, while it is in flight:
+            # the webhook answers before its script runs, lbagent after HAProxy took the change,
+            # and either way the latency ends when traffic reaches the new address. No garbage
+            # collection in this process inside the window: it would pause the probes.
+            gc.disable()
+            system.send_update(fe, ip)
+            t = system.client.sent_at
+            got = wait_for_answer(fe, ip, 20, system.client)
+            status, answered = system.finish_update()
+            gc.enable()
+            answer.append(answered - t)
             if status != 200:
                 bad += 1
-            seen = wait_for_answer(fe, ip, 20)
-            if seen is None:
+            if got is None:
                 raise BenchError(f"{system.label}: change {i + 1} to {ip} never served")
-            lat.append(seen - t)
+            seen, accepted = got
+            lat.append(accepted - t)
+            seen_lat.append(seen - t)
             system.wait_idle()
             time.sleep(args.gap)  # load pacing between changes
         t1 = time.monotonic()
@@ -606,7 +765,7 @@ def run_system(system, args):
         tb = time.monotonic()
         for i in range(args.burst):
             ip = NODE_B if ip == NODE_A else NODE_A
-            status, _ = system.update(fe, ip)
+            status = update(system, fe, ip)
             if status != 200:
                 bad += 1
         try:
@@ -622,7 +781,7 @@ def run_system(system, args):
                 last.append(probe(fe))
             except OSError as e:
                 last.append(type(e).__name__)
-        res["burst_rate"] = args.burst / (seen - tb) if (seen and idle) else None
+        res["burst_rate"] = args.burst / (seen[0] - tb) if (seen and idle) else None
         res["burst_ends_right"] = all(x == ip for x in last)
         res["burst_last"] = sorted(set(last))
         res["failed_runs"] = system.failed_runs()
@@ -641,6 +800,7 @@ def run_system(system, args):
             return sum(1 for x in rows if not x[1]), len(rows), sorted({x[2] for x in rows if not x[1]})
 
         res["lat"] = lat
+        res["seen_lat"] = seen_lat
         res["answer"] = answer
         res["bad_status"] = bad
         res["fail"], res["load_n"], res["fail_kinds"] = window(t0, t1)
@@ -652,6 +812,7 @@ def run_system(system, args):
             res["applied"] = dict(system.applied)
         if os.environ.get("COMPARE_DEBUG"):
             log(f"{system.label}: latencies ms " + " ".join(f"{x * 1000:.1f}" for x in lat))
+            log(f"{system.label}: seen by the client ms " + " ".join(f"{x * 1000:.1f}" for x in seen_lat))
             log(f"{system.label}: answers ms " + " ".join(f"{x * 1000:.1f}" for x in answer))
         log(f"{system.label}: done ({t1 - t0:.1f} s of changes, burst {tb1 - tb:.2f} s)")
         return res
@@ -681,15 +842,23 @@ def print_table(results, args):
         rows.append([name] + [f(r) for r in results] + [target])
 
     n = args.changes
-    row("update latency p50 (ms)", lambda r: fmt_ms(pct(r["lat"], 0.50)))
-    row(f"update latency p99 (ms; of {n}{', = the max' if n < 100 else ''})",
-        lambda r: fmt_ms(pct(r["lat"], 0.99)))
+    of = f"of {n}{', = the max' if n < 100 else ''}"
+    row("update latency p50 (ms): sent → the new address accepts a connection",
+        lambda r: fmt_ms(pct(r["lat"], 0.50)))
+    row(f"update latency p99 (ms; {of})", lambda r: fmt_ms(pct(r["lat"], 0.99)))
     lb = next((r for r in results if r["label"] == "lbagent"), None)
+
+    def ratios(key):
+        return lambda r: "" if r is lb else (
+            f"{pct(r[key], 0.50) / pct(lb[key], 0.50):.0f}×, "
+            f"{pct(r[key], 0.99) / pct(lb[key], 0.99):.0f}×")
+
     if lb:
-        p99 = pct(lb["lat"], 0.99)
-        p50 = pct(lb["lat"], 0.50)
-        row("baseline ÷ lbagent: p50, p99", lambda r: "" if r is lb
-            else f"{pct(r['lat'], 0.50) / p50:.0f}×, {pct(r['lat'], 0.99) / p99:.0f}×", "p99 ≥ 50×")
+        row("baseline ÷ lbagent: p50, p99", ratios("lat"), "p99 ≥ 50×")
+    row("the same, seen by the client: p50 / p99 (ms; the probe's answer read back)",
+        lambda r: f"{fmt_ms(pct(r['seen_lat'], 0.50))} / {fmt_ms(pct(r['seen_lat'], 0.99))}")
+    if lb:
+        row("baseline ÷ lbagent, seen by the client: p50, p99", ratios("seen_lat"))
     row("HTTP answer p50 (ms)", lambda r: fmt_ms(pct(r["answer"], 0.50)))
 
     def in_agent(r):
@@ -741,7 +910,7 @@ def print_table(results, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--changes", type=int, default=20, help="address changes per system (20)")
+    ap.add_argument("--changes", type=int, default=100, help="address changes per system (100)")
     ap.add_argument("--hold", type=int, default=20, help="long-lived connections held (20)")
     ap.add_argument("--rate", type=int, default=200, help="client load, connections/s (200)")
     ap.add_argument("--burst", type=int, default=20, help="changes in the burst (20)")

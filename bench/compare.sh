@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The old design (webhook + shell script, bench/baseline/) in its two variants against lbagent,
-# with the same workload in the same run; prints one table. About 1-2 minutes.
+# with the same workload in the same run; prints one table. About 2-3 minutes.
 #
 #   bench/compare.sh                      # build lbagent (release) and compare all three
-#   bench/compare.sh --changes 40 --only A,L
+#   bench/compare.sh --changes 200 --only A,L
 #   LBAGENT=path/to/lbagent bench/compare.sh    # skip the build
 #   COMPARE_DEBUG=1 ...      # also print every change's latency and HTTP answer time
 #   BASELINE_NO_EXPOSE_FD=1  # the baseline's stats socket without `expose-fd listeners`
