@@ -2,11 +2,14 @@
 """The old design against lbagent, same workload, same run, one table.
 
 Run it through bench/compare.sh (which builds lbagent, makes the temp directory and cleans up
-behind it). Three systems, one after the other, each on its own frontend port:
+behind it). Four systems, one after the other, each on its own frontend port:
 
   A  webhook + update-haproxy.sh, reload  (bench/baseline/, SIGUSR2 to HAProxy's master)
   B  webhook + update-haproxy.sh, restart (stop HAProxy, start it again)
   L  lbagent, managed mode (its own HAProxy, same binary and same global/defaults)
+  F  the floor: no control plane; the bench sends lbagent's one command for an address change
+     (`set server B/S addr`) straight to HAProxy's admin socket. What HAProxy and this
+     instrument take on their own, so lbagent's figures can be read against it.
 
 Two echo "nodes", 127.0.0.2:P and 127.0.0.3:P, greet each connection with their address and
 the moment they accepted it, then echo. Each system first gets a frontend routed to 127.0.0.2
@@ -394,6 +397,8 @@ def update(system, fe, ip):
 
 
 class Baseline:
+    kind = "baseline"
+
     def __init__(self, variant, tmp, haproxy_bin, node_port):
         self.variant = variant  # "reload" or "restart"
         self.label = {"reload": "A: webhook + reload", "restart": "B: webhook + restart"}[variant]
@@ -486,6 +491,7 @@ class Baseline:
 
 class Lbagent:
     label = "lbagent"
+    kind = "lbagent"
 
     def __init__(self, binary, tmp, node_port):
         self.binary = binary
@@ -577,6 +583,120 @@ class Lbagent:
                 self.proc.kill()
                 self.proc.wait()
         kill_naming(self.state)
+
+
+class Direct:
+    """The floor: no control plane at all. The bench itself sends `set server ... addr` to
+    HAProxy's admin socket, the one command lbagent sends for an address change, so its latency
+    is what HAProxy and this instrument take: any runtime-API agent's best case here. Its
+    HAProxy has the backend lbagent renders."""
+
+    label = "floor: the command alone"
+    kind = "floor"
+
+    def __init__(self, tmp, haproxy_bin, node_port):
+        self.state = os.path.join(tmp, "direct")
+        self.haproxy_bin = haproxy_bin
+        self.node_port = node_port
+        self.haproxy = None
+        self.client = CommandClient(os.path.join(self.state, "admin.sock"))
+
+    def start(self):
+        os.makedirs(self.state)
+
+    def root_pid(self):
+        return os.getpid()  # no control plane: the sampler's figures are left out of the table
+
+    def send_update(self, fe, ip):
+        if self.haproxy is None:
+            # The first update: HAProxy with the frontend, as lbagent's reload would leave it.
+            with open(os.path.join(BASELINE_HOME, "global.cfg")) as f:
+                text = f.read().replace("@STATE@", self.state)
+            text += (f"\nfrontend fe_{fe}\n    bind 127.0.0.1:{fe}\n    default_backend be_{fe}\n"
+                     f"\nbackend be_{fe}\n    balance roundrobin\n    retries 3\n"
+                     f"    option redispatch 1\n    server node-a {ip}:{self.node_port} check\n")
+            cfg = os.path.join(self.state, "haproxy.cfg")
+            with open(cfg, "w") as f:
+                f.write(text)
+            subprocess.run([self.haproxy_bin, "-D", "-p", os.path.join(self.state, "haproxy.pid"),
+                            "-f", cfg], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            self.haproxy = True
+            self.client.ready()
+            return
+        self.client.send(f"set server be_{fe}/node-a addr {ip} port {self.node_port}\n")
+
+    def finish_update(self):
+        return self.client.finish()
+
+    def wait_idle(self, timeout=30):
+        pass
+
+    def failed_runs(self):
+        return 0
+
+    def serving_processes(self):
+        return len(pids_naming(self.state, b"haproxy", serving=True))
+
+    def stop(self):
+        self.client.close()
+        kill_naming(self.state)
+
+
+class CommandClient:
+    """One runtime API command per connection to HAProxy's admin socket (HAProxy answers, then
+    closes): the same send / note_answer / finish shape as UpdateClient."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = None
+        self.sent_at = None
+        self.answered = None
+        self.created = False
+
+    def ready(self):
+        """After the first update, which starts HAProxy: answered at once."""
+        wait_until("the admin socket", lambda: os.path.exists(self.path), 10)
+        self.sent_at = self.answered = time.monotonic()
+        self.created = True
+
+    def send(self, line):
+        self.created = False
+        self.answered = None
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(self.path)
+        self.sent_at = time.monotonic()
+        self.sock.sendall(line.encode())
+
+    def note_answer(self):
+        if self.answered is None and self.sock is not None:
+            if select.select([self.sock], [], [], 0)[0]:
+                self.answered = time.monotonic()
+
+    def finish(self):
+        """(status, time the answer was first seen): 200 when HAProxy took the address."""
+        if self.created:
+            return 200, self.answered
+        buf = b""
+        try:
+            while True:
+                d = self.sock.recv(4096)
+                if not d:
+                    break
+                buf += d
+        except OSError:
+            pass
+        if self.answered is None:
+            self.answered = time.monotonic()
+        self.close()
+        ok = buf.startswith(b"IP changed from") or buf.startswith(b"no need to change")
+        return (200 if ok else 500), self.answered
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class UpdateClient:
@@ -708,7 +828,7 @@ def run_system(system, args):
     log(f"{system.label}: starting")
     sampler = None
     load = hold = None
-    res = {"label": system.label}
+    res = {"label": system.label, "kind": system.kind}
     try:
         system.start()
         sampler = Helper(sample_main, system.root_pid())
@@ -849,20 +969,26 @@ def print_table(results, args):
     row("update latency p50 (ms): sent → the new address accepts a connection",
         lambda r: fmt_ms(pct(r["lat"], 0.50)))
     row(f"update latency p99 (ms; {of})", lambda r: fmt_ms(pct(r["lat"], 0.99)))
-    lb = next((r for r in results if r["label"] == "lbagent"), None)
+    lb = next((r for r in results if r["kind"] == "lbagent"), None)
+    floor = next((r for r in results if r["kind"] == "floor"), None)
 
     def ratios(key):
-        return lambda r: "" if r is lb else (
+        return lambda r: "" if r["kind"] != "baseline" else (
             f"{pct(r[key], 0.50) / pct(lb[key], 0.50):.0f}×, "
             f"{pct(r[key], 0.99) / pct(lb[key], 0.99):.0f}×")
 
     if lb:
         row("baseline ÷ lbagent: p50, p99", ratios("lat"), "p99 ≥ 50×")
+    if lb and floor:
+        row("lbagent above the floor: p50, p99 (ms)", lambda r: "" if r is not lb else (
+            f"{fmt_ms(pct(lb['lat'], 0.50) - pct(floor['lat'], 0.50))}, "
+            f"{fmt_ms(pct(lb['lat'], 0.99) - pct(floor['lat'], 0.99))}"))
     row("the same, seen by the client: p50 / p99 (ms; the probe's answer read back)",
         lambda r: f"{fmt_ms(pct(r['seen_lat'], 0.50))} / {fmt_ms(pct(r['seen_lat'], 0.99))}")
     if lb:
         row("baseline ÷ lbagent, seen by the client: p50, p99", ratios("seen_lat"))
-    row("HTTP answer p50 (ms)", lambda r: fmt_ms(pct(r["answer"], 0.50)))
+    row("answer p50 (ms; HTTP, or the socket's for the floor)",
+        lambda r: fmt_ms(pct(r["answer"], 0.50)))
 
     def in_agent(r):
         if "apply_hist" not in r:
@@ -880,7 +1006,7 @@ def print_table(results, args):
     row("burst ends on the last address",
         lambda r: "yes" if r["burst_ends_right"] else "no: " + "/".join(r["burst_last"]))
     row("script runs that failed: in the changes / in the burst",
-        lambda r: "n/a" if r["label"] == "lbagent"
+        lambda r: "n/a" if r["kind"] != "baseline"
         else f"{r['failed_runs_changes']} / {r['failed_runs'] - r['failed_runs_changes']}")
     row(f"failed client requests during {n} changes ({args.rate}/s load)",
         lambda r: f"{r['fail']} of {r['load_n']}" + (f" ({', '.join(r['fail_kinds'])})" if r["fail"] else ""),
@@ -889,8 +1015,10 @@ def print_table(results, args):
     row(f"long-lived connections cut ({args.hold} held; total over {n} changes)",
         lambda r: f"{r['cuts']} ({r['cuts'] / n:.1f}/change)", "lbagent 0")
     row("update requests not answered 200", lambda r: str(r["bad_status"]))
-    row("control plane RSS idle (MiB)", lambda r: f"{r['rss_idle'] / 1024:.1f}")
-    row("control plane RSS peak (MiB)", lambda r: f"{r['rss_peak'] / 1024:.1f}")
+    row("control plane RSS idle (MiB)",
+        lambda r: "—" if r["kind"] == "floor" else f"{r['rss_idle'] / 1024:.1f}")
+    row("control plane RSS peak (MiB)",
+        lambda r: "—" if r["kind"] == "floor" else f"{r['rss_peak'] / 1024:.1f}")
     row("HAProxy processes after the changes / at the end",
         lambda r: f"{r['serving_after_changes']} / {r['serving_end']}")
 
@@ -903,7 +1031,8 @@ def print_table(results, args):
         print(f"\nlbagent answers: {lb.get('applied')}")
         ok_fail = lb["fail"] == 0
         ok_cut = lb["cuts"] == 0
-        ratios = [pct(r["lat"], 0.99) / pct(lb["lat"], 0.99) for r in results if r is not lb]
+        ratios = [pct(r["lat"], 0.99) / pct(lb["lat"], 0.99)
+                  for r in results if r["kind"] == "baseline"]
         print(f"targets: lbagent failed requests 0: {'met' if ok_fail else 'MISSED'}; "
               f"cut connections 0: {'met' if ok_cut else 'MISSED'}; "
               f"p99 ≥ 50× below each baseline: "
@@ -918,7 +1047,8 @@ def main():
     ap.add_argument("--rate", type=int, default=200, help="client load, connections/s (200)")
     ap.add_argument("--burst", type=int, default=20, help="changes in the burst (20)")
     ap.add_argument("--gap", type=float, default=0.3, help="pause between changes, s (0.3)")
-    ap.add_argument("--only", default="A,B,L", help="systems to run: A,B,L")
+    ap.add_argument("--only", default="A,B,L,F",
+                    help="systems to run: A,B,L,F (F: the floor, the command alone)")
     args = ap.parse_args()
 
     tmp = os.environ["BENCH_TMP"]
@@ -944,6 +1074,8 @@ def main():
                 systems.append(Baseline("restart", tmp, haproxy_bin, port))
             elif key == "L":
                 systems.append(Lbagent(lbagent, tmp, port))
+            elif key == "F":
+                systems.append(Direct(tmp, haproxy_bin, port))
         load_before = os.getloadavg()[0]
         t = time.monotonic()
         results = [run_system(s, args) for s in systems]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The old design (webhook + shell script, bench/baseline/) in its two variants against lbagent,
-# with the same workload in the same run; prints one table. About 2-3 minutes.
+# and the floor (the runtime command alone, no agent), with the same workload in the same run;
+# prints one table. About 3 minutes.
 #
-#   bench/compare.sh                      # build lbagent (release) and compare all three
+#   bench/compare.sh                      # build lbagent (release) and compare all four
 #   bench/compare.sh --changes 200 --only A,L
 #   LBAGENT=path/to/lbagent bench/compare.sh    # skip the build
 #   COMPARE_DEBUG=1 ...      # also print every change's latency and HTTP answer time
