@@ -491,8 +491,9 @@ impl Owner {
         if accepted.is_empty() {
             return;
         }
-        if self.store.is_none() {
-            // Still closed after the retry in `apply_group`: refuse before HAProxy sees it.
+        if self.store.is_none() && accepted.iter().any(|a| a.effect != Effect::Unchanged) {
+            // Still closed after the retry in `apply_group`: refuse before HAProxy sees it. (A
+            // group that changes nothing, such as heartbeats, has nothing to store and goes on.)
             for a in accepted.iter().rev() {
                 self.state.undo(a.undo.clone());
             }
