@@ -250,6 +250,8 @@ struct Owner {
     out_of_sync: bool,
     haproxy_up: bool,
     last_error: Option<String>,
+    /// Why the store is closed (a reopen after a failure did not work); None when it is open.
+    store_error: Option<String>,
     drift: Vec<String>,
     /// (pid, start time) of the HAProxy worker, to notice a restart.
     identity: Option<(u64, u64)>,
@@ -290,6 +292,7 @@ pub fn spawn(
         out_of_sync: true,
         haproxy_up: false,
         last_error: None,
+        store_error: None,
         drift: Vec::new(),
         identity: None,
         suspect_ports: BTreeSet::new(),
@@ -405,9 +408,10 @@ impl Owner {
     fn health(&self) -> Health {
         Health {
             haproxy: if self.haproxy_up { "up" } else { "down" },
-            in_sync: self.haproxy_up && !self.out_of_sync,
+            // A closed store refuses every change: not healthy, whatever HAProxy does.
+            in_sync: self.haproxy_up && !self.out_of_sync && self.store_error.is_none(),
             drift: self.drift.clone(),
-            error: self.last_error.clone(),
+            error: self.store_error.clone().or_else(|| self.last_error.clone()),
             generation: self.state.generation,
         }
     }
@@ -484,9 +488,11 @@ impl Owner {
     /// fsync, then answers. HAProxy goes first so traffic moves without waiting for the disk:
     /// the fsync is most of a change's time, and several times the round trip when the CPUs are
     /// busy. The answer still waits for both, so a 200 means applied and stored. If the store
-    /// fails, the group is undone in memory and HAProxy is put back to the stored state at
-    /// once: no change the client was refused stays in the data plane. (An agent killed between
-    /// the two leaves the same kind of unanswered change, which its first reconcile undoes.)
+    /// fails, the group is undone in memory, the store reopened, and HAProxy put back to what
+    /// the store holds before the error is answered. (That is the state before the group,
+    /// unless the record reached the journal although its fsync failed: then the change stays,
+    /// unconfirmed, as it would after a crash. An agent killed between the two steps leaves the
+    /// same kind of unanswered change, which its first reconcile settles.)
     async fn commit_runtime(&mut self, accepted: Vec<Accepted>) {
         if accepted.is_empty() {
             return;
@@ -497,10 +503,7 @@ impl Owner {
             for a in accepted.iter().rev() {
                 self.state.undo(a.undo.clone());
             }
-            let why = match self.last_error.as_deref() {
-                Some(e) if e.starts_with("store: ") => format!("the store is closed ({e})"),
-                _ => "the store is closed".to_string(),
-            };
+            let why = self.closed_store_reason();
             for a in accepted {
                 let _ = a.reply.send(Err(ApplyError::Store(why.clone())));
             }
@@ -595,13 +598,22 @@ impl Owner {
                     );
                     self.state = state;
                     self.out_of_sync = true;
+                    self.dirty.send_replace(self.state.generation);
                 }
                 self.store = Some(store);
+                self.store_error = None;
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reopen the store; changes are refused until it can be (tried again on each change)");
-                self.last_error = Some(format!("store: {e}"));
+                self.store_error = Some(format!("store: {e}"));
             }
+        }
+    }
+
+    fn closed_store_reason(&self) -> String {
+        match &self.store_error {
+            Some(e) => format!("the store is closed ({e})"),
+            None => "the store is closed".to_string(),
         }
     }
 
@@ -686,6 +698,10 @@ impl Owner {
             return Err(ApplyError::Unavailable(e.to_string()));
         }
         self.set_up(true);
+        if self.store.is_none() {
+            // Refused before HAProxy sees it, as on the runtime path.
+            return Err(ApplyError::Store(self.closed_store_reason()));
+        }
         // Again: changes applied earlier in the same group may have used up the cap.
         self.check_policy(&change)?;
         let (_, undo) = self.state.apply_with_undo(&change)?;
@@ -698,11 +714,15 @@ impl Owner {
             }
         }
         if let Err(e) = self.store_commit(std::slice::from_ref(&change)) {
-            // HAProxy now runs a frontend the store does not have: take it back out.
+            // HAProxy now runs a frontend the store does not have: take it back out. The file
+            // must be written again although its generation is not newer than the one just
+            // installed (the undo took the generation back).
             self.state.undo(undo);
             self.reopen_store();
+            self.files.lock().await.written = None;
             if let Err(msg) = self.reload_to_current(&change).await {
-                tracing::error!(error = %msg, "could not take back a frontend after the store failed");
+                tracing::error!(error = %msg, "could not take back a frontend after the store failed; the timer will");
+                self.suspect_ports.insert(change.frontend_port());
             }
             return Err(ApplyError::Store(e));
         }
@@ -748,15 +768,21 @@ impl Owner {
         let failure = match self.reload_haproxy().await {
             // A reload that failed or timed out may still have happened: reload back too.
             Err(e) => Some((e, true)),
+            // Confirmed by the frontend opening, when the state has it (not when this reload
+            // takes one back out).
             Ok(_) => match change {
-                Change::PutServer { frontend_port, .. } => wait_frontend_open(
-                    &mut self.client,
-                    frontend_name(*frontend_port).as_str(),
-                    self.reload_deadline,
-                )
-                .await
-                .err()
-                .map(|e| (e.to_string(), true)),
+                Change::PutServer { frontend_port, .. }
+                    if self.state.frontends.contains_key(frontend_port) =>
+                {
+                    wait_frontend_open(
+                        &mut self.client,
+                        frontend_name(*frontend_port).as_str(),
+                        self.reload_deadline,
+                    )
+                    .await
+                    .err()
+                    .map(|e| (e.to_string(), true))
+                }
                 _ => None,
             },
         };

@@ -1705,15 +1705,52 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
         .contains_key(&(format!("be_{fe}"), "n2".to_string())));
     // A heartbeat that changes nothing has nothing to store: still answered.
     agent.put_ok(fe, "n1", &body(&a.ip(), a.port(), json!({})), "unchanged");
+    // A new frontend is refused before any reload: nothing listens on its port.
+    let reloads = agent.show_proc().master.and_then(|m| m.reloads);
+    let fe2 = free_port();
+    let r = agent.put(fe2, "n1", &body(&a.ip(), a.port(), json!({})));
+    r.assert_error(
+        500,
+        "store_failed",
+        "a new frontend while the store is closed",
+    );
+    assert!(!accepts(fe2), "fe_{fe2} listens although refused");
+    assert_eq!(
+        agent.show_proc().master.and_then(|m| m.reloads),
+        reloads,
+        "HAProxy was reloaded for a change the closed store refused"
+    );
+    // And the agent says so.
+    let h = agent.get("/healthz");
+    assert_eq!(h.status, 503, "{h:?}");
+    assert!(
+        h.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("store")),
+        "{h:?}"
+    );
 
     // The disk recovers: no restart needed, the next change is stored and applied.
     drop(guard);
     agent.put_ok(fe, "n1", &body(&b.ip(), b.port(), json!({})), "runtime");
     wait_reaches(fe, "B", SETTLE);
+
+    // A new frontend whose fsync fails after HAProxy reloaded with it: taken back out by a
+    // second reload before the 500 is answered.
+    let guard = Immutable::set(&journal).expect("set the flag a second time");
+    let fe3 = free_port();
+    let r = agent.put(fe3, "n1", &body(&a.ip(), a.port(), json!({})));
+    r.assert_error(500, "store_failed", "a new frontend the journal refuses");
+    assert!(!accepts(fe3), "fe_{fe3} still listens after the refusal");
+    drop(guard);
+    wait_reaches(fe, "B", SETTLE);
+
     agent.restart();
     let d = agent.desired();
     assert_eq!(d.1[&(fe, "n1".to_string())].ip, b.ip(), "{d:?}");
     assert!(!d.1.contains_key(&(fe, "n2".to_string())), "{d:?}");
+    assert!(!d.1.contains_key(&(fe2, "n1".to_string())), "{d:?}");
+    assert!(!d.1.contains_key(&(fe3, "n1".to_string())), "{d:?}");
     agent.wait_in_sync(SETTLE);
     wait_reaches(fe, "B", SETTLE);
 }
