@@ -500,9 +500,7 @@ impl Owner {
         if self.store.is_none() && accepted.iter().any(|a| a.effect != Effect::Unchanged) {
             // Still closed after the retry in `apply_group`: refuse before HAProxy sees it. (A
             // group that changes nothing, such as heartbeats, has nothing to store and goes on.)
-            for a in accepted.iter().rev() {
-                self.state.undo(a.undo.clone());
-            }
+            self.undo_group(&accepted);
             let why = self.closed_store_reason();
             for a in accepted {
                 let _ = a.reply.send(Err(ApplyError::Store(why.clone())));
@@ -553,9 +551,7 @@ impl Owner {
             .map(|a| a.change.clone())
             .collect();
         if let Err(e) = self.store_commit(&changed) {
-            for a in accepted.iter().rev() {
-                self.state.undo(a.undo.clone());
-            }
+            self.undo_group(&accepted);
             self.reopen_store();
             // Before answering, so a refused client never finds its change still serving.
             tracing::warn!(error = %e, "not stored: putting HAProxy back to the stored state");
@@ -579,6 +575,13 @@ impl Owner {
                 applied,
                 generation,
             }));
+        }
+    }
+
+    /// Takes a group back out of the in-memory state, last change first.
+    fn undo_group(&mut self, accepted: &[Accepted]) {
+        for a in accepted.iter().rev() {
+            self.state.undo(a.undo.clone());
         }
     }
 
