@@ -423,7 +423,25 @@ def update(system, fe, ip):
 # ---------------------------------------------------------------- the systems
 
 
-class Baseline:
+class System:
+    """What the systems share: their state directory names every process they start."""
+
+    def serving_processes(self):
+        return len(pids_naming(self.state, b"haproxy", serving=True))
+
+
+def terminate(proc, within):
+    """SIGTERM, then SIGKILL after `within` seconds."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(within)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Baseline(System):
     kind = "baseline"
 
     def __init__(self, variant, tmp, haproxy_bin, node_port):
@@ -501,22 +519,13 @@ class Baseline:
     def failed_runs(self):
         return sum(1 for r in self.runs() if r[1] != "0")
 
-    def serving_processes(self):
-        return len(pids_naming(self.state, b"haproxy", serving=True))
-
     def stop(self):
         self.client.close()
-        if self.webhook and self.webhook.poll() is None:
-            self.webhook.terminate()
-            try:
-                self.webhook.wait(5)
-            except subprocess.TimeoutExpired:
-                self.webhook.kill()
-                self.webhook.wait()
+        terminate(self.webhook, 5)
         kill_naming(self.state)
 
 
-class Lbagent:
+class Lbagent(System):
     label = "lbagent"
     kind = "lbagent"
 
@@ -597,22 +606,13 @@ class Lbagent:
     def failed_runs(self):
         return 0
 
-    def serving_processes(self):
-        return len(pids_naming(self.state, b"haproxy", serving=True))
-
     def stop(self):
         self.client.close()
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         kill_naming(self.state)
 
 
-class Direct:
+class Direct(System):
     """The floor: no control plane at all. The bench itself sends `set server ... addr` to
     HAProxy's admin socket, the one command lbagent sends for an address change, so its latency
     is what HAProxy and this instrument take: any runtime-API agent's best case here. Its
@@ -661,9 +661,6 @@ class Direct:
 
     def failed_runs(self):
         return 0
-
-    def serving_processes(self):
-        return len(pids_naming(self.state, b"haproxy", serving=True))
 
     def stop(self):
         self.client.close()
