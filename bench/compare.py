@@ -667,7 +667,25 @@ class Direct(System):
         kill_naming(self.state)
 
 
-class CommandClient:
+class RequestSocket:
+    """What both request clients share: one socket, and when its answer was first seen."""
+
+    sock = None
+    answered = None
+
+    def note_answer(self):
+        """Records when the answer's first bytes are readable (a non-blocking look)."""
+        if self.answered is None and self.sock is not None:
+            if select.select([self.sock], [], [], 0)[0]:
+                self.answered = time.monotonic()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class CommandClient(RequestSocket):
     """One runtime API command per connection to HAProxy's admin socket (HAProxy answers, then
     closes): the same send / note_answer / finish shape as UpdateClient."""
 
@@ -693,11 +711,6 @@ class CommandClient:
         self.sent_at = time.monotonic()
         self.sock.sendall(line.encode())
 
-    def note_answer(self):
-        if self.answered is None and self.sock is not None:
-            if select.select([self.sock], [], [], 0)[0]:
-                self.answered = time.monotonic()
-
     def finish(self):
         """(status, time the answer was first seen): 200 when HAProxy took the address."""
         if self.created:
@@ -717,13 +730,8 @@ class CommandClient:
         ok = buf.startswith(b"IP changed from") or buf.startswith(b"no need to change")
         return (200 if ok else 500), self.answered
 
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
-
-class UpdateClient:
+class UpdateClient(RequestSocket):
     """The update requests of one system, over one kept-alive HTTP/1.1 connection on a raw
     socket: the same few syscalls for the webhook and for lbagent, and no http.client (whose
     header parsing alone costs more than lbagent's whole change). A request is sent, then its
@@ -751,12 +759,6 @@ class UpdateClient:
             self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(self.request)
-
-    def note_answer(self):
-        """Records when the answer's first bytes are readable (a non-blocking look)."""
-        if self.answered is None and self.sock is not None:
-            if select.select([self.sock], [], [], 0)[0]:
-                self.answered = time.monotonic()
 
     def finish(self):
         """(status, body, time the answer was first seen); status 0 when none came."""
@@ -807,11 +809,6 @@ class UpdateClient:
             rest += d
         self.close()
         return status, rest
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def pids_naming(text, comm=None, serving=False):
