@@ -616,7 +616,8 @@ class Direct(System):
     """The floor: no control plane at all. The bench itself sends `set server ... addr` to
     HAProxy's admin socket, the one command lbagent sends for an address change, so its latency
     is what HAProxy and this instrument take: any runtime-API agent's best case here. Its
-    HAProxy has the backend lbagent renders."""
+    HAProxy has the backend lbagent renders (a copy of src/render.rs's backend block: keep
+    the two alike)."""
 
     label = "floor: the command alone"
     kind = "floor"
