@@ -52,6 +52,7 @@ import random
 import secrets
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -529,8 +530,9 @@ class Lbagent(System):
     label = "lbagent"
     kind = "lbagent"
 
-    def __init__(self, binary, tmp, node_port):
+    def __init__(self, binary, tmp, haproxy_bin, node_port):
         self.binary = binary
+        self.haproxy_bin = haproxy_bin
         self.state = os.path.join(tmp, "lbagent")
         self.node_port = node_port
         self.port = free_port()
@@ -543,7 +545,7 @@ class Lbagent(System):
         self.log = open(os.path.join(self.state, "..", "lbagent.log"), "w")
         self.proc = subprocess.Popen(
             [self.binary, "--state-dir", self.state, "--listen", f"127.0.0.1:{self.port}",
-             "--frontend-bind", "127.0.0.1"],
+             "--frontend-bind", "127.0.0.1", "--haproxy-bin", self.haproxy_bin],
             env=dict(os.environ, RUST_LOG="warn"), stdout=self.log, stderr=subprocess.STDOUT,
         )
         keys = os.path.join(self.state, "keys.toml")
@@ -1075,7 +1077,8 @@ def main():
 
     tmp = os.environ["BENCH_TMP"]
     lbagent = os.environ["LBAGENT"]
-    haproxy_bin = os.environ.get("HAPROXY_BIN") or "haproxy"
+    # The HAProxy under test, as for the tests: $LBAGENT_TEST_HAPROXY, else the machine's.
+    haproxy_bin = os.environ.get("LBAGENT_TEST_HAPROXY") or shutil.which("haproxy") or "/usr/sbin/haproxy"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     ctx = mp.get_context("fork")
@@ -1095,7 +1098,7 @@ def main():
             elif key == "B":
                 systems.append(Baseline("restart", tmp, haproxy_bin, port))
             elif key == "L":
-                systems.append(Lbagent(lbagent, tmp, port))
+                systems.append(Lbagent(lbagent, tmp, haproxy_bin, port))
             elif key == "F":
                 systems.append(Direct(tmp, haproxy_bin, port))
         load_before = os.getloadavg()[0]

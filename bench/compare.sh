@@ -9,6 +9,7 @@
 #   COMPARE_DEBUG=1 ...      # also print every change's latency and HTTP answer time
 #   BASELINE_NO_EXPOSE_FD=1  # the baseline's stats socket without `expose-fd listeners`
 #   KEEP_TMP=1               # keep the temp dir (logs, configs) for a look afterwards
+#   LBAGENT_TEST_HAPROXY=PATH  # the HAProxy all systems run (default: haproxy on PATH)
 #
 # Needs haproxy, webhook (apt-get install -y webhook) and python3. Loopback only: the nodes are
 # 127.0.0.2 and 127.0.0.3, every listener binds 127.0.0.1. Everything it starts is stopped on

@@ -71,6 +71,13 @@ fn start_agent() -> Agent {
             "--reconcile-interval",
             "5",
         ])
+        // The HAProxy under test, as for the integration tests (`LBAGENT_TEST_HAPROXY`).
+        .args(
+            std::env::var_os("LBAGENT_TEST_HAPROXY")
+                .filter(|p| !p.is_empty())
+                .map(|p| vec![std::ffi::OsString::from("--haproxy-bin"), p])
+                .unwrap_or_default(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -4,7 +4,7 @@
 #
 #   benches/lbctl_show.sh [RUNS]        (default 20 timed runs per case, after 2 warm-up runs)
 #
-# Starts its own HAProxy (haproxy on PATH, else /usr/sbin/haproxy, or $HAPROXY_BIN) on a stats
+# Starts its own HAProxy (haproxy on PATH, else /usr/sbin/haproxy, or $LBAGENT_TEST_HAPROXY) on a stats
 # socket in a temporary directory, with BACKENDS backends of SERVERS_PER_BACKEND servers on
 # loopback addresses (no health checks, no traffic), and stops it on exit. Builds
 # target/release/lbctl with `cargo build --release` unless $LBCTL names a binary. The cases are
@@ -21,7 +21,7 @@ TARGET_MS=150
 cd "$(dirname "$0")/.."
 [[ $RUNS =~ ^[0-9]+$ ]] && ((RUNS >= 1 && RUNS <= 1000)) || { echo "RUNS must be 1..1000" >&2; exit 2; }
 
-HAPROXY=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
+HAPROXY=${LBAGENT_TEST_HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 # The interpreter itself, not a version manager's shim (pyenv's adds ~100 ms per start).
 PY=$(python3 -c 'import sys; print(sys.executable)')
 if [[ -z ${LBCTL:-} ]]; then

@@ -205,7 +205,8 @@ impl Bare {
         assert!(self.buf.starts_with(b"IP changed"), "{}", moves.lines[p][s]);
     }
 
-    /// `SERVERS` commands joined with `;` into one line (prebuilt per place).
+    /// `SERVERS` commands, one per line, in one write (prebuilt per place). One line each, as
+    /// the client sends them: HAProxy 3.2 answers a `;`-joined line with a single prompt.
     fn all(&mut self, moves: &mut Moves, joined: &[Vec<u8>; 2]) {
         let p = moves.next_all();
         self.send(&joined[p]);
@@ -216,7 +217,7 @@ impl Bare {
 
 fn joined_lines(moves: &Moves) -> [Vec<u8>; 2] {
     [0, 1].map(|p| {
-        let mut l = moves.lines[p].join(";").into_bytes();
+        let mut l = moves.lines[p].join("\n").into_bytes();
         l.push(b'\n');
         l
     })

@@ -19,7 +19,8 @@
 #
 # Settings (environment): LBI_MODE=auto|netns|loopback, LBI_CHANGES=5, LBI_BOUND=10 (seconds),
 # LBI_RATE=50 (requests per second), LBI_KEEP=1 (keep the temporary directory and its logs),
-# LBI_BUILD=1 (rebuild the release binaries even when they exist; by default only if missing).
+# LBI_BUILD=1 (rebuild the release binaries even when they exist; by default only if missing),
+# LBAGENT_TEST_HAPROXY=/path/to/haproxy (the HAProxy to run; default: haproxy on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -44,8 +45,11 @@ elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
 # Tools and binaries
 # ---------------------------------------------------------------------------------------------
 
-HAPROXY=$(command -v haproxy || true)
+# The HAProxy under test: $LBAGENT_TEST_HAPROXY (e.g. a wrapper from haproxy-versions.sh), else
+# the machine's.
+HAPROXY=${LBAGENT_TEST_HAPROXY:-$(command -v haproxy || true)}
 [ -n "$HAPROXY" ] || die "haproxy is not installed (apt-get install -y haproxy)"
+[ -x "$HAPROXY" ] || die "LBAGENT_TEST_HAPROXY=$HAPROXY is not an executable"
 PY=$(command -v python3 || true)
 [ -n "$PY" ] || die "python3 is needed for the echo backends and the client"
 # The interpreter itself, not a shim: it is also started inside network namespaces.

@@ -132,19 +132,6 @@ impl Settings {
     }
 }
 
-fn haproxy_bin(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p;
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("haproxy");
-        if p.is_file() {
-            return p;
-        }
-    }
-    PathBuf::from("/usr/sbin/haproxy")
-}
-
 /// Runs the daemon with the process arguments.
 pub fn main() -> ExitCode {
     let cli = Settings::parse();
@@ -207,7 +194,10 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         .unwrap_or_else(|| PathBuf::from("lbagent-data"));
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("cannot create --state-dir {}: {e}", state_dir.display()))?;
-    let bin = haproxy_bin(settings.haproxy_bin.clone());
+    let bin = settings
+        .haproxy_bin
+        .clone()
+        .unwrap_or_else(crate::haproxy::default_binary);
 
     let mut policy = Policy::defaults(listen.port());
     if let Some(v) = &settings.allow_frontend_ports {

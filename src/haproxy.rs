@@ -27,7 +27,11 @@
 //!
 //! Later versions print `Success=1|0` on the `reload` connection;
 //! [`RuntimeClient::reload`] turns `Success=0` into an error, and the polling here still
-//! confirms the rest.
+//! confirms the rest. From 3.1 (reworked master-worker start, seen on 3.2) the master moves the
+//! serving worker to `# old workers` before the new one has loaded; when the new one fails, the
+//! old one resumes serving but stays listed there, and `# workers` is empty until a reload
+//! works. `[failed: N]` is not a count to compare across reloads there, so a failure is
+//! confirmed by `Success=0`, or by the count going up with no new worker.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -39,6 +43,17 @@ use tokio::process::{Child, Command};
 
 use crate::runtime::parse::{ProcList, ProxyKind, StatusState};
 use crate::runtime::{self, ClientOptions, Endpoint, RuntimeClient};
+
+/// The haproxy binary when none is named: `haproxy` on `PATH`, else Debian's `/usr/sbin/haproxy`
+/// (root's `PATH` has `/usr/sbin`, a user's often does not).
+pub fn default_binary() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/haproxy"))
+}
 
 /// How long `haproxy -c` may take. Checking a config resolves nothing over the network (server
 /// addresses are literals), so seconds are plenty; the limit only stops a hung check from
@@ -475,7 +490,13 @@ async fn reload_master(
         None => 0,
     };
     let before = show_proc_until(endpoint, end, "`show proc` before reload").await?;
-    let old_worker_pids = pids(&before.workers);
+    // The workers serving now. From 3.1 a failed reload leaves the one that kept serving under
+    // `# old workers` with `# workers` empty, until the next reload that works.
+    let old_worker_pids = if before.workers.is_empty() {
+        pids(&before.old_workers)
+    } else {
+        pids(&before.workers)
+    };
     let reloads_before = before.master.as_ref().and_then(|m| m.reloads);
     let failed_before = before
         .master

@@ -54,7 +54,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 fn haproxy() -> Option<PathBuf> {
-    match std::env::var_os("HAPROXY_BIN") {
+    match std::env::var_os("LBAGENT_TEST_HAPROXY") {
         Some(p) => Some(PathBuf::from(p)),
         None => find_program("haproxy"),
     }

@@ -612,6 +612,8 @@ impl Agent {
             self.options.allow_node_ports.clone(),
             "--reconcile-interval".into(),
             "0.5".into(),
+            "--haproxy-bin".into(),
+            haproxy_bin().display().to_string(),
         ];
         if self.attached {
             for (flag, v) in [

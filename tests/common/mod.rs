@@ -10,18 +10,69 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The haproxy binary: `$HAPROXY_BIN`, else `haproxy` on PATH, else Debian's `/usr/sbin/haproxy`.
+/// The environment variable that picks the HAProxy every test, bench and script runs (a path,
+/// e.g. a wrapper made by `integration/haproxy-versions.sh`); unset, the agent's own default.
+pub const HAPROXY_ENV: &str = "LBAGENT_TEST_HAPROXY";
+
+/// The haproxy binary under test: `$LBAGENT_TEST_HAPROXY`, else what the agent itself would run
+/// (`haproxy` on PATH, else `/usr/sbin/haproxy`).
 pub fn haproxy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAPROXY_BIN") {
-        return PathBuf::from(p);
+    match std::env::var_os(HAPROXY_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => lbagent::haproxy::default_binary(),
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("haproxy");
-        if p.is_file() {
-            return p;
-        }
+}
+
+/// A HAProxy branch, as `haproxy -v` reports it (`HAProxy version 3.2.26-1 ...` is 3.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Branch {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Branch {
+    /// Whether this branch is `major.minor` or later.
+    pub fn at_least(self, major: u32, minor: u32) -> bool {
+        self >= Branch { major, minor }
     }
-    PathBuf::from("/usr/sbin/haproxy")
+
+    /// The branch of a version string such as `3.0.11-1+deb13u4` or `2.6.12`.
+    pub fn of(version: &str) -> Option<Branch> {
+        let mut parts = version.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts
+            .next()?
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok()?;
+        Some(Branch { major, minor })
+    }
+}
+
+impl std::fmt::Display for Branch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The branch of the HAProxy under test, from its own `haproxy -v` (read once per test binary):
+/// tests whose assertions differ by version choose by what HAProxy says it is, never by the
+/// name of the binary.
+pub fn haproxy_branch() -> Branch {
+    static BRANCH: std::sync::OnceLock<Branch> = std::sync::OnceLock::new();
+    *BRANCH.get_or_init(|| {
+        let bin = haproxy_bin();
+        let out = Command::new(&bin)
+            .arg("-v")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} -v: {e}", bin.display()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .next()
+            .and_then(|l| l.strip_prefix("HAProxy version "))
+            .and_then(Branch::of)
+            .unwrap_or_else(|| panic!("{} -v printed no version: {text:?}", bin.display()))
+    })
 }
 
 /// A loopback port nothing listens on right now.
