@@ -489,7 +489,22 @@ async fn reload_master(
         Some(p) => file_len(p).await,
         None => 0,
     };
-    let before = show_proc_until(endpoint, end, "`show proc` before reload").await?;
+    let before = loop {
+        let before = show_proc_until(endpoint, end, "`show proc` before reload").await?;
+        if send_reload(endpoint, end).await? == Sent::Yes {
+            break before;
+        }
+        // Someone else's reload is still starting its worker (3.1+). Wait for it, then take
+        // `before` again, so that worker is not taken for the one ours starts.
+        if Instant::now() >= end {
+            return Err(HaproxyError::Timeout {
+                what: format!("reload through {endpoint}: another reload was in progress"),
+                after: deadline,
+                last: Some("Another reload is still in progress.".into()),
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
     // The workers serving now. From 3.1 a failed reload leaves the one that kept serving under
     // `# old workers` with `# workers` empty, until the next reload that works.
     let old_worker_pids = if before.workers.is_empty() {
@@ -503,8 +518,6 @@ async fn reload_master(
         .as_ref()
         .and_then(|m| m.failed_reloads)
         .unwrap_or(0);
-
-    send_reload(endpoint, end).await?;
 
     let failure = |message: String| async move {
         let why = match log {
@@ -586,10 +599,19 @@ fn opt(n: Option<u32>) -> String {
     n.map_or_else(|| "?".to_string(), |n| n.to_string())
 }
 
+/// Whether the master took `reload`.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Sent (and, 2.7+, answered `Success=1`, or the connection closed as 2.6 re-executes).
+    Yes,
+    /// Refused, nothing reloaded: an earlier reload's worker is still starting (3.1+).
+    Busy,
+}
+
 /// Sends `reload` once. Retried only on errors that mean it was not sent (no connection, no
 /// prompt yet, e.g. the master is still re-executing from an earlier reload); once it may have
 /// been sent, the outcome is for `show proc` to tell, never for a second `reload`.
-async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<()> {
+async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<Sent> {
     let started = Instant::now();
     loop {
         let mut c = RuntimeClient::new(
@@ -602,7 +624,8 @@ async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<()> {
         // Connect first so a failure to connect is known not to have sent anything.
         let err = match c.connect().await {
             Ok(()) => match c.reload().await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(Sent::Yes),
+                Err(runtime::Error::ReloadInProgress { .. }) => return Ok(Sent::Busy),
                 // `Success=0` (2.7+): the master says the reload failed, with its log.
                 Err(runtime::Error::Command { outcome, .. }) => {
                     return Err(HaproxyError::ReloadFailed {
@@ -616,7 +639,7 @@ async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<()> {
                     })
                 }
                 // Sent; the connection closing or going quiet is how 2.6 re-executes.
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(Sent::Yes),
             },
             Err(e) => e,
         };

@@ -311,3 +311,107 @@ async fn noticed_death_and_restart() {
     assert!(connects(port, Duration::from_secs(5)));
     h.stop().await.unwrap();
 }
+
+/// Sends `reload` to the master CLI on a new connection and returns at once, the connection
+/// left open (3.1+ answer it only once the new worker is up). Connecting is retried for 5 s:
+/// a master re-executing for an earlier reload refuses connections for a moment.
+fn start_raw_reload(master: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(master) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => panic!("connect the master CLI: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    s.write_all(b"reload\n").unwrap();
+    s
+}
+
+/// What `s` sends until it has sent `end`, closes, or 5 s pass.
+fn read_until(mut s: std::os::unix::net::UnixStream, end: &str) -> String {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(end) && Instant::now() < deadline {
+        s.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The master's reload count.
+async fn reloads(master: &Path) -> u32 {
+    client(master)
+        .show_proc()
+        .await
+        .unwrap()
+        .master
+        .and_then(|m| m.reloads)
+        .expect("show proc lists the master's reloads")
+}
+
+/// Somebody else's reload (an operator's `systemctl reload`) is still starting its worker when
+/// the agent reloads: from 3.1 the master refuses the second with `Another reload is still in
+/// progress.`, before 3.1 it is busy re-executing. Either way the agent's reload must wait,
+/// happen, and be confirmed by a worker of its own, not by the other reload's.
+#[tokio::test]
+async fn a_reload_during_another_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    // A worker that takes a while to start: a Lua file that spins for 1.5 s when loaded.
+    let lua = dir.path().join("slow.lua");
+    std::fs::write(
+        &lua,
+        "local t0 = os.clock()\nwhile os.clock() - t0 < 1.5 do end\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let managed = format!(
+        "global\n    lua-load {}\n\n{}",
+        lua.display(),
+        render_managed(&state(1, &[port]), &loopback())
+    );
+    h.config_files().install(&managed).await.unwrap();
+    let master = h.master_socket();
+    let before = reloads(&master).await;
+
+    let mut other = start_raw_reload(&master);
+    let branch = common::haproxy_branch();
+    if branch.at_least(3, 1) {
+        // Pin the version's refusal: a `reload` while the other one's worker starts.
+        let refused = read_until(start_raw_reload(&master), "progress.\n");
+        assert_eq!(
+            refused.trim_end(),
+            "Success=0\n--\nAnother reload is still in progress.",
+            "{branch}"
+        );
+    }
+    let report = h.reload(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(report.new_worker_pids.len(), 1, "{report:?}");
+    // Both reloads ran, the agent's last: its worker is the one serving now.
+    assert_eq!(reloads(&master).await, before + 2);
+    assert_eq!(worker_pids(&master).await, report.new_worker_pids);
+    let mut admin = client(&h.admin_socket());
+    wait_frontend_open(&mut admin, &format!("fe_{port}"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut sink = String::new();
+    let _ = std::io::Read::read_to_string(&mut other, &mut sink);
+    h.stop().await.unwrap();
+}

@@ -210,8 +210,9 @@ impl RuntimeClient {
     /// The commands go one per line, as many lines per write as `max_batch_bytes` allows, and
     /// the answers are read after each write: one round trip per chunk. Lines rather than
     /// `;`-joined commands, because each line gets its own prompt in every HAProxy version,
-    /// which is what frames one command's answer from the next; HAProxy 3.x prints a single
-    /// prompt for a whole `;`-joined line (see `proto-fixtures/3.2/raw/batch-1.bin`).
+    /// which is what frames one command's answer from the next; from 3.2 on HAProxy prints a
+    /// single prompt for a whole `;`-joined line (see `raw/batch-1.bin` in
+    /// `proto-fixtures/3.2.26-1/` against `proto-fixtures/3.0.11-1+deb13u4/`).
     pub async fn batch(&mut self, commands: &[Command]) -> Result<Vec<Reply>> {
         let mut replies = Vec::with_capacity(commands.len());
         let texts: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
@@ -368,7 +369,8 @@ impl RuntimeClient {
     /// Master CLI: asks the master to reload and returns whatever it printed before closing
     /// the connection. HAProxy 2.6 prints nothing and re-executes itself; 2.7+ print a
     /// `Success=1|0` report. Whether the reload worked is for the caller to confirm through
-    /// [`Self::show_proc`] (a new worker pid, the `failed` count).
+    /// [`Self::show_proc`] (a new worker pid, the `failed` count). A master still starting the
+    /// worker of an earlier reload (3.1+) refuses: [`Error::ReloadInProgress`].
     pub async fn reload(&mut self) -> Result<String> {
         let deadline = self.options.timeout;
         let attempt = async {
@@ -382,7 +384,7 @@ impl RuntimeClient {
             }
             let conn = self.conn.as_mut().expect("connected above");
             conn.send_lines(&["reload".to_string()], "`reload`").await?;
-            conn.read_to_close("`reload`").await
+            conn.read_answer_or_close("`reload`").await
         };
         let out = tokio::time::timeout(deadline, attempt).await;
         // The master closes every CLI connection when it re-executes.
@@ -391,6 +393,11 @@ impl RuntimeClient {
             Ok(r) => r?,
             Err(_) => return Err(self.timeout_error("`reload`")),
         };
+        if is_reload_in_progress(&text) {
+            return Err(Error::ReloadInProgress {
+                endpoint: self.endpoint.to_string(),
+            });
+        }
         if text.contains("Success=0") {
             return Err(Error::Command {
                 command: "reload".into(),
@@ -402,4 +409,11 @@ impl RuntimeClient {
         }
         Ok(text)
     }
+}
+
+/// Whether a `reload` report is 3.1's refusal while an earlier reload's worker is starting:
+/// `Success=0`, then `--`, then exactly this sentence (mworker.c, `cli_parse_reload`).
+fn is_reload_in_progress(report: &str) -> bool {
+    let mut lines = report.lines().map(str::trim_end);
+    lines.next() == Some("Success=0") && lines.any(|l| l == "Another reload is still in progress.")
 }

@@ -264,16 +264,29 @@ impl Connection {
         }
     }
 
-    /// Reads whatever comes until HAProxy closes the connection (the master's `reload` in
-    /// 2.6 answers nothing and drops every master CLI connection).
-    pub async fn read_to_close(&mut self, what: &str) -> Result<String> {
-        let mut rest = std::mem::take(&mut self.buf);
-        match self.stream.read_to_end(&mut rest).await {
-            Ok(_) => {}
-            // A reset is how the old master goes away; what arrived before it still counts.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            Err(e) => return Err(self.io_error(what, e)),
+    /// Reads until HAProxy either closes the connection or ends an answer with the prompt, and
+    /// returns what came. The master's `reload` ends either way: 2.6 answers nothing and drops
+    /// every master CLI connection, 2.7+ write their `Success=1|0` report and close, and 3.1+
+    /// refuse a reload while another one's worker starts with a short answer and the prompt,
+    /// keeping the connection open.
+    pub async fn read_answer_or_close(&mut self, what: &str) -> Result<String> {
+        loop {
+            if let Frame::Complete { body_len, consumed } =
+                parse_frame_from(&self.buf, &self.prompt, self.max_answer, 0)
+            {
+                let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
+                self.buf.drain(..consumed);
+                return Ok(body);
+            }
+            match read_more(&mut self.stream, &mut self.buf).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                // A reset is how the old master goes away; what arrived before it still counts.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(self.io_error(what, e)),
+            }
         }
+        let rest = std::mem::take(&mut self.buf);
         Ok(String::from_utf8_lossy(&rest).into_owned())
     }
 

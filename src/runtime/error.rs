@@ -72,6 +72,12 @@ pub enum Error {
     #[error("HAProxy refused `{command}` ({kind}): {text}", kind = outcome.kind, text = outcome.text.trim_end())]
     Command { command: String, outcome: Outcome },
 
+    /// The master refused `reload` because the worker of an earlier reload is still starting
+    /// (3.1+: `Success=0` then `Another reload is still in progress.`). Nothing was reloaded;
+    /// sending it again once that worker is up is safe.
+    #[error("{endpoint} refused `reload`: another reload is still in progress")]
+    ReloadInProgress { endpoint: EndpointName },
+
     /// HAProxy answered something the parser does not understand.
     #[error("cannot parse the answer to `{command}`: {detail} (answer starts with {excerpt:?})")]
     Parse {
