@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::{answers, basic_proxies, wait_until, Haproxy};
-use lbagent::runtime::parse::{OperState, ServerState, StatusState};
+use lbagent::runtime::parse::{parse_servers_state, OperState, ServerState, StatusState};
 use lbagent::runtime::{
     AddServerOptions, ClientOptions, Command, Endpoint, Error, Name, OutcomeKind, RuntimeClient,
     ServerAdminState, ServerRef,
@@ -260,6 +260,69 @@ async fn batch_keeps_order_and_outcomes() {
     let st = state_of(&mut c, "be_app", "web2").await.unwrap();
     assert!(st.admin.draining());
     assert_eq!(st.user_weight, Some(3));
+}
+
+/// `set server addr` from 3.0 is applied by a task after the answer: a `show servers state` in
+/// the same batch still lists the old address (2.6 the new one), a later read the new one. And
+/// an address set again is `nothing changed` from 3.0, `no need to change the addr...` on 2.6:
+/// both are a success. The agent never reads back in the batch that changes.
+#[tokio::test]
+async fn set_server_addr_is_seen_after_its_batch_from_3_0() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    let branch = common::haproxy_branch();
+    let be = Name::new("backend", "be_app").unwrap();
+    let addr_of = |text: &str| {
+        parse_servers_state(text)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.server == "web2")
+            .and_then(|r| r.addr)
+    };
+    let move_to = |ip: &str| Command::SetServerAddr {
+        server: srv("be_app", "web2"),
+        addr: ip.parse().unwrap(),
+        port: None,
+    };
+    let replies = c
+        .batch(&[move_to("127.0.0.9"), Command::ShowServersState(Some(be))])
+        .await
+        .unwrap();
+    assert!(
+        replies[0]
+            .outcome
+            .text
+            .starts_with("IP changed from '127.0.0.1' to '127.0.0.9'"),
+        "{:?}",
+        replies[0]
+    );
+    let in_batch = addr_of(&replies[1].outcome.text);
+    let expected = if branch.at_least(3, 0) {
+        "127.0.0.1"
+    } else {
+        "127.0.0.9"
+    };
+    assert_eq!(in_batch.as_deref(), Some(expected), "{branch}");
+    wait_until(
+        Duration::from_secs(2),
+        "the new address to be listed",
+        || {
+            answers(&h.admin, "show servers state be_app\n")
+                .is_some_and(|t| addr_of(&t).as_deref() == Some("127.0.0.9"))
+        },
+    );
+
+    let again = c.execute(&move_to("127.0.0.9")).await.unwrap();
+    assert_eq!(again.outcome.kind, OutcomeKind::Success, "{again:?}");
+    let text = again.outcome.text.trim_end();
+    if branch.at_least(3, 0) {
+        assert_eq!(text, "nothing changed", "{branch}");
+    } else {
+        assert!(
+            text.starts_with("no need to change the addr"),
+            "{branch}: {text}"
+        );
+    }
 }
 
 #[tokio::test]
