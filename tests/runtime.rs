@@ -325,6 +325,37 @@ async fn set_server_addr_is_seen_after_its_batch_from_3_0() {
     }
 }
 
+/// Two things lbagent never does, because 3.0 changed them: `add server ... enabled` is refused
+/// from 3.0 (so a dynamic server is added in maintenance and then set ready), and without
+/// `prompt` only the first of several newline-separated commands runs from 3.0 (so the client
+/// always talks in interactive mode).
+#[tokio::test]
+async fn what_3_0_refuses_that_2_6_took() {
+    let h = Haproxy::start(&basic_proxies());
+    let branch = common::haproxy_branch();
+    let enabled = answers(&h.admin, "add server be_app/n1 127.0.0.1:80 enabled\n").unwrap();
+    let outcome = lbagent::runtime::Outcome::of_action(&enabled);
+    if branch.at_least(3, 0) {
+        assert_eq!(
+            enabled.trim_end(),
+            "'enabled' option is not accepted for dynamic server",
+            "{branch}"
+        );
+        assert_ne!(outcome.kind, OutcomeKind::Success, "{outcome:?}");
+    } else {
+        assert_eq!(enabled.trim_end(), "New server registered.", "{branch}");
+        assert_eq!(outcome.kind, OutcomeKind::Success, "{outcome:?}");
+    }
+
+    let two = answers(&h.admin, "show version\nshow version\n").unwrap();
+    let ran = two
+        .lines()
+        .filter(|l| l.starts_with(&branch.to_string()))
+        .count();
+    let expected = if branch.at_least(3, 0) { 1 } else { 2 };
+    assert_eq!(ran, expected, "{branch}: {two:?}");
+}
+
 #[tokio::test]
 async fn batch_larger_than_one_write_is_split() {
     let h = Haproxy::start(&basic_proxies());
