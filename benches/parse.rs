@@ -1,6 +1,7 @@
 //! Parser throughput on `show stat` and `show servers state` answers for 10,000 servers.
 //!
-//! The input is built from the real HAProxy 2.6 answers in `proto-fixtures/2.6/`: their header
+//! The input is built from the real HAProxy 2.6 answers in `proto-fixtures/<2.6.x>/` (the one
+//! folder of the 2.6 branch, today `2.6.12-1+deb12u4`, Debian 12's package): their header
 //! is kept as is, and their server rows (every status shape HAProxy printed: UP, DOWN, MAINT,
 //! MAINT via a tracked server, DRAIN, NOLB, no check, backup, `UP 1/3`, `DOWN 1/2`...) are
 //! replicated with new backend and server names, ids and addresses. `show stat` also keeps the
@@ -16,7 +17,7 @@
 
 mod util;
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use util::{mean_ns, measuring};
 
@@ -27,10 +28,34 @@ const SERVERS: usize = 10_000;
 const PER_BACKEND: usize = 100;
 const BACKENDS: usize = SERVERS / PER_BACKEND;
 
+/// The one fixture folder of HAProxy's 2.6 branch: folders are named by the exact version
+/// HAProxy reported (`2.6.12-1+deb12u4`), so it is found by its `2.6` prefix.
+fn fixture_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto-fixtures");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("read {}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("2.6"))
+                    .is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('.') || rest.starts_with('-')
+                    })
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "want one 2.6 folder in {}: {found:?}",
+        root.display()
+    );
+    found.pop().unwrap()
+}
+
 fn fixture(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("proto-fixtures/2.6")
-        .join(name);
+    let path = fixture_dir().join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 

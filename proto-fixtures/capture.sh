@@ -2,12 +2,20 @@
 # Record HAProxy runtime-API (CLI / stats socket) responses as test fixtures.
 #
 # Usage:   proto-fixtures/capture.sh
-#          HAPROXY=/path/to/haproxy proto-fixtures/capture.sh
+#          LBAGENT_TEST_HAPROXY=/path/to/haproxy proto-fixtures/capture.sh
+#          CAPTURE_NOTE="..." LBAGENT_TEST_HAPROXY=... proto-fixtures/capture.sh
+#
+# The binary is $LBAGENT_TEST_HAPROXY (the project's one switch for "which
+# HAProxy do tests and scripts run"), default `haproxy` on PATH; it may be a
+# wrapper such as the ones integration/haproxy-versions.sh writes
+# (`integration/haproxy-versions.sh --path 3.2` prints one's path).
 #
 # Starts haproxy (master-worker, -W -S) with haproxy/fixtures.cfg on sockets in
 # a fresh temporary directory and on free 127.0.0.1 ports, puts the servers in
 # the states documented in the config, then writes every response below
-# proto-fixtures/<MAJOR.MINOR>/ (version taken from `haproxy -v`):
+# proto-fixtures/<VERSION>/, VERSION being the exact version haproxy reports
+# (third word of the first line of `haproxy -v`, e.g. 3.0.11-1+deb13u4 for a
+# Debian package, 2.8.0-fdd8154ed for an upstream release build):
 #
 #   show-*.txt                        data commands
 #   outcome/<kind>/<slug>.cmd|.txt    command line sent / response
@@ -25,14 +33,19 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-HAPROXY=${HAPROXY:-haproxy}
+HAPROXY=${LBAGENT_TEST_HAPROXY:-haproxy}
 TEMPLATE=$ROOT/haproxy/fixtures.cfg
 PY=${PYTHON:-python3}
 
 VERLINE=$("$HAPROXY" -v | sed -n 1p)   # sed reads everything: no SIGPIPE under pipefail
 BUILDOPTS=$("$HAPROXY" -vv | sed -n 's/^ *OPTIONS = //p')
-VER=$(sed -nE 's/^HA-?Proxy version ([0-9]+\.[0-9]+).*/\1/p' <<<"$VERLINE")
-[[ -n $VER ]] || { echo "cannot parse version from: $VERLINE" >&2; exit 1; }
+# The exact version string: `HAProxy version 3.0.11-1+deb13u4 2026/10/15 - ...`.
+# It names a directory, so it must be MAJOR.MINOR, then nothing, `.PATCH...`
+# or `-...` (what tests/fixtures.rs reads a branch from), and hold no `/`.
+VER=$(awk 'NR == 1 { print $3 }' <<<"$VERLINE")
+if ! [[ $VERLINE =~ ^HA-?Proxy\ version\  && $VER =~ ^[0-9]+\.[0-9]+(\.[0-9].*|-.*)?$ && $VER != */* ]]; then
+    echo "cannot parse version from: $VERLINE" >&2; exit 1
+fi
 OUT=$HERE/$VER
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/lbagent-capture.XXXXXX")

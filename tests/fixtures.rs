@@ -1,6 +1,9 @@
-//! Every parser over every recorded HAProxy answer in `proto-fixtures/<version>/`: real 2.6
-//! captures and the newer versions' answers written from their sources. Outcome fixtures live
-//! in a folder named by their class, so the classifier is checked against each one.
+//! Every parser over every recorded HAProxy answer in `proto-fixtures/<version>/`, one folder per
+//! HAProxy build, named by the exact version it reports (`2.6.12-1+deb12u4`, `2.8.0`,
+//! `3.0.11-1+deb13u4`, `3.2.26-1`), all captured by `proto-fixtures/capture.sh` from a running
+//! HAProxy. Expectations that depend on the version go by the branch (major.minor) parsed from
+//! the folder name. Outcome fixtures live in a folder named by their class, so the classifier is
+//! checked against each one.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,20 +20,56 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("proto-fixtures")
 }
 
+/// The branch (major, minor) of a version string as HAProxy reports it: `3.0.11-1+deb13u4`,
+/// `3.0-dev13` and `3.0` give (3, 0); after the minor number comes nothing, `.<patch digit>...`
+/// or `-...`. Compared as numbers, so 3.10 comes after 3.2.
+fn branch_of(name: &str) -> Option<(u32, u32)> {
+    let (major, rest) = name.split_once('.')?;
+    let minor_len = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (minor, after) = rest.split_at(minor_len);
+    let patch_ok = after.is_empty()
+        || after.starts_with('-')
+        || after
+            .strip_prefix('.')
+            .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()));
+    if major.is_empty()
+        || !major.bytes().all(|b| b.is_ascii_digit())
+        || minor.is_empty()
+        || !patch_ok
+    {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+fn name_of(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// The branch of a version folder.
+fn branch(dir: &Path) -> (u32, u32) {
+    branch_of(&name_of(dir)).unwrap_or_else(|| panic!("{} is not a version folder", dir.display()))
+}
+
+/// Every version folder, by branch. Any other folder under `proto-fixtures/` is an error rather
+/// than silently skipped.
 fn versions() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(root())
         .unwrap()
         .map(|e| e.unwrap().path())
-        // Version folders only: `2.6`, `3.0`...
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.split_once('.'))
-                    .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok())
-        })
+        .filter(|p| p.is_dir())
         .collect();
-    v.sort();
+    for p in &v {
+        assert!(
+            branch_of(&name_of(p)).is_some(),
+            "{}: not named by a HAProxy version",
+            p.display()
+        );
+    }
+    v.sort_by_key(|p| (branch(p), name_of(p)));
+    assert!(!v.is_empty(), "no version folder in {}", root().display());
     v
 }
 
@@ -52,15 +91,43 @@ fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 }
 
 #[test]
+fn branch_is_parsed_from_the_folder_name() {
+    assert_eq!(branch_of("2.6.12-1+deb12u4"), Some((2, 6)));
+    assert_eq!(branch_of("3.0.11-1+deb13u4"), Some((3, 0)));
+    assert_eq!(branch_of("3.2.26-1"), Some((3, 2)));
+    assert_eq!(branch_of("2.8.0"), Some((2, 8)));
+    assert_eq!(branch_of("2.8.0-fdd8154ed"), Some((2, 8)));
+    assert_eq!(branch_of("3.10.1"), Some((3, 10)));
+    assert_eq!(branch_of("3.2"), Some((3, 2)));
+    assert_eq!(branch_of("3.2-dev13"), Some((3, 2)));
+    assert!(branch_of("3.10.1").unwrap() > branch_of("3.2.26-1").unwrap());
+    for bad in [
+        "capture.sh",
+        "raw",
+        "3",
+        "3.",
+        ".2",
+        "3.x",
+        "3.2x",
+        "3.2.x",
+        "a.2.1",
+    ] {
+        assert_eq!(branch_of(bad), None, "{bad}");
+    }
+}
+
+#[test]
 fn all_versions_are_present() {
-    let names: Vec<String> = versions()
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    for v in ["2.6", "2.8", "3.0", "3.2"] {
-        assert!(
-            names.contains(&v.to_string()),
-            "proto-fixtures/{v} missing: {names:?}"
+    let branches: Vec<(u32, u32)> = versions().iter().map(|d| branch(d)).collect();
+    for want in [(2, 6), (2, 8), (3, 0), (3, 2)] {
+        let n = branches.iter().filter(|b| **b == want).count();
+        assert_eq!(
+            n,
+            1,
+            "want one folder of {}.{} in proto-fixtures/, found {n}: {:?}",
+            want.0,
+            want.1,
+            versions()
         );
     }
     for dir in versions() {
@@ -75,12 +142,14 @@ fn all_versions_are_present() {
 #[test]
 fn show_info_every_version() {
     for dir in versions() {
-        let v = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let v = name_of(&dir);
         let info = parse_show_info(&read(&dir.join("show-info.txt"))).unwrap();
+        // The folder is named by the version HAProxy reports; an upstream build's may carry a
+        // `-<commit>` suffix left out of the folder name (`2.8.0` for `2.8.0-fdd8154ed`).
+        let version = info.version().unwrap();
         assert!(
-            info.version().unwrap().starts_with(&v),
-            "{v}: {:?}",
-            info.version()
+            version == v || version.starts_with(&format!("{v}-")),
+            "{v}: {version:?}"
         );
         assert!(info.pid().is_some(), "{v}");
         assert!(info.uptime_s().is_some(), "{v}");
@@ -90,7 +159,9 @@ fn show_info_every_version() {
 #[test]
 fn show_stat_every_version() {
     for dir in versions() {
-        for f in files(&dir, "show-stat") {
+        let stats = files(&dir, "show-stat");
+        assert_eq!(stats.len(), 2, "{}: {stats:?}", dir.display());
+        for f in stats {
             let rows =
                 parse_show_stat(&read(&f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             let servers: Vec<_> = rows
@@ -137,10 +208,16 @@ fn show_stat_every_version() {
     }
 }
 
-/// The 2.6 capture holds a server in every state the issue names.
+/// Every capture holds a server in every state the issue names.
 #[test]
 fn capture_covers_every_state() {
-    let rows = parse_show_stat(&read(&root().join("2.6/show-stat.txt"))).unwrap();
+    for dir in versions() {
+        capture_covers_every_state_in(&dir.join("show-stat.txt"));
+    }
+}
+
+fn capture_covers_every_state_in(path: &Path) {
+    let rows = parse_show_stat(&read(path)).unwrap();
     let texts: BTreeSet<String> = rows
         .iter()
         .filter_map(|r| r.status.as_ref().map(|s| s.text.clone()))
@@ -157,7 +234,11 @@ fn capture_covers_every_state() {
         "DOWN 1/2",
         "MAINT (via be_app/maint1)",
     ] {
-        assert!(texts.contains(want), "no {want:?} in {texts:?}");
+        assert!(
+            texts.contains(want),
+            "{}: no {want:?} in {texts:?}",
+            path.display()
+        );
     }
     let servers: Vec<_> = rows
         .iter()
@@ -165,11 +246,13 @@ fn capture_covers_every_state() {
         .collect();
     assert!(
         servers.iter().any(|s| s.backup == Some(1)),
-        "a backup server"
+        "{}: a backup server",
+        path.display()
     );
     assert!(
         servers.iter().any(|s| s.weight == Some(0)),
-        "a weight-0 server"
+        "{}: a weight-0 server",
+        path.display()
     );
 }
 
@@ -184,9 +267,6 @@ fn servers_state_agrees_with_show_stat() {
             ),
         ] {
             let (stat, state) = (dir.join(stat), dir.join(state));
-            if !stat.is_file() || !state.is_file() {
-                continue;
-            }
             let rows = parse_show_stat(&read(&stat)).unwrap();
             let states = parse_servers_state(&read(&state))
                 .unwrap_or_else(|e| panic!("{}: {e}", state.display()));
@@ -224,6 +304,7 @@ fn servers_state_agrees_with_show_stat() {
 #[test]
 fn servers_state_one_backend() {
     for dir in versions() {
+        let mut one_backend = 0;
         for f in files(&dir, "show-servers-state-") {
             let name = f.file_stem().unwrap().to_string_lossy().into_owned();
             let states =
@@ -232,14 +313,21 @@ fn servers_state_one_backend() {
                 .strip_prefix("show-servers-state-")
                 .filter(|b| !b.contains("after"))
             {
-                assert!(!states.is_empty());
+                assert!(!states.is_empty(), "{}", f.display());
                 assert!(
                     states.iter().all(|s| s.backend == backend),
                     "{}",
                     f.display()
                 );
+                one_backend += 1;
             }
         }
+        assert_eq!(
+            one_backend,
+            1,
+            "{}: show-servers-state-<backend>.txt",
+            dir.display()
+        );
     }
 }
 
@@ -275,17 +363,30 @@ fn show_proc_every_version() {
             .workers
             .iter()
             .all(|w| w.kind == "worker" && w.pid != m.pid));
+        // Same build for every process, and the same version string `show info` gives (3.2.26's
+        // column is padded with trailing spaces, which must not end up in it).
+        let info = parse_show_info(&read(&dir.join("show-info.txt"))).unwrap();
+        for e in std::iter::once(&m).chain(&p.workers) {
+            assert_eq!(
+                e.version.as_deref(),
+                info.version(),
+                "{}: pid {}",
+                dir.display(),
+                e.pid
+            );
+        }
     }
 }
 
 #[test]
 fn outcomes_are_classified_as_filed() {
-    let mut checked = 0;
+    let mut slugs_of_first: Option<BTreeSet<String>> = None;
     for dir in versions() {
+        let mut checked = 0;
+        let mut slugs = BTreeSet::new();
         let outcomes = dir.join("outcome");
-        let Ok(kinds) = fs::read_dir(&outcomes) else {
-            continue;
-        };
+        let kinds =
+            fs::read_dir(&outcomes).unwrap_or_else(|e| panic!("{}: {e}", outcomes.display()));
         for kind_dir in kinds {
             let kind_dir = kind_dir.unwrap().path();
             let kind = kind_dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -305,11 +406,24 @@ fn outcomes_are_classified_as_filed() {
                     f.display()
                 );
                 assert_eq!(outcome.text, text, "raw text kept");
+                slugs.insert(format!(
+                    "{kind}/{}",
+                    f.file_stem().unwrap().to_string_lossy()
+                ));
                 checked += 1;
             }
         }
+        assert!(
+            checked >= 30,
+            "{}: only {checked} outcome fixtures",
+            dir.display()
+        );
+        // Every version answers the same list of commands, each filed under the same class.
+        match &slugs_of_first {
+            None => slugs_of_first = Some(slugs),
+            Some(first) => assert_eq!(&slugs, first, "{}", dir.display()),
+        }
     }
-    assert!(checked >= 30, "only {checked} outcome fixtures");
 }
 
 /// Frames a recorded prompt-mode byte stream into its answers.
@@ -376,13 +490,14 @@ fn one_command_per_line_frames_into_one_answer_each() {
 #[test]
 fn semicolon_joined_line_gets_one_prompt_from_3_2() {
     for dir in versions() {
-        let v = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let v = name_of(&dir);
         let count = read(&dir.join("raw/batch-1.cmd"))
             .trim_end()
             .split(';')
             .count();
+        assert!(count > 1, "{v}: raw/batch-1.cmd is one command");
         let answers = frame_all(&dir.join("raw/batch-1.bin"));
-        let expected = if v.as_str() >= "3.2" { 1 } else { count };
+        let expected = if branch(&dir) >= (3, 2) { 1 } else { count };
         assert_eq!(answers.len(), expected, "{v}: {answers:?}");
     }
 }
@@ -395,9 +510,6 @@ async fn recorded_handshakes_give_the_prompt() {
             ("raw/master-prompt-handshake.bin", b"master> "),
         ] {
             let path = dir.join(file);
-            if !path.is_file() {
-                continue;
-            }
             let greeting = fs::read(&path).unwrap();
             let (client, mut server) = tokio::io::duplex(4096);
             tokio::spawn(async move {

@@ -34,7 +34,7 @@ fn cfg(cases: u32) -> ProptestConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Samples: small but real-shaped answers (cut from proto-fixtures/2.6), to be mutated.
+// Samples: small but real-shaped answers (cut from proto-fixtures/2.6.12-1+deb12u4), to be mutated.
 // ---------------------------------------------------------------------------------------------
 
 const STAT: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,status,weight,act,bck,lastchg,downtime,iid,sid,type,rate,check_status,check_code,check_desc,addr,mode,algo,uweight,-,\n\
