@@ -368,8 +368,8 @@ pub fn accepts(port: u16) -> bool {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-/// Pids of live processes whose command line contains `needle` (a unique temp path), read from
-/// /proc: the HAProxy processes of one test, whoever started them.
+/// Pids of live HAProxy processes whose command line contains `needle` (a unique temp path),
+/// read from /proc: the HAProxy processes of one test, whoever started them.
 pub fn pids_with(needle: &str) -> Vec<u32> {
     let me = std::process::id();
     let mut out = Vec::new();
@@ -386,9 +386,15 @@ pub fn pids_with(needle: &str) -> Vec<u32> {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        // Zombies have an empty command line; they are gone for our purposes.
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) && cmd.contains("haproxy") {
+        // Zombies have an empty command line; they are gone for our purposes. The program is
+        // told by its own name (argv[0], `/usr/sbin/haproxy` also behind a version wrapper),
+        // not by the word anywhere: the agent's `--haproxy-bin` names it too.
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        let program = cmd.split('\0').next().unwrap_or_default();
+        let is_haproxy = Path::new(program)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("haproxy"));
+        if is_haproxy && cmd.contains(needle) {
             out.push(pid);
         }
     }
