@@ -67,8 +67,9 @@ const POLL_CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between polls. Polls are bounded by the caller's deadline, not by a count.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// The longest the `reload` command itself is given. HAProxy 2.6 closes the connection at once;
-/// 2.7+ answer once the new worker is up, which takes longer with a big config.
+/// The longest a 2.6 `reload` call is given: the master closes the connection at once. 2.7+
+/// answer only once the new worker is up (or has failed), which takes as long as the config
+/// takes to load, so there the call gets the caller's whole deadline.
 const RELOAD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a reload count that went up without a new worker and without a failure count may
@@ -491,11 +492,12 @@ async fn reload_master(
     };
     let before = loop {
         let before = show_proc_until(endpoint, end, "`show proc` before reload").await?;
-        if send_reload(endpoint, end).await? == Sent::Yes {
+        let reports = master_reports_reload(&before);
+        if send_reload(endpoint, end, reports).await? == Sent::Yes {
             break before;
         }
-        // Someone else's reload is still starting its worker (3.1+). Wait for it, then take
-        // `before` again, so that worker is not taken for the one ours starts.
+        // Someone else's reload is still starting its worker (3.1+), or took the master first.
+        // Wait for it, then take `before` again, so its worker is not taken for ours.
         if Instant::now() >= end {
             return Err(HaproxyError::Timeout {
                 what: format!("reload through {endpoint}: another reload was in progress"),
@@ -604,27 +606,60 @@ fn opt(n: Option<u32>) -> String {
 enum Sent {
     /// Sent (and, 2.7+, answered `Success=1`, or the connection closed as 2.6 re-executes).
     Yes,
-    /// Refused, nothing reloaded: an earlier reload's worker is still starting (3.1+).
+    /// Not done: an earlier reload's worker is still starting (3.1+), or a 2.7+ master closed
+    /// the connection without its report (it re-executed for someone else's reload first).
     Busy,
+}
+
+/// Whether the master answers `reload` with a `Success=` report (2.7+), from the version
+/// `show proc` lists for it. Unknown: assume 2.6, which answers nothing.
+fn master_reports_reload(proc: &ProcList) -> bool {
+    let version = proc.master.as_ref().and_then(|m| m.version.as_deref());
+    let branch = version.and_then(|v| {
+        let mut parts = v.split(['.', '-']);
+        Some((
+            parts.next()?.parse::<u32>().ok()?,
+            parts.next()?.parse::<u32>().ok()?,
+        ))
+    });
+    branch.is_some_and(|b| b >= (2, 7))
 }
 
 /// Sends `reload` once. Retried only on errors that mean it was not sent (no connection, no
 /// prompt yet, e.g. the master is still re-executing from an earlier reload); once it may have
 /// been sent, the outcome is for `show proc` to tell, never for a second `reload`.
-async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<Sent> {
+///
+/// `reports`: the master is 2.7+ and answers with a `Success=` report once the new worker is up
+/// or has failed. Then the call waits for it until `end`, and no report is never taken for a
+/// reload: a worker still starting is already listed in `show proc`, so confirming from there
+/// could call a reload that then fails a success.
+async fn send_reload(endpoint: &Endpoint, end: Instant, reports: bool) -> Result<Sent> {
     let started = Instant::now();
     loop {
+        let cap = if reports {
+            end.saturating_duration_since(Instant::now())
+        } else {
+            RELOAD_CALL_TIMEOUT
+        };
         let mut c = RuntimeClient::new(
             endpoint.clone(),
             ClientOptions {
-                timeout: left(end, RELOAD_CALL_TIMEOUT),
+                timeout: left(end, cap),
                 ..ClientOptions::default()
             },
         );
         // Connect first so a failure to connect is known not to have sent anything.
         let err = match c.connect().await {
             Ok(()) => match c.reload().await {
+                // 2.7+ closing without a report did not take this `reload`.
+                Ok(report) if reports && report.trim().is_empty() => return Ok(Sent::Busy),
                 Ok(_) => return Ok(Sent::Yes),
+                Err(e @ runtime::Error::Timeout { .. }) if reports => {
+                    return Err(HaproxyError::Runtime {
+                        what: "`reload`: no `Success=` report from the master".into(),
+                        source: e,
+                    })
+                }
                 Err(runtime::Error::ReloadInProgress { .. }) => return Ok(Sent::Busy),
                 // `Success=0` (2.7+): the master says the reload failed, with its log.
                 Err(runtime::Error::Command { outcome, .. }) => {
@@ -638,6 +673,8 @@ async fn send_reload(endpoint: &Endpoint, end: Instant) -> Result<Sent> {
                         source: e,
                     })
                 }
+                // 2.7+: the connection broke before the report; nothing says it was taken.
+                Err(_) if reports => return Ok(Sent::Busy),
                 // Sent; the connection closing or going quiet is how 2.6 re-executes.
                 Err(_) => return Ok(Sent::Yes),
             },
@@ -1080,6 +1117,30 @@ fn check_path(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_report_is_expected_from_2_7() {
+        let of =
+            |text: &str| master_reports_reload(&runtime::parse::parse_show_proc(text).unwrap());
+        for (fixture, reports) in [
+            (
+                include_str!("../proto-fixtures/2.6.12-1+deb12u4/show-proc.txt"),
+                false,
+            ),
+            (include_str!("../proto-fixtures/2.8.0/show-proc.txt"), true),
+            (
+                include_str!("../proto-fixtures/3.0.11-1+deb13u4/show-proc.txt"),
+                true,
+            ),
+            (
+                include_str!("../proto-fixtures/3.2.26-1/show-proc.txt"),
+                true,
+            ),
+        ] {
+            assert_eq!(of(fixture), reports, "{fixture}");
+        }
+        assert!(!master_reports_reload(&ProcList::default()));
+    }
 
     #[test]
     fn tail_cuts_on_char_boundary() {

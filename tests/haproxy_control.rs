@@ -415,3 +415,41 @@ async fn a_reload_during_another_waits_for_it() {
     let _ = std::io::Read::read_to_string(&mut other, &mut sink);
     h.stop().await.unwrap();
 }
+
+/// A new worker that takes longer than a CLI call's usual 5 s and then fails: from 2.7 the
+/// master answers `reload` only then, and the reload must be reported failed, not confirmed by
+/// the starting worker `show proc` already lists.
+#[tokio::test]
+async fn a_slow_worker_that_fails_is_a_failed_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    let lua = dir.path().join("slow-then-fail.lua");
+    std::fs::write(
+        &lua,
+        "local t0 = os.clock()\nwhile os.clock() - t0 < 6 do end\nerror(\"lbagent test: refusing to load\")\n",
+    )
+    .unwrap();
+    // Written directly: `haproxy -c` would refuse it, which is the point.
+    std::fs::write(
+        &h.config_files().managed,
+        format!("global\n    lua-load {}\n", lua.display()),
+    )
+    .unwrap();
+    let before = worker_pids(&h.master_socket()).await;
+    let err = h.reload(Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        matches!(err, HaproxyError::ReloadFailed { .. }),
+        "{}: {err}",
+        common::haproxy_branch()
+    );
+    // The worker from before still serves.
+    let proc = client(&h.master_socket()).show_proc().await.unwrap();
+    let serving: Vec<u32> = pids_of(&proc.workers)
+        .into_iter()
+        .chain(pids_of(&proc.old_workers))
+        .collect();
+    assert_eq!(serving, before, "{proc:?}");
+    h.stop().await.unwrap();
+}
