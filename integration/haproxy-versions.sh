@@ -46,6 +46,7 @@ suite_of() {
 if [ "${1:-}" = --path ]; then
     [ $# -eq 2 ] || fail "usage: $0 --path VERSION"
     suite_of "$2" >/dev/null || fail "unknown version $2 (known: $SUITES)"
+    [ -x "$ROOTS/bin/haproxy-$2" ] || fail "no wrapper for $2 yet: run $0 $2 first"
     printf '%s\n' "$ROOTS/bin/haproxy-$2"
     exit 0
 fi
@@ -81,7 +82,7 @@ prepare_root() {
     fi
     local url
     url=$(mirror)
-    [ -n "$url" ] || fail "found no Debian archive in this machine's apt sources (apt-get indextargets)"
+    [ -n "$url" ] || fail "found no Debian archive in apt's indexes (apt-get indextargets); run apt-get update first"
     # A root left half-made by an interrupted run is started again from nothing.
     rm -rf "$root"
     local log=$ROOTS/$suite.debootstrap.log
@@ -107,12 +108,19 @@ if [ "\$(id -u)" != 0 ]; then
     echo "haproxy-$version: needs root (it runs HAProxy in a mount namespace)" >&2
     exit 126
 fi
+# Under /usr the caller's files would be the root's, not its own.
+case "\$(pwd -P)/" in
+/usr/*)
+    echo "haproxy-$version: cannot run from \$(pwd -P): /usr is the Debian root's in here" >&2
+    exit 126
+    ;;
+esac
 exec unshare --mount --propagation private -- /bin/sh -c '
     root=\$1
     shift
     mount --bind "\$root/etc/ld.so.cache" /etc/ld.so.cache &&
         mount --bind "\$root/usr" /usr || {
-        echo "haproxy-$version: cannot bind \$root/usr over /usr" >&2
+        echo "haproxy-$version: cannot bind ld.so.cache and /usr of \$root over those of the machine" >&2
         exit 126
     }
     exec /usr/sbin/haproxy "\$@"

@@ -14,6 +14,8 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
     exit 1
 fi
 export PATH="$PATH:/usr/sbin"
+# The first pass is the machine's HAProxy, whatever the caller's environment says.
+unset LBAGENT_TEST_HAPROXY
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
@@ -22,7 +24,10 @@ cargo test --all-targets --locked
 # Doc tests are not part of --all-targets.
 cargo test --doc --locked
 
-[ "${LBAGENT_MATRIX:-1}" != 0 ] || exit 0
+if [ "${LBAGENT_MATRIX:-1}" = 0 ]; then
+    [ "${CI:-}" != true ] || { echo "test.sh: FAIL: LBAGENT_MATRIX=0 under CI=true" >&2; exit 1; }
+    exit 0
+fi
 if [ "$(id -u)" != 0 ] || ! command -v debootstrap >/dev/null; then
     why="the 3.0/3.2 matrix needs root and debootstrap (apt-get install -y debootstrap)"
     if [ "${CI:-}" = true ]; then

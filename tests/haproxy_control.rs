@@ -392,7 +392,16 @@ async fn a_reload_during_another_waits_for_it() {
     let branch = common::haproxy_branch();
     if branch.at_least(3, 1) {
         // Pin the version's refusal: a `reload` while the other one's worker starts.
-        let refused = read_until(start_raw_reload(&master), "progress.\n");
+        // The probe must reach the master after the other reload's re-exec, while its worker
+        // starts: a connection taken just before the re-exec is closed unanswered, so try again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let refused = loop {
+            let got = read_until(start_raw_reload(&master), "progress.\n");
+            if got.contains("progress.") || Instant::now() >= deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert_eq!(
             refused.trim_end(),
             "Success=0\n--\nAnother reload is still in progress.",

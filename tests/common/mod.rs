@@ -36,15 +36,11 @@ impl Branch {
         self >= Branch { major, minor }
     }
 
-    /// The branch of a version string such as `3.0.11-1+deb13u4` or `2.6.12`.
+    /// The branch of a version string such as `3.0.11-1+deb13u4`, `2.6.12` or `3.2-dev13`.
     pub fn of(version: &str) -> Option<Branch> {
-        let mut parts = version.split('.');
+        let mut parts = version.split(['.', '-']);
         let major = parts.next()?.parse().ok()?;
-        let minor = parts
-            .next()?
-            .trim_end_matches(|c: char| !c.is_ascii_digit())
-            .parse()
-            .ok()?;
+        let minor = parts.next()?.parse().ok()?;
         Some(Branch { major, minor })
     }
 }
