@@ -51,7 +51,24 @@ if [ "${1:-}" = --path ]; then
     exit 0
 fi
 
+case "$ROOTS" in
+/*) ;;
+*) fail "LBAGENT_HAPROXY_ROOTS must be an absolute path: $ROOTS" ;;
+esac
+case "$ROOTS" in
+*[!A-Za-z0-9/._-]*) fail "LBAGENT_HAPROXY_ROOTS may hold only letters, digits and / . _ -: $ROOTS" ;;
+esac
+for pair in $SUITES; do
+    [[ $pair =~ ^[0-9]+\.[0-9]+=[a-z][a-z0-9-]*$ ]] ||
+        fail "LBAGENT_HAPROXY_SUITES: \"$pair\" is not VERSION=SUITE (like 3.2=sid)"
+done
+
 [ "$(id -u)" = 0 ] || fail "needs root (debootstrap and mount namespaces); run it with sudo"
+# The wrapper swaps /usr only, so the machine's /lib, /lib64 and /bin must be links into /usr
+# (merged /usr, as on every Debian since 12); otherwise the machine's own loader would run.
+for d in /lib /lib64 /bin /sbin; do
+    [ ! -e "$d" ] || [ -L "$d" ] || fail "$d is not a link into /usr (no merged /usr): the wrappers cannot work here"
+done
 command -v debootstrap >/dev/null || fail "debootstrap is not installed (apt-get install -y debootstrap)"
 command -v unshare >/dev/null || fail "unshare (util-linux) is not installed"
 
@@ -73,7 +90,7 @@ mirror() {
 mkdir -p "$ROOTS/bin"
 # One preparation at a time: a concurrent second run waits and then finds the roots finished.
 exec 9>"$ROOTS/.lock"
-flock 9
+flock -w 1800 9 || fail "another haproxy-versions.sh has held $ROOTS/.lock for 30 minutes"
 
 prepare_root() {
     local suite=$1 root=$ROOTS/$1
@@ -83,11 +100,16 @@ prepare_root() {
     local url
     url=$(mirror)
     [ -n "$url" ] || fail "found no Debian archive in apt's indexes (apt-get indextargets); run apt-get update first"
-    # A root left half-made by an interrupted run is started again from nothing.
-    rm -rf "$root"
+    # A root left half-made by an interrupted run is started again from nothing; debootstrap
+    # killed midway can leave its /proc and /sys mounted in it.
+    if [ -d "$root" ]; then
+        awk -v r="$root/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r |
+            while read -r m; do umount -l "$m" 2>/dev/null || true; done
+        rm -rf --one-file-system "$root"
+    fi
     local log=$ROOTS/$suite.debootstrap.log
     echo "haproxy-versions.sh: debootstrap $suite with haproxy from $url (log: $log)" >&2
-    if ! debootstrap --variant=minbase --include=haproxy "$suite" "$root" "$url" >"$log" 2>&1; then
+    if ! timeout 1800 debootstrap --variant=minbase --include=haproxy "$suite" "$root" "$url" >"$log" 2>&1; then
         tail -n 20 "$log" >&2
         fail "debootstrap $suite failed (log: $log)"
     fi

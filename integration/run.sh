@@ -49,7 +49,7 @@ elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
 # the machine's.
 HAPROXY=${LBAGENT_TEST_HAPROXY:-$(command -v haproxy || true)}
 [ -n "$HAPROXY" ] || die "haproxy is not installed (apt-get install -y haproxy)"
-[ -x "$HAPROXY" ] || die "LBAGENT_TEST_HAPROXY=$HAPROXY is not an executable"
+HAPROXY=$(command -v "$HAPROXY") || die "LBAGENT_TEST_HAPROXY=${LBAGENT_TEST_HAPROXY:-} is not a program"
 PY=$(command -v python3 || true)
 [ -n "$PY" ] || die "python3 is needed for the echo backends and the client"
 # The interpreter itself, not a shim: it is also started inside network namespaces.

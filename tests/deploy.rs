@@ -38,7 +38,13 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Says a check could not run here. Under CI (`CI=true`) that is a failure: CI installs
+/// everything these checks need, so a skip there would hide a missing install step.
 fn skip(what: &str, why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "deploy: {what} cannot run under CI: {why}"
+    );
     eprintln!("deploy: SKIPPED {what}: {why}");
 }
 
@@ -53,10 +59,12 @@ fn find_program(name: &str) -> Option<PathBuf> {
     found
 }
 
+/// The HAProxy under test, as the other tests pick it (`LBAGENT_TEST_HAPROXY`, else the
+/// machine's), when there is one.
 fn haproxy() -> Option<PathBuf> {
     match std::env::var_os("LBAGENT_TEST_HAPROXY") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => find_program("haproxy"),
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => find_program("haproxy"),
     }
 }
 

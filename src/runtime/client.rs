@@ -417,3 +417,23 @@ fn is_reload_in_progress(report: &str) -> bool {
     let mut lines = report.lines().map(str::trim_end);
     lines.next() == Some("Success=0") && lines.any(|l| l == "Another reload is still in progress.")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_reload_in_progress;
+
+    #[test]
+    fn the_in_progress_refusal_is_told_by_its_whole_sentence() {
+        assert!(is_reload_in_progress(
+            "Success=0\n--\nAnother reload is still in progress.\n\n"
+        ));
+        // A failed reload whose log happens to mention a reload is a failure, not a refusal.
+        assert!(!is_reload_in_progress(
+            "Success=0\n--\n[ALERT] Another reload is still in progress. (quoted)\n"
+        ));
+        assert!(!is_reload_in_progress(
+            "Success=1\n--\nAnother reload is still in progress.\n"
+        ));
+        assert!(!is_reload_in_progress(""));
+    }
+}

@@ -271,12 +271,20 @@ impl Connection {
     /// keeping the connection open.
     pub async fn read_answer_or_close(&mut self, what: &str) -> Result<String> {
         loop {
-            if let Frame::Complete { body_len, consumed } =
-                parse_frame_from(&self.buf, &self.prompt, self.max_answer, 0)
-            {
-                let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
-                self.buf.drain(..consumed);
-                return Ok(body);
+            match parse_frame_from(&self.buf, &self.prompt, self.max_answer, self.scanned) {
+                Frame::Complete { body_len, consumed } => {
+                    let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
+                    self.buf.drain(..consumed);
+                    self.scanned = 0;
+                    return Ok(body);
+                }
+                Frame::Invalid(detail) => {
+                    return Err(Error::NotHaproxy {
+                        endpoint: self.endpoint.clone(),
+                        detail: format!("answer to {what}: {detail}"),
+                    })
+                }
+                Frame::Partial => self.scanned = resume_point(self.buf.len(), &self.prompt),
             }
             match read_more(&mut self.stream, &mut self.buf).await {
                 Ok(0) => break,
@@ -287,6 +295,7 @@ impl Connection {
             }
         }
         let rest = std::mem::take(&mut self.buf);
+        self.scanned = 0;
         Ok(String::from_utf8_lossy(&rest).into_owned())
     }
 
@@ -364,6 +373,58 @@ mod tests {
         Connection::handshake(Box::new(client), "test".into(), 1 << 20)
             .await
             .unwrap()
+    }
+
+    /// A master CLI peer for `reload`: after the handshake it sends `reply` in small writes,
+    /// then closes if `close`, else holds the connection open until the client goes.
+    async fn reload_peer(reply: &'static [u8], close: bool) -> Connection {
+        let (client, mut server) = duplex(1024);
+        tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            while server.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {}
+            server.write_all(b"\nmaster> ").await.ok();
+            while server.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {}
+            for chunk in reply.chunks(3) {
+                server.write_all(chunk).await.ok();
+            }
+            if !close {
+                let mut sink = Vec::new();
+                let _ = server.read_to_end(&mut sink).await;
+            }
+        });
+        Connection::handshake(Box::new(client), "test".into(), 1 << 20)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_answer_ends_at_the_close_or_at_a_prompt() {
+        let within = std::time::Duration::from_secs(5);
+        for (reply, close, want) in [
+            // 2.6: nothing, the master re-executes and drops the connection.
+            (&b""[..], true, ""),
+            // 2.7+: the report, then the close.
+            (
+                b"Success=1\n--\n[NOTICE] ...\n\n",
+                true,
+                "Success=1\n--\n[NOTICE] ...\n\n",
+            ),
+            // 3.1+ refusing while another reload's worker starts: an answer and the prompt,
+            // the connection left open (so waiting for the close would never end).
+            (
+                b"Success=0\n--\nAnother reload is still in progress.\n\nmaster> ",
+                false,
+                "Success=0\n--\nAnother reload is still in progress.\n\n",
+            ),
+        ] {
+            let mut c = reload_peer(reply, close).await;
+            c.send_lines(&["reload".into()], "`reload`").await.unwrap();
+            let got = tokio::time::timeout(within, c.read_answer_or_close("`reload`"))
+                .await
+                .expect("the answer ends without waiting for a close")
+                .unwrap();
+            assert_eq!(got, want);
+        }
     }
 
     #[tokio::test]
