@@ -1754,3 +1754,71 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     agent.wait_in_sync(SETTLE);
     wait_reaches(fe, "B", SETTLE);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 14. The operator's proxies may have any name HAProxy allows
+// ---------------------------------------------------------------------------------------------
+
+/// Frontends, backends and servers in the operator's main file named like the first words of
+/// HAProxy's error sentences (`invalid ...`, `Unknown command`, `usage:`, `Require ...`,
+/// `No such ...`, `Permission denied`): `show` answers listing them are data, so a new
+/// frontend (a reload), a runtime change and the reconcile all work, and the operator's proxies
+/// are left as they were.
+#[test]
+fn operator_proxy_names_are_never_taken_for_errors() {
+    let names = [
+        "invalid_host",
+        "Unknown",
+        "usage",
+        "Require",
+        "No",
+        "Permission",
+    ];
+    let mut proxies = String::new();
+    for name in names {
+        proxies.push_str(&format!(
+            "frontend {name}\n    bind 127.0.0.1:{}\n    default_backend {name}_be\n\n\
+             backend {name}_be\n    server {name} 127.0.0.1:{}\n\n\
+             backend {name}\n    server {name} 127.0.0.1:{}\n\n",
+            free_port(),
+            free_port(),
+            free_port()
+        ));
+    }
+    let agent = Agent::attached_with(&proxies);
+    let operators = |agent: &Agent| {
+        let mut rows: Vec<_> = agent
+            .servers_state()
+            .into_iter()
+            .filter(|s| !s.backend.starts_with("be_"))
+            .map(|s| (s.backend, s.server, s.addr, s.port, s.admin.0))
+            .collect();
+        rows.sort();
+        rows
+    };
+    let before = operators(&agent);
+    assert_eq!(before.len(), 2 * names.len(), "{before:?}");
+
+    let a = Echo::start("127.0.0.2", "A");
+    let b = Echo::start("127.0.0.3", "B");
+    let fe = free_port();
+    let started = Instant::now();
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a new frontend took {:?}",
+        started.elapsed()
+    );
+    agent.put_ok(fe, "node-b", &body(&b.ip(), b.port(), json!({})), "runtime");
+    agent.wait_in_sync(SETTLE);
+    wait_reaches(fe, "A", SETTLE);
+    wait_reaches(fe, "B", SETTLE);
+    let state = agent.state();
+    assert_eq!(
+        server(&state, fe, "node-b").unwrap()["haproxy"]["addr"],
+        format!("{}:{}", b.ip(), b.port())
+    );
+    assert_eq!(operators(&agent), before, "the operator's servers changed");
+    let health = agent.get("/healthz");
+    assert_eq!(health.status, 200, "{health:?}");
+}

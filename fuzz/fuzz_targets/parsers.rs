@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(status.text, text);
     let _ = status.summary();
     assert_eq!(Outcome::of_action(text).text, text);
-    assert_eq!(Outcome::of_query(text).text, text);
+    assert_eq!(Outcome::of_query("# name\n", text).text, text);
     let _ = Name::new("name", text);
     let _ = ServerRef::parse(text);
 

@@ -246,10 +246,9 @@ impl RuntimeClient {
                 .zip(&texts[start..end])
                 .zip(answers)
             {
-                let outcome = if cmd.is_read_only() {
-                    Outcome::of_query(&answer)
-                } else {
-                    Outcome::of_action(&answer)
+                let outcome = match cmd.answer_header() {
+                    Some(header) => Outcome::of_query(header, &answer),
+                    None => Outcome::of_action(&answer),
                 };
                 replies.push(Reply {
                     command: text.clone(),

@@ -120,14 +120,23 @@ impl Command {
     /// Whether the command only reads. Read-only commands may be retried after a broken
     /// connection; a write is retried only if it surely never reached HAProxy.
     pub fn is_read_only(&self) -> bool {
-        matches!(
-            self,
-            Command::ShowInfo
-                | Command::ShowStat
-                | Command::ShowServersState(_)
-                | Command::ShowBackend
-                | Command::ShowProc
-        )
+        self.answer_header().is_some()
+    }
+
+    /// The first bytes of every successful answer to a read-only command: its header. An answer
+    /// is told from an error by this shape, never by the names in it ([`Outcome::of_query`]).
+    /// `None` for commands that print nothing or a message.
+    ///
+    /// [`Outcome::of_query`]: super::Outcome::of_query
+    pub fn answer_header(&self) -> Option<&'static str> {
+        match self {
+            Command::ShowInfo => Some("Name: "),
+            Command::ShowStat => Some("# pxname,"),
+            Command::ShowServersState(_) => Some("1\n# be_id "),
+            Command::ShowBackend => Some("# name\n"),
+            Command::ShowProc => Some("#<PID>"),
+            _ => None,
+        }
     }
 
     /// Whether the command is for the master CLI rather than a worker's stats socket.

@@ -67,12 +67,20 @@ impl Outcome {
         }
     }
 
-    /// Classifies the answer to a command that prints data on success (`show ...`): only a
-    /// recognised error message makes it a failure.
-    pub fn of_query(text: &str) -> Outcome {
-        let kind = match classify_error(text) {
-            Some(kind) => kind,
-            None => OutcomeKind::Success,
+    /// Classifies the answer to a command that prints data on success (`show ...`) by its
+    /// shape: an answer that starts with `header`, the first bytes every successful answer to
+    /// that command has (see [`super::Command::answer_header`]), is data, whatever names its
+    /// rows hold — an operator's backend called `invalid_host` or `Unknown` is a row, not an
+    /// error. Anything else is an error: classified by HAProxy's known sentence on its first
+    /// line, or [`OutcomeKind::Other`].
+    pub fn of_query(header: &str, text: &str) -> Outcome {
+        let kind = if text.starts_with(header) {
+            OutcomeKind::Success
+        } else {
+            let first = text.lines().map(str::trim_start).find(|l| !l.is_empty());
+            first
+                .and_then(classify_error)
+                .unwrap_or(OutcomeKind::Other)
         };
         Outcome {
             kind,
@@ -221,15 +229,32 @@ mod tests {
     }
 
     #[test]
-    fn queries_fail_only_on_error_text() {
-        assert!(Outcome::of_query("# name\nbe_1\n").is_success());
+    fn queries_are_told_by_their_shape() {
+        let backends = "# name\n";
+        assert!(Outcome::of_query(backends, "# name\nbe_1\n").is_success());
+        // Names that start like HAProxy's error sentences are rows of a data answer.
+        for name in [
+            "invalid_host",
+            "Unknown",
+            "usage",
+            "Require",
+            "No",
+            "Permission",
+        ] {
+            let text = format!("# name\n{name}\nbe_1\n\n");
+            assert!(Outcome::of_query(backends, &text).is_success(), "{name}");
+        }
         assert_eq!(
-            Outcome::of_query("Can't find backend.\n").kind,
+            Outcome::of_query("1\n# be_id", "Can't find backend.\n").kind,
             OutcomeKind::NotFound
         );
         assert_eq!(
-            Outcome::of_query("Permission denied\n").kind,
+            Outcome::of_query(backends, "Permission denied\n").kind,
             OutcomeKind::PermissionDenied
         );
+        // Neither the shape nor a known error: a failure, text kept.
+        let odd = Outcome::of_query(backends, "something else\n");
+        assert_eq!(odd.kind, OutcomeKind::Other);
+        assert_eq!(odd.text, "something else\n");
     }
 }

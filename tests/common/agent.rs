@@ -519,6 +519,12 @@ impl Agent {
     /// An attached agent: the harness starts HAProxy (`-W -S master.sock -f main.cfg -f
     /// managed.cfg`) and writes a 0600 keys file.
     pub fn attached() -> Agent {
+        Agent::attached_with("")
+    }
+
+    /// [`Agent::attached`] with `proxies` (the operator's own frontends and backends) at the
+    /// end of the main file.
+    pub fn attached_with(proxies: &str) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().canonicalize().unwrap();
         let hdir = root.join("haproxy");
@@ -526,7 +532,7 @@ impl Agent {
         let main = hdir.join("main.cfg");
         std::fs::write(
             &main,
-            ATTACHED_MAIN.replace("@DIR@", &hdir.display().to_string()),
+            ATTACHED_MAIN.replace("@DIR@", &hdir.display().to_string()) + "\n" + proxies,
         )
         .unwrap();
         let managed_cfg = hdir.join("managed.cfg");
