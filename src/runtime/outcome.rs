@@ -78,9 +78,7 @@ impl Outcome {
             OutcomeKind::Success
         } else {
             let first = text.lines().map(str::trim_start).find(|l| !l.is_empty());
-            first
-                .and_then(classify_error)
-                .unwrap_or(OutcomeKind::Other)
+            first.and_then(classify_error).unwrap_or(OutcomeKind::Other)
         };
         Outcome {
             kind,
