@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -229,13 +229,6 @@ fn apply_error(e: ApplyError) -> Reply {
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Api {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         let method = req.method().clone();
@@ -395,7 +388,7 @@ impl Api {
             path_with_query,
             &headers,
             &body,
-            now_unix(),
+            crate::clock::unix_seconds(),
         ) {
             Ok(k) => k,
             Err(f) => {

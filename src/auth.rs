@@ -236,7 +236,7 @@ impl Keys {
     }
 
     /// Creates a new keys file (it must not exist) with mode 0600 holding one key with a fresh
-    /// random secret (32 bytes from /dev/urandom, written as 64 hex characters), and returns it.
+    /// random secret (32 bytes from the system's CSPRNG, written as 64 hex characters), and returns it.
     pub fn generate_file(path: &Path, key_id: &str) -> Result<Keys, KeysError> {
         check_key_id(key_id)?;
         let io_err = |source| KeysError::Io {
@@ -313,7 +313,7 @@ fn check_key_id(id: &str) -> Result<(), KeysError> {
 
 fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut buf = [0u8; N];
-    File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    getrandom::fill(&mut buf).map_err(io::Error::other)?;
     Ok(buf)
 }
 
@@ -385,8 +385,8 @@ pub fn signed_headers(
     ]
 }
 
-/// 32 hex characters. A nonce needs to be unique, not secret, so if /dev/urandom cannot be
-/// read it falls back to hashing the clock, the process id and a counter.
+/// 32 hex characters. A nonce needs to be unique, not secret, so if the system's random source
+/// fails it falls back to hashing the clock, the process id and a counter.
 fn fresh_nonce() -> String {
     if let Ok(bytes) = random_bytes::<16>() {
         return hex::encode(bytes);

@@ -231,12 +231,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     };
     let window = Duration::from_secs(settings.auth_window.unwrap_or(300));
     let verifier = Verifier::new(keys, window);
-    verifier.refuse_signed_before(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    );
+    verifier.refuse_signed_before(crate::clock::unix_seconds());
 
     let legacy_token = match &settings.legacy_token_file {
         Some(path) => Some(read_legacy_token(path)?),

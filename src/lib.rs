@@ -26,6 +26,7 @@
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod daemon;
 pub mod haproxy;
 pub mod lbctl;

@@ -700,7 +700,7 @@ fn haproxy_kill9_is_restarted_with_every_route() {
     let requests = agent.metric(r#"lbagent_http_requests_total{route="put_server",status="200"}"#);
 
     let master = agent.show_proc().master.unwrap().pid;
-    common::unsafe_kill(master, "KILL");
+    common::send_signal(master, "KILL");
 
     // The agent notices and starts a new HAProxy, without any request.
     let new_master = eventually(SETTLE, "a new HAProxy master", || {

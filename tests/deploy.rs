@@ -126,11 +126,8 @@ fn free_port() -> u16 {
 
 fn random_hex() -> String {
     let mut b = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut b)
-        .unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    getrandom::fill(&mut b).unwrap();
+    hex::encode(b)
 }
 
 fn write_private(path: &Path, content: &str) {
@@ -374,10 +371,10 @@ impl Drop for Kill {
     fn drop(&mut self) {
         for c in self.0.iter_mut().rev() {
             // SIGTERM first (the agent and HAProxy's master stop cleanly), then SIGKILL.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let end = Instant::now() + Duration::from_secs(5);
             while Instant::now() < end {
                 if let Ok(Some(_)) = c.try_wait() {

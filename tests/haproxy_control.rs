@@ -296,7 +296,7 @@ async fn noticed_death_and_restart() {
         .unwrap();
     assert!(h.try_exited().is_none());
     let old = h.pid();
-    common::unsafe_kill(old, "KILL");
+    common::send_signal(old, "KILL");
     let end = Instant::now() + Duration::from_secs(5);
     while h.try_exited().is_none() {
         assert!(Instant::now() < end, "exit of pid {old} not noticed");

@@ -368,7 +368,7 @@ fn watch_redraws_until_interrupted() {
     }
     assert!(seen.matches("BACKEND be_rr").count() >= 3);
     assert!(!seen.contains('\x1b'), "no escape codes into a pipe");
-    common::unsafe_kill(child.id(), "INT");
+    common::send_signal(child.id(), "INT");
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }

@@ -118,7 +118,7 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
 
     // SIGTERM: the server goes, the sidecar exits 0.
     let mut child = sidecar;
-    common::unsafe_kill(child.0.id(), "TERM");
+    common::send_signal(child.0.id(), "TERM");
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status}");
     let mut log = String::new();

@@ -279,9 +279,10 @@ fn kill_9_at_any_instant_loses_nothing_acknowledged() {
         let pid = child.id();
         let watchdog = std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = watchdog_rx.recv_timeout(CHILD_TIMEOUT) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 return true;
             }
             false

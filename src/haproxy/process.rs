@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::master::{left, log_since, show_proc_once, POLL_CALL_TIMEOUT, POLL_INTERVAL};
@@ -123,14 +125,8 @@ impl ManagedHaproxy {
         }
         h.spawn().await?;
         if let Some(pid) = leftover {
-            let _ = Command::new("kill")
-                .arg("-USR1")
-                .arg(pid.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            // SIGUSR1: a soft stop, its connections finish on the old workers.
+            signal(pid, Signal::SIGUSR1);
         }
         Ok(h)
     }
@@ -286,16 +282,8 @@ impl ManagedHaproxy {
             self.exited = Some(status);
             return Ok(self.exited);
         }
-        // Only while the child is unreaped is its pid surely still ours to signal. `kill(1)`
-        // keeps this free of `unsafe` and libc.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+        // Only while the child is unreaped is its pid surely still ours to signal.
+        signal(self.pid, Signal::SIGTERM);
         let status = match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
             Ok(r) => r.map_err(|source| HaproxyError::Spawn {
                 command: format!("wait for haproxy pid {}", self.pid),
@@ -377,6 +365,16 @@ fn check_path(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Sends `sig` to `pid`; a process already gone is fine (there is nothing left to stop).
+fn signal(pid: u32, sig: Signal) {
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid), sig) {
+        tracing::debug!(pid, signal = %sig, error = %e, "signal not delivered");
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A signed HTTP client for the agent's API, for `lbctl state` (and the sidecar commands).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -66,7 +66,7 @@ pub async fn signed_request(
     if uri.scheme_str() != Some("http") {
         return Err(format!("agent URL {agent:?} must start with http://").into());
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let now = crate::clock::unix_seconds();
     let mut req = Request::builder().method(method.clone()).uri(uri);
     for (name, value) in signed_headers(
         &key.id,

@@ -240,9 +240,7 @@ fn run_sign(args: SignArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => Vec::new(),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = crate::clock::unix_seconds();
     let method = args.method.to_ascii_uppercase();
     for (name, value) in
         crate::auth::signed_headers(&key.id, &key.secret, &method, &args.path, &body, now)

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hyper::Method;
 
@@ -169,13 +169,13 @@ fn log(line: &str) {
     eprintln!("lbctl phone-home: {line}");
 }
 
-/// Jitter from the clock: spreads sidecars that start together.
+/// ±10 % random jitter: spreads sidecars that start together (the same instant on many nodes,
+/// when a cluster boots, so not from the clock).
 fn jittered(interval: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let factor = 0.9 + 0.2 * (f64::from(nanos % 1000) / 1000.0);
+    let mut b = [0u8; 2];
+    // Without randomness the interval stays as it is: jitter is a courtesy, not a need.
+    let r = getrandom::fill(&mut b).map_or(500, |()| u16::from_le_bytes(b) % 1000);
+    let factor = 0.9 + 0.2 * (f64::from(r) / 1000.0);
     interval.mul_f64(factor)
 }
 

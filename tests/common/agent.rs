@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use lbagent::runtime::parse::{parse_servers_state, parse_show_proc, ProcList, ServerState};
 use serde_json::Value;
 
-use super::{answers, free_port, haproxy_bin, unsafe_kill};
+use super::{answers, free_port, haproxy_bin, send_signal};
 
 /// How long the agent may take to answer `/healthz` with 200 after it starts.
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -406,7 +406,7 @@ fn stop_child(child: &mut Child, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
-    unsafe_kill(child.id(), "TERM");
+    send_signal(child.id(), "TERM");
     let deadline = Instant::now() + grace;
     loop {
         match child.try_wait() {
@@ -716,7 +716,7 @@ impl Agent {
 
     /// `kill -<signal>` the agent.
     pub fn signal(&self, signal: &str) {
-        unsafe_kill(self.pid(), signal);
+        send_signal(self.pid(), signal);
     }
 
     /// Everything the agent printed, over all its starts.
@@ -1105,7 +1105,7 @@ impl Drop for Agent {
                 break;
             }
             for pid in &left {
-                unsafe_kill(*pid, "KILL");
+                send_signal(*pid, "KILL");
             }
             if Instant::now() >= deadline {
                 eprintln!("processes of {needle} still alive after SIGKILL: {left:?}");

@@ -249,7 +249,7 @@ impl Drop for Haproxy {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGTERM lets the master stop its workers; SIGKILL if it does not within 5 s.
-            unsafe_kill(child.id(), "TERM");
+            send_signal(child.id(), "TERM");
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 match child.try_wait() {
@@ -268,12 +268,14 @@ impl Drop for Haproxy {
     }
 }
 
-/// Sends a signal with kill(1), keeping the tests free of `unsafe` and libc.
-pub fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+/// Sends the signal named `signal` (`"TERM"`, `"KILL"`...) to `pid`; a process already gone is
+/// fine.
+pub fn send_signal(pid: u32, signal: &str) {
+    use std::str::FromStr;
+    let sig = nix::sys::signal::Signal::from_str(&format!("SIG{signal}"))
+        .unwrap_or_else(|_| panic!("no signal SIG{signal}"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    let _ = nix::sys::signal::kill(pid, sig);
 }
 
 /// A backend/frontend layout most tests use: one frontend, a dynamic-algorithm backend with a
