@@ -4,7 +4,10 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: request → auth → policy → desired state → store → plan → HAProxy.
+//! Data flows one way: request → auth → policy → desired state (the owner task) → plan →
+//! HAProxy (runtime first, a reload only for a new or removed frontend) → store (fsync) →
+//! answer. HAProxy goes before the disk so traffic moves without waiting for the fsync; a
+//! change the store refuses is taken back out of HAProxy before the error is answered.
 //!
 //! - [`runtime`]: HAProxy's runtime API — the socket client ([`runtime::RuntimeClient`]), its
 //!   typed commands with input validation, and the nom parsers of its answers
@@ -19,7 +22,8 @@
 //!   commit, reloads with rollback, the drift-repair timer.
 //! - [`reconcile`]: desired vs observed → runtime commands (pure); [`render`]: the config file
 //!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads, the managed process.
-//! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals.
+//! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals;
+//!   [`clock`]: Unix seconds, for every timestamp.
 //! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.
 //! - `src/bin/`: thin mains for `lbagent` and `lbctl`.
 
