@@ -1,0 +1,463 @@
+//! The agent's owner task: the one place that holds the desired state, the store and the
+//! runtime connection. Requests arrive on a channel; simultaneous ones are group-committed (one
+//! fsync, one batched runtime round trip for the lot); the changes of a group that add or remove
+//! a frontend share one validate → reload → confirm → store, so a cluster booting 30 services
+//! costs a couple of reloads, not 30; one HAProxy refuses is rolled back, alone when HAProxy's
+//! message names its port. A timer compares HAProxy with the desired state and repairs drift.
+//!
+//! Order for a runtime change: policy → apply to the in-memory state → batch to HAProxy → store
+//! (fsync) → answer; HAProxy goes before the disk so traffic moves without waiting for the
+//! fsync, and a group the store refuses is taken back out of HAProxy. The managed config file
+//! is rewritten in the background (see `ConfigWriter`), off the request path: it is derived
+//! from the stored state, and validating it with `haproxy -c` takes tens of milliseconds.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
+//! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
+//! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit.
+//! - `observe.rs`: the drift-repair timer and the read model of `GET /v1/frontends`.
+//! - `writer.rs`: the background writer of the managed config file.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::haproxy::{wait_frontend_open, ConfigFiles, HaproxyError, ManagedHaproxy, Reloader};
+use crate::metrics::Metrics;
+use crate::model::{
+    backend_name, frontend_name, server_ref, Change, Conflict, DesiredState, Effect, Undo,
+};
+use crate::policy::{Denied, Policy};
+use crate::reconcile::{self, Plan};
+use crate::render::{render_managed, RenderOptions};
+use crate::runtime::parse::{ProxyKind, StatRow};
+use crate::runtime::{
+    Command, Error as RuntimeError, OutcomeKind, RuntimeClient, ServerAdminState,
+};
+use crate::store::Store;
+
+mod commit;
+mod observe;
+mod reload;
+mod writer;
+
+use writer::ConfigWriter;
+
+/// How a change reached HAProxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Applied {
+    Runtime,
+    Reload,
+    Unchanged,
+    /// Stored, but HAProxy did not answer: applied when it returns.
+    Pending,
+}
+
+/// A change that was acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyOk {
+    pub applied: Applied,
+    pub generation: u64,
+}
+
+/// Why a change was not acknowledged. Nothing of it was recorded.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// HAProxy refused the new configuration or could not bind: its own words.
+    #[error("HAProxy refused the change: {0}")]
+    Rejected(String),
+    /// A new or removed frontend needs a reload, and HAProxy does not answer.
+    #[error("HAProxy is unreachable, and a new or removed frontend needs a reload: {0}")]
+    Unavailable(String),
+    #[error("storing the change failed: {0}")]
+    Store(String),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// What `/healthz` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    pub haproxy: &'static str,
+    pub in_sync: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub generation: u64,
+}
+
+/// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerView {
+    pub node: String,
+    pub node_ip: String,
+    pub node_port: u16,
+    pub state: crate::model::ServerState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+    pub haproxy: Option<ObservedView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ObservedView {
+    pub status: String,
+    pub check_status: Option<String>,
+    pub addr: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontendView {
+    pub frontend_port: u16,
+    pub frontend: String,
+    pub backend: String,
+    pub mode: crate::model::Mode,
+    pub haproxy_status: Option<String>,
+    pub servers: Vec<ServerView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StateView {
+    pub generation: u64,
+    pub haproxy: &'static str,
+    pub frontends: Vec<FrontendView>,
+}
+
+enum Msg {
+    Apply {
+        change: Change,
+        reply: ReplyTx,
+    },
+    View {
+        reply: oneshot::Sender<StateView>,
+    },
+    Health {
+        reply: oneshot::Sender<Health>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<DesiredState>,
+    },
+}
+
+/// The cheap, cloneable way to talk to the owner task.
+#[derive(Clone)]
+pub struct AgentHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl AgentHandle {
+    pub async fn apply(&self, change: Change) -> Result<ApplyOk, ApplyError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Apply { change, reply })
+            .await
+            .map_err(|_| ApplyError::ShuttingDown)?;
+        rx.await.map_err(|_| ApplyError::ShuttingDown)?
+    }
+
+    pub async fn view(&self) -> Option<StateView> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::View { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn health(&self) -> Option<Health> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Health { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn snapshot(&self) -> Option<DesiredState> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Snapshot { reply }).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Everything the owner needs.
+pub struct AgentParts {
+    pub state: DesiredState,
+    pub store: Store,
+    pub client: RuntimeClient,
+    pub files: ConfigFiles,
+    pub reloader: Reloader,
+    pub policy: Policy,
+    pub render: RenderOptions,
+    /// Managed mode: the HAProxy this agent supervises.
+    pub managed: Option<ManagedHaproxy>,
+    /// How often HAProxy is compared with the desired state.
+    pub reconcile_every: Duration,
+    /// Deadline for a reload to show a new worker.
+    pub reload_deadline: Duration,
+    /// Where HAProxy's stderr goes (managed mode): a failed reload quotes it.
+    pub haproxy_log: Option<std::path::PathBuf>,
+    /// Managed mode: leave HAProxy running when the agent stops.
+    pub keep_haproxy: bool,
+}
+
+/// The agent's config file, behind one lock for the owner (reloads) and the background writer,
+/// with the generation of the state it holds: a writer holding an older snapshot must not
+/// overwrite a newer file.
+pub struct ManagedFile {
+    files: ConfigFiles,
+    written: Option<u64>,
+}
+
+impl ManagedFile {
+    /// Installs `text` for `generation` unless the file already holds that one or a newer one.
+    /// Returns the previous content when it installed.
+    async fn install(
+        &mut self,
+        text: &str,
+        generation: u64,
+    ) -> Result<Option<Option<String>>, crate::haproxy::HaproxyError> {
+        if self.written.is_some_and(|w| w >= generation) {
+            return Ok(None);
+        }
+        let previous = self.files.install(text).await?;
+        self.written = Some(generation);
+        Ok(Some(previous))
+    }
+}
+
+/// Where a change's answer goes.
+type ReplyTx = oneshot::Sender<Result<ApplyOk, ApplyError>>;
+
+/// A change that passed policy and applied to the in-memory state, awaiting store and HAProxy.
+struct Accepted {
+    change: Change,
+    effect: Effect,
+    undo: Undo,
+    reply: ReplyTx,
+}
+
+/// Most requests group-committed together.
+const MAX_GROUP: usize = 256;
+
+struct Owner {
+    state: DesiredState,
+    store: Option<Store>,
+    store_dir: std::path::PathBuf,
+    client: RuntimeClient,
+    files: Arc<Mutex<ManagedFile>>,
+    reloader: Reloader,
+    policy: Policy,
+    render: RenderOptions,
+    managed: Option<ManagedHaproxy>,
+    reload_deadline: Duration,
+    haproxy_log: Option<std::path::PathBuf>,
+    keep_haproxy: bool,
+    metrics: Metrics,
+    /// The generation the config writer should catch up with.
+    dirty: watch::Sender<u64>,
+    /// Changes stored but not confirmed applied (HAProxy unreachable or a command failed).
+    out_of_sync: bool,
+    haproxy_up: bool,
+    last_error: Option<String>,
+    /// Why the store is closed (a reopen after a failure did not work); None when it is open.
+    store_error: Option<String>,
+    drift: Vec<String>,
+    /// (pid, start time) of the HAProxy worker, to notice a restart.
+    identity: Option<(u64, u64)>,
+    /// Frontend ports HAProxy may run although the state does not have them: a reload whose
+    /// rollback did not complete, or an agent that died between reload and store. The timer
+    /// reloads them away.
+    suspect_ports: BTreeSet<u16>,
+}
+
+/// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
+pub fn spawn(
+    parts: AgentParts,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> (AgentHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(4096);
+    let (dirty, dirty_rx) = watch::channel(parts.state.generation);
+    let files = Arc::new(Mutex::new(ManagedFile {
+        files: parts.files,
+        written: None,
+    }));
+    metrics.servers.set(parts.state.server_count() as i64);
+    let owner = Owner {
+        state: parts.state,
+        store_dir: parts.store.dir().to_path_buf(),
+        store: Some(parts.store),
+        client: parts.client,
+        files: files.clone(),
+        reloader: parts.reloader,
+        policy: parts.policy,
+        render: parts.render.clone(),
+        managed: parts.managed,
+        reload_deadline: parts.reload_deadline,
+        haproxy_log: parts.haproxy_log,
+        keep_haproxy: parts.keep_haproxy,
+        metrics: metrics.clone(),
+        dirty,
+        out_of_sync: true,
+        haproxy_up: false,
+        last_error: None,
+        store_error: None,
+        drift: Vec::new(),
+        identity: None,
+        suspect_ports: BTreeSet::new(),
+    };
+    let handle = AgentHandle { tx };
+    let writer = ConfigWriter {
+        handle: handle.clone(),
+        files,
+        render: parts.render,
+    };
+    let every = parts.reconcile_every;
+    let task = tokio::spawn(async move {
+        let writer_stop = shutdown.child_token();
+        let writer_task = tokio::spawn(writer.run(dirty_rx, writer_stop.clone()));
+        owner.run(rx, every, shutdown).await;
+        writer_stop.cancel();
+        let _ = writer_task.await;
+    });
+    (handle, task)
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        // A frontend in the file but not in the state: the agent died after a reload and before
+        // storing it, so HAProxy may be serving a change nobody was told about.
+        if let Ok(Some(text)) = self.files.lock().await.files.read_managed().await {
+            for port in text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("frontend fe_"))
+                .filter_map(|p| p.trim().parse::<u16>().ok())
+                .filter(|p| !self.state.frontends.contains_key(p))
+            {
+                tracing::warn!(
+                    port,
+                    "the managed file has a frontend the state lacks; removing it"
+                );
+                self.suspect_ports.insert(port);
+            }
+        }
+        // First look at HAProxy right away: after a restart of the agent, or of HAProxy.
+        self.reconcile().await;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                biased;
+                msg = rx.recv() => {
+                    let Some(first) = msg else { break };
+                    let mut group = Vec::new();
+                    self.take(first, &mut group).await;
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(m) => self.take(m, &mut group).await,
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply_group(group).await;
+                }
+                _ = tick.tick() => self.reconcile().await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        // Finish what is queued: every request that got in is answered.
+        rx.close();
+        let mut group = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            self.take(m, &mut group).await;
+        }
+        self.apply_group(group).await;
+        drop(self.store.take());
+        // Leave the managed file matching the state, so a HAProxy restart keeps everything.
+        let text = render_managed(&self.state, &self.render);
+        let generation = self.state.generation;
+        if let Err(e) = self.files.lock().await.install(&text, generation).await {
+            tracing::error!(error = %e, "could not write the managed configuration at shutdown");
+        }
+        if let Some(m) = self.managed.take() {
+            if self.keep_haproxy {
+                tracing::info!(pid = m.pid(), "leaving the managed HAProxy running");
+                m.detach();
+            } else {
+                tracing::info!(pid = m.pid(), "stopping the managed HAProxy");
+                if let Err(e) = m.stop().await {
+                    tracing::warn!(error = %e, "stopping HAProxy");
+                }
+            }
+        }
+    }
+
+    /// Answers reads at once; collects changes for the group.
+    async fn take(&mut self, msg: Msg, group: &mut Vec<(Change, ReplyTx)>) {
+        match msg {
+            Msg::Apply { change, reply } => group.push((change, reply)),
+            Msg::View { reply } => {
+                let v = self.view().await;
+                let _ = reply.send(v);
+            }
+            Msg::Health { reply } => {
+                let _ = reply.send(self.health());
+            }
+            Msg::Snapshot { reply } => {
+                let _ = reply.send(self.state.clone());
+            }
+        }
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            haproxy: if self.haproxy_up { "up" } else { "down" },
+            // A closed store refuses every change: not healthy, whatever HAProxy does.
+            in_sync: self.haproxy_up && !self.out_of_sync && self.store_error.is_none(),
+            drift: self.drift.clone(),
+            error: self.store_error.clone().or_else(|| self.last_error.clone()),
+            generation: self.state.generation,
+        }
+    }
+
+    fn check_policy(&self, change: &Change) -> Result<(), Denied> {
+        self.policy.check_frontend_port(change.frontend_port())?;
+        if let Change::PutServer {
+            frontend_port,
+            node,
+            spec,
+            ..
+        } = change
+        {
+            let fe = self.state.frontends.get(frontend_port);
+            let count = fe.map_or(0, |f| f.servers.len())
+                + usize::from(!fe.is_some_and(|f| f.servers.contains_key(node)));
+            self.policy
+                .check_server(&spec.node_ip, spec.node_port, count)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a change creates or removes a frontend.
+    fn needs_reload(&self, change: &Change) -> bool {
+        match change {
+            Change::PutServer { frontend_port, .. } => {
+                !self.state.frontends.contains_key(frontend_port)
+            }
+            Change::DeleteFrontend { .. } => true,
+            Change::DeleteServer { .. } => false,
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Observation: comparing HAProxy with the desired state on a timer (repairing drift), and the
+//! read model `GET /v1/frontends` answers with.
+
+use super::*;
+
+impl Owner {
+    /// Compares HAProxy with the desired state and repairs what differs.
+    pub(super) async fn reconcile(&mut self) {
+        if let Some(m) = self.managed.as_mut() {
+            if let Some(status) = m.try_exited() {
+                tracing::warn!(%status, "the managed HAProxy exited; restarting it");
+                if let Err(e) = m.restart().await {
+                    self.last_error = Some(e.to_string());
+                    self.set_up(false);
+                    return;
+                }
+            }
+        }
+        let started = Instant::now();
+        // A fresh connection each time: after a reload by someone else (systemctl reload), the
+        // old one would still talk to the old worker.
+        self.client.disconnect();
+        let info = match self.client.show_info().await {
+            Ok(i) => i,
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        self.set_up(true);
+        let identity = (info.pid().unwrap_or(0), info.start_time().unwrap_or(0));
+        if self.identity.is_some_and(|id| id != identity) {
+            tracing::info!(
+                pid = identity.0,
+                "HAProxy restarted or reloaded; re-applying runtime state"
+            );
+        }
+        self.identity = Some(identity);
+        let observed = match self.client.show_servers_state(None).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        let backends: BTreeSet<String> = match self.client.show_backends().await {
+            Ok(b) => b.into_iter().collect(),
+            Err(e) => {
+                self.transport_failed(&e);
+                return;
+            }
+        };
+        self.suspect_ports
+            .retain(|p| backends.contains(backend_name(*p).as_str()));
+        let stale: Vec<u16> = self
+            .suspect_ports
+            .iter()
+            .copied()
+            .filter(|p| !self.state.frontends.contains_key(p))
+            .collect();
+        let mut plan: Plan = reconcile::plan(&self.state, &observed, &backends, None);
+        for p in stale {
+            plan.drift
+                .push(format!("fe_{p} runs in HAProxy but is not wanted"));
+            // Reuses the missing-backend path below: rewrite the file and reload.
+            plan.missing_backends.push(p);
+        }
+        if plan.is_empty() {
+            self.out_of_sync = false;
+            self.drift.clear();
+            return;
+        }
+        for line in &plan.drift {
+            tracing::info!(drift = %line, "repairing");
+        }
+        self.drift = plan.drift.clone();
+        if !plan.missing_backends.is_empty() {
+            // The running config lacks frontends the state has (HAProxy restarted from an old
+            // file, or an operator reloaded without ours): rewrite and reload.
+            let text = render_managed(&self.state, &self.render);
+            let files = self.files.clone();
+            let mut files = files.lock().await;
+            // Forced: the file may be current while HAProxy runs an older one.
+            files.written = None;
+            match files.install(&text, self.state.generation).await {
+                Ok(_) => {
+                    if let Err(e) = self.reload_haproxy().await {
+                        self.metrics.reload_failures.inc();
+                        self.last_error = Some(e.to_string());
+                    }
+                }
+                Err(e) => self.last_error = Some(e.to_string()),
+            }
+            self.out_of_sync = true;
+            return;
+        }
+        let before = self.out_of_sync;
+        self.out_of_sync = false;
+        let applied = self.send(plan.commands, plan.deletions).await;
+        if applied == Applied::Runtime {
+            self.metrics.drift_repairs.inc();
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                was_known = before,
+                "drift repaired"
+            );
+        }
+        // Check again next tick before calling it in sync.
+        self.out_of_sync = true;
+    }
+
+    pub(super) async fn view(&mut self) -> StateView {
+        let rows: Vec<StatRow> = match self.client.show_stat().await {
+            Ok(r) => {
+                self.set_up(true);
+                r
+            }
+            Err(e) => {
+                self.transport_failed(&e);
+                Vec::new()
+            }
+        };
+        let find =
+            |proxy: &str, name: &str| rows.iter().find(|r| r.proxy == proxy && r.name == name);
+        let frontends = self
+            .state
+            .frontends
+            .iter()
+            .map(|(port, fe)| {
+                let fe_name = frontend_name(*port).to_string();
+                let be_name = backend_name(*port).to_string();
+                FrontendView {
+                    frontend_port: *port,
+                    haproxy_status: rows
+                        .iter()
+                        .find(|r| r.proxy == fe_name && r.kind == ProxyKind::Frontend)
+                        .and_then(|r| r.status.as_ref().map(|s| s.summary().to_string())),
+                    frontend: fe_name,
+                    mode: fe.mode,
+                    servers: fe
+                        .servers
+                        .iter()
+                        .map(|(node, spec)| ServerView {
+                            node: node.to_string(),
+                            node_ip: spec.node_ip.to_string(),
+                            node_port: spec.node_port,
+                            state: spec.state,
+                            service: spec.service.clone(),
+                            weight: spec.weight,
+                            haproxy: find(&be_name, node.as_str()).map(|r| ObservedView {
+                                status: r
+                                    .status
+                                    .as_ref()
+                                    .map(|s| s.summary().to_string())
+                                    .unwrap_or_default(),
+                                check_status: r.check_status.clone(),
+                                addr: r.addr.clone(),
+                            }),
+                        })
+                        .collect(),
+                    backend: be_name,
+                }
+            })
+            .collect();
+        StateView {
+            generation: self.state.generation,
+            haproxy: if self.haproxy_up { "up" } else { "down" },
+            frontends,
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The reload path: the changes of a group that add or remove a frontend, coalesced into one
+//! validated, confirmed reload, with the culprits of a failed one found and refused alone.
+
+use super::*;
+
+impl Owner {
+    /// The group's changes that add or remove a frontend, all in one reload: applied together,
+    /// rendered, validated, reloaded, confirmed (every new frontend open), then stored with one
+    /// fsync. Any failure puts back the previous file and leaves HAProxy serving as before.
+    ///
+    /// A reload that fails is retried without the changes it names: HAProxy's bind error gives
+    /// the address (`[127.0.0.1:8443]`) and its log the frontend (`fe_8443`), so a taken port
+    /// fails only its own requests (409 with HAProxy's words) and the rest go through in one
+    /// more reload. A failure that names none of them is tried again one change at a time.
+    pub(super) async fn commit_reloads(&mut self, group: Vec<(Change, ReplyTx)>) {
+        if group.is_empty() {
+            return;
+        }
+        // Fail at once when HAProxy is gone, rather than after the reload's deadline.
+        self.client.disconnect();
+        if let Err(e) = self.client.show_info().await {
+            self.transport_failed(&e);
+            for (_, reply) in group {
+                let _ = reply.send(Err(ApplyError::Unavailable(e.to_string())));
+            }
+            return;
+        }
+        self.set_up(true);
+        if self.store.is_none() {
+            // Refused before HAProxy sees it, as on the runtime path.
+            let why = self.closed_store_reason();
+            for (_, reply) in group {
+                let _ = reply.send(Err(ApplyError::Store(why.clone())));
+            }
+            return;
+        }
+        // A new frontend on a port something already listens on would fail the whole reload
+        // (after HAProxy's own bind retries, about 2 s), or, with SO_REUSEPORT on both sides,
+        // share the port with it: refuse those first, without a reload.
+        let mut checked = BTreeSet::new();
+        let mut in_use: std::collections::BTreeMap<u16, String> = Default::default();
+        let mut free = Vec::new();
+        for (change, reply) in group {
+            let port = change.frontend_port();
+            let creates = matches!(change, Change::PutServer { .. })
+                && !self.state.frontends.contains_key(&port);
+            if creates && checked.insert(port) {
+                if let Some(why) = port_in_use(self.render.frontend_bind, port) {
+                    tracing::info!(port, reason = %why, "refusing a new frontend on a port in use");
+                    in_use.insert(port, why);
+                }
+            }
+            match in_use.get(&port) {
+                Some(why) if creates => {
+                    let _ = reply.send(Err(ApplyError::Rejected(why.clone())));
+                }
+                _ => free.push((change, reply)),
+            }
+        }
+        // Each pass either answers at least one change or splits a set into single changes,
+        // so this ends after at most twice as many reloads as there are changes.
+        let mut sets: std::collections::VecDeque<Vec<(Change, ReplyTx)>> = [free].into();
+        while let Some(set) = sets.pop_front() {
+            let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
+            for (change, reply) in set {
+                // Again: changes applied earlier (in this group, or this set) may have used up
+                // the cap, or conflict with this one.
+                if let Err(d) = self.check_policy(&change) {
+                    let _ = reply.send(Err(d.into()));
+                    continue;
+                }
+                match self.state.apply_with_undo(&change) {
+                    Ok((_, undo)) => applied.push((change, undo, reply)),
+                    Err(c) => {
+                        let _ = reply.send(Err(c.into()));
+                    }
+                }
+            }
+            if applied.is_empty() {
+                continue;
+            }
+            let ports: BTreeSet<u16> = applied.iter().map(|(c, _, _)| c.frontend_port()).collect();
+            let result = self.reload_to_current(&ports).await;
+            if let Err(msg) = result {
+                for (_, undo, _) in applied.iter().rev() {
+                    self.state.undo(undo.clone());
+                }
+                self.metrics.reload_failures.inc();
+                let named = ports_named_in(&msg, &ports);
+                let mut rest = Vec::new();
+                for (change, _, reply) in applied {
+                    let blamed = named.contains(&change.frontend_port());
+                    if blamed || ports.len() == 1 {
+                        let _ = reply.send(Err(ApplyError::Rejected(msg.clone())));
+                    } else {
+                        rest.push((change, reply));
+                    }
+                }
+                if rest.is_empty() {
+                    continue;
+                }
+                if named.is_empty() {
+                    // Nothing says which: one reload per frontend from here on.
+                    let mut by_port: std::collections::BTreeMap<u16, Vec<(Change, ReplyTx)>> =
+                        std::collections::BTreeMap::new();
+                    for (change, reply) in rest {
+                        by_port
+                            .entry(change.frontend_port())
+                            .or_default()
+                            .push((change, reply));
+                    }
+                    sets.extend(by_port.into_values());
+                } else {
+                    sets.push_front(rest);
+                }
+                continue;
+            }
+            let changes: Vec<Change> = applied.iter().map(|(c, _, _)| c.clone()).collect();
+            if let Err(e) = self.store_commit(&changes) {
+                // HAProxy now runs frontends the store does not have: take them back out. The
+                // file must be written again although its generation is not newer than the
+                // one just installed (the undo took the generation back).
+                for (_, undo, _) in applied.iter().rev() {
+                    self.state.undo(undo.clone());
+                }
+                self.reopen_store();
+                self.files.lock().await.written = None;
+                if let Err(msg) = self.reload_to_current(&ports).await {
+                    tracing::error!(error = %msg, "could not take back frontends after the store failed; the timer will");
+                    self.suspect_ports.extend(ports.iter().copied());
+                }
+                for (_, _, reply) in applied {
+                    let _ = reply.send(Err(ApplyError::Store(e.clone())));
+                }
+                continue;
+            }
+            self.metrics.servers.set(self.state.server_count() as i64);
+            self.dirty.send_replace(self.state.generation);
+            // New workers start from the file: put runtime-only details (drain) back.
+            self.reconcile().await;
+            let generation = self.state.generation;
+            for (_, _, reply) in applied {
+                let _ = reply.send(Ok(ApplyOk {
+                    applied: Applied::Reload,
+                    generation,
+                }));
+            }
+        }
+    }
+
+    /// Reloads HAProxy (counted), then drops our CLI connection: it belongs to the old worker.
+    pub(super) async fn reload_haproxy(&mut self) -> Result<(), HaproxyError> {
+        self.metrics.reloads.inc();
+        let reloaded = self
+            .reloader
+            .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+            .await;
+        self.client.disconnect();
+        reloaded.map(|_| ())
+    }
+
+    /// Makes HAProxy's configuration match `self.state` through a reload, confirmed by every
+    /// frontend of `ports` that the state has opening (not those the reload takes out); on any
+    /// failure the previous file is put back and, if HAProxy already took the new one, reloaded
+    /// again, so HAProxy keeps serving as before.
+    pub(super) async fn reload_to_current(&mut self, ports: &BTreeSet<u16>) -> Result<(), String> {
+        let text = render_managed(&self.state, &self.render);
+        let files = self.files.clone();
+        let mut files = files.lock().await;
+        let written_before = files.written;
+        let previous = match files
+            .install(&text, self.state.generation)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(previous) => previous,
+            // Already there (not expected: this generation is new); what to go back to is
+            // whatever the file holds.
+            None => files.files.read_managed().await.ok().flatten(),
+        };
+        let failure = match self.reload_haproxy().await {
+            // HAProxy said it did not load the new config: the old worker serves the old one,
+            // and putting the file back is all that is needed. Any other failure (a timeout)
+            // may still have reloaded: reload back too.
+            Err(e) => {
+                let took_it = !matches!(e, HaproxyError::ReloadFailed { .. });
+                Some((e.to_string(), took_it))
+            }
+            // Confirmed by the frontends opening, those the state has (not those this reload
+            // takes back out).
+            Ok(_) => {
+                let mut failed = None;
+                for port in ports
+                    .iter()
+                    .filter(|p| self.state.frontends.contains_key(p))
+                {
+                    if let Err(e) = wait_frontend_open(
+                        &mut self.client,
+                        frontend_name(*port).as_str(),
+                        self.reload_deadline,
+                    )
+                    .await
+                    {
+                        failed = Some((e.to_string(), true));
+                        break;
+                    }
+                }
+                failed
+            }
+        };
+        let Some((msg, took_new_config)) = failure else {
+            return Ok(());
+        };
+        tracing::warn!(error = %msg, "reload failed; restoring the previous configuration");
+        // The file goes back to what it held; the writer may write newer states again.
+        files.written = written_before;
+        if let Err(e) = files.files.restore(previous).await {
+            tracing::error!(error = %e, "could not restore the previous managed configuration");
+        } else if took_new_config {
+            if let Err(e) = self.reload_haproxy().await {
+                tracing::error!(error = %e, "could not reload the previous configuration back");
+                self.suspect_ports.extend(ports.iter().copied());
+            }
+        }
+        Err(msg)
+    }
+}
+
+/// Why a new frontend cannot have `port` on `bind`: something on this host listens there
+/// already. Checked by binding it (without SO_REUSEPORT, so a listener that has it, such as
+/// one of HAProxy's own frontends, counts too); only "address in use" counts: an agent that
+/// may not bind a low port leaves that to HAProxy, which may.
+fn port_in_use(bind: std::net::IpAddr, port: u16) -> Option<String> {
+    match std::net::TcpListener::bind((bind, port)) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
+            "cannot bind {}: address already in use; another program, or a frontend of \
+             HAProxy's own configuration, listens on port {port} on this host ({e})",
+            std::net::SocketAddr::from((bind, port))
+        )),
+        _ => None,
+    }
+}
+
+/// The frontend ports among `ports` that a reload failure names: HAProxy's bind errors give the
+/// address (`... for [127.0.0.1:8443]`, `[:::8443]`) and its messages the frontend
+/// (`for frontend fe_8443`).
+fn ports_named_in(message: &str, ports: &BTreeSet<u16>) -> BTreeSet<u16> {
+    // A run of digits at the start of `s`: its value and length.
+    let digits = |s: &str| -> Option<(u16, usize)> {
+        let len = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        Some((s[..len].parse().ok()?, len))
+    };
+    let mut named = BTreeSet::new();
+    for (i, _) in message.match_indices(':') {
+        let after = &message[i + 1..];
+        if let Some((port, len)) = digits(after) {
+            if after[len..].starts_with(']') {
+                named.insert(port);
+            }
+        }
+    }
+    for (i, _) in message.match_indices("fe_") {
+        let starts_word = i == 0 || !message.as_bytes()[i - 1].is_ascii_alphanumeric();
+        if let Some((port, _)) = digits(&message[i + 3..]).filter(|_| starts_word) {
+            named.insert(port);
+        }
+    }
+    named.retain(|p| ports.contains(p));
+    named
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_failure_names_its_ports() {
+        let ports: BTreeSet<u16> = [8080, 8443, 9000].into();
+        let bind = "[ALERT]    (24824) : Binding [managed.cfg:11] for frontend fe_8443: protocol \
+                    tcpv4: cannot bind socket (Address already in use) for [127.0.0.1:8443].";
+        assert_eq!(ports_named_in(bind, &ports), [8443].into());
+        let v6 = "cannot bind socket (Address already in use) for [:::9000].";
+        assert_eq!(ports_named_in(v6, &ports), [9000].into());
+        // Ports not in the set, and look-alikes, are not blamed.
+        let other = "for [127.0.0.1:7000] in frontend afe_8080, pid 8080";
+        assert_eq!(ports_named_in(other, &ports), BTreeSet::new());
+        assert_eq!(
+            ports_named_in("[ALERT] some other failure", &ports),
+            BTreeSet::new()
+        );
+    }
+}
