@@ -93,6 +93,11 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub keep_haproxy: bool,
+    /// Do not try a new frontend's port with a bind of the agent's own before reloading (set it
+    /// when HAProxy runs in another network namespace than the agent, e.g. another container).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_port_check: bool,
     /// Enable the old webhook's `POST /hooks/update-haproxy` with the token in FILE (mode 0600).
     /// A plain token without replay protection: for migrating old sidecars only.
     #[arg(long, value_name = "FILE")]
@@ -128,6 +133,7 @@ impl Settings {
         );
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
+        self.no_port_check |= file.no_port_check;
         self
     }
 }
@@ -315,6 +321,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         reload_deadline: Duration::from_secs(15),
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
+        port_check: !settings.no_port_check,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
     let agent_stop = CancellationToken::new();

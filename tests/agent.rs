@@ -1909,3 +1909,89 @@ fn new_frontends_at_once_share_reloads_and_a_taken_port_fails_alone() {
     );
     agent.wait_in_sync(SETTLE);
 }
+
+/// The same with the agent's own port check off (`--no-port-check`, for a HAProxy in another
+/// network namespace): the group's reload fails on the taken port, HAProxy's bind error names
+/// it, and only its request is refused; the others go through in one more reload.
+#[test]
+fn a_failed_group_reload_refuses_only_the_port_haproxy_names() {
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--no-port-check".into()],
+        ..Options::default()
+    });
+    let a = Echo::start("127.0.0.2", "A");
+    let existing = free_port();
+    agent.put_ok(
+        existing,
+        "node-a",
+        &body(&a.ip(), a.port(), json!({})),
+        "reload",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let x = taken.local_addr().unwrap().port();
+    let mut ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    ports.push(x);
+    let failures_before = agent.metric("lbagent_haproxy_reload_failures_total");
+    let reloads_before = agent.show_proc().master.unwrap().reloads.unwrap();
+
+    let answers: Vec<(u16, common::agent::Response)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ports
+            .iter()
+            .map(|&port| {
+                let (agent, a) = (&agent, &a);
+                s.spawn(move || {
+                    (
+                        port,
+                        agent.put(port, "node-a", &body(&a.ip(), a.port(), json!({}))),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (port, r) in &answers {
+        if *port == x {
+            r.assert_error(409, "haproxy_rejected", "the taken port");
+            let message = r.json()["message"].as_str().unwrap().to_string();
+            assert!(
+                message.contains("cannot bind socket")
+                    && message.contains(&format!("127.0.0.1:{x}")),
+                "HAProxy's own bind error: {message}"
+            );
+        } else {
+            assert_eq!(r.status, 200, "PUT {port}: {r:?}");
+            assert_eq!(r.json()["applied"], "reload", "PUT {port}: {r:?}");
+        }
+    }
+    assert_eq!(
+        agent.metric("lbagent_haproxy_reload_failures_total"),
+        failures_before + 1.0,
+        "one failed reload, not one per port"
+    );
+    let reloads = agent.show_proc().master.unwrap().reloads.unwrap() - reloads_before;
+    assert!(reloads <= 4, "{reloads} reloads for 6 ports");
+    for &port in &ports[..5] {
+        wait_reaches(port, "A", SETTLE);
+    }
+    wait_reaches(existing, "A", SETTLE);
+    assert!(
+        frontend(&agent.state(), x).is_none(),
+        "the taken port was stored"
+    );
+    eventually(SETTLE, "the managed file without the taken port", || {
+        let t = std::fs::read_to_string(&agent.managed_cfg).unwrap_or_default();
+        if t.contains(&format!("fe_{}", ports[4])) && !t.contains(&format!("fe_{x}")) {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    });
+    // The port is still the other listener's.
+    taken.set_nonblocking(true).unwrap();
+    let c = std::net::TcpStream::connect(("127.0.0.1", x)).unwrap();
+    let accepted = eventually(SETTLE, "our listener to get the connection", || {
+        taken.accept().map_err(|e| e.to_string())
+    });
+    assert_eq!(accepted.1, c.local_addr().unwrap());
+    agent.wait_in_sync(SETTLE);
+}

@@ -37,7 +37,7 @@ impl Owner {
             }
         }
         self.commit_runtime(accepted).await;
-        self.commit_reloads(reloads).await;
+        self.queue_reloads(reloads);
     }
 
     /// Sends the group's commands to HAProxy in one batch, then stores the group with one

@@ -205,6 +205,8 @@ pub struct AgentParts {
     pub haproxy_log: Option<std::path::PathBuf>,
     /// Managed mode: leave HAProxy running when the agent stops.
     pub keep_haproxy: bool,
+    /// Try a new frontend's port with a bind of the agent's own before reloading.
+    pub port_check: bool,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -275,6 +277,11 @@ struct Owner {
     /// rollback did not complete, or an agent that died between reload and store. The timer
     /// reloads them away.
     suspect_ports: BTreeSet<u16>,
+    /// Changes waiting for a reload, one reload per set, the next one run between messages.
+    reload_sets: std::collections::VecDeque<Vec<(Change, ReplyTx)>>,
+    /// Whether a new frontend's port is first tried with a bind of the agent's own (off when
+    /// HAProxy runs in another network namespace than the agent).
+    port_check: bool,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -312,6 +319,8 @@ pub fn spawn(
         drift: Vec::new(),
         identity: None,
         suspect_ports: BTreeSet::new(),
+        reload_sets: Default::default(),
+        port_check: parts.port_check,
     };
     let handle = AgentHandle { tx };
     let writer = ConfigWriter {
@@ -375,6 +384,11 @@ impl Owner {
                 }
                 _ = tick.tick() => self.reconcile().await,
                 _ = shutdown.cancelled() => break,
+                // Only when no message waits (biased): a runtime change that arrived during a
+                // reload goes first, then the next reload set.
+                _ = std::future::ready(()), if !self.reload_sets.is_empty() => {
+                    self.next_reload_set().await;
+                }
             }
         }
         // Finish what is queued: every request that got in is answered.
@@ -384,6 +398,9 @@ impl Owner {
             self.take(m, &mut group).await;
         }
         self.apply_group(group).await;
+        while !self.reload_sets.is_empty() {
+            self.next_reload_set().await;
+        }
         drop(self.store.take());
         // Leave the managed file matching the state, so a HAProxy restart keeps everything.
         let text = render_managed(&self.state, &self.render);

@@ -4,47 +4,25 @@
 use super::*;
 
 impl Owner {
-    /// The group's changes that add or remove a frontend, all in one reload: applied together,
-    /// rendered, validated, reloaded, confirmed (every new frontend open), then stored with one
-    /// fsync. Any failure puts back the previous file and leaves HAProxy serving as before.
+    /// The group's changes that add or remove a frontend join the queue of reload sets, all in
+    /// one set: one reload for all of them. The owner loop runs one set per turn
+    /// ([`Self::next_reload_set`]) and reads its channel in between, so runtime changes to
+    /// existing frontends wait for at most the one reload in flight.
     ///
-    /// A reload that fails is retried without the changes it names: HAProxy's bind error gives
-    /// the address (`[127.0.0.1:8443]`) and its log the frontend (`fe_8443`), so a taken port
-    /// fails only its own requests (409 with HAProxy's words) and the rest go through in one
-    /// more reload. A failure that names none of them is tried again one change at a time.
-    pub(super) async fn commit_reloads(&mut self, group: Vec<(Change, ReplyTx)>) {
-        if group.is_empty() {
-            return;
-        }
-        // Fail at once when HAProxy is gone, rather than after the reload's deadline.
-        self.client.disconnect();
-        if let Err(e) = self.client.show_info().await {
-            self.transport_failed(&e);
-            for (_, reply) in group {
-                let _ = reply.send(Err(ApplyError::Unavailable(e.to_string())));
-            }
-            return;
-        }
-        self.set_up(true);
-        if self.store.is_none() {
-            // Refused before HAProxy sees it, as on the runtime path.
-            let why = self.closed_store_reason();
-            for (_, reply) in group {
-                let _ = reply.send(Err(ApplyError::Store(why.clone())));
-            }
-            return;
-        }
-        // A new frontend on a port something already listens on would fail the whole reload
-        // (after HAProxy's own bind retries, about 2 s), or, with SO_REUSEPORT on both sides,
-        // share the port with it: refuse those first, without a reload.
+    /// A new frontend on a port something on this host already listens on is refused here, at
+    /// once: it would fail the whole reload (after HAProxy's own bind retries, about 2 s), or,
+    /// with `SO_REUSEPORT` on both sides, share the port with it.
+    pub(super) fn queue_reloads(&mut self, group: Vec<(Change, ReplyTx)>) {
         let mut checked = BTreeSet::new();
         let mut in_use: std::collections::BTreeMap<u16, String> = Default::default();
-        let mut free = Vec::new();
+        let mut set = Vec::new();
         for (change, reply) in group {
             let port = change.frontend_port();
             let creates = matches!(change, Change::PutServer { .. })
                 && !self.state.frontends.contains_key(&port);
-            if creates && checked.insert(port) {
+            // A suspect port may be our own HAProxy's still (a rollback that did not finish).
+            let probe = self.port_check && creates && !self.suspect_ports.contains(&port);
+            if probe && checked.insert(port) {
                 if let Some(why) = port_in_use(self.render.frontend_bind, port) {
                     tracing::info!(port, reason = %why, "refusing a new frontend on a port in use");
                     in_use.insert(port, why);
@@ -54,20 +32,53 @@ impl Owner {
                 Some(why) if creates => {
                     let _ = reply.send(Err(ApplyError::Rejected(why.clone())));
                 }
-                _ => free.push((change, reply)),
+                _ => set.push((change, reply)),
             }
         }
-        // Each pass either answers at least one change or splits a set into single changes,
-        // so this ends after at most twice as many reloads as there are changes.
-        let mut sets: std::collections::VecDeque<Vec<(Change, ReplyTx)>> = [free].into();
-        while let Some(set) = sets.pop_front() {
+        if !set.is_empty() {
+            self.reload_sets.push_back(set);
+        }
+    }
+
+    /// Runs the first queued reload set: applied together, rendered, validated, reloaded,
+    /// confirmed (every new frontend open), then stored with one fsync. Any failure puts back
+    /// the previous file and leaves HAProxy serving as before.
+    ///
+    /// A reload that fails is retried, as the next set, without the changes it blames: HAProxy's
+    /// bind error names the frontend and the address, so a taken port fails only its own
+    /// requests (409 with HAProxy's words) and the rest go through in one more reload. A
+    /// failure that blames none of them splits the set by port. Each run either answers a
+    /// change or splits a set, so a queue ends after at most twice as many reloads as changes.
+    pub(super) async fn next_reload_set(&mut self) {
+        let Some(set) = self.reload_sets.pop_front() else {
+            return;
+        };
+        // Fail at once when HAProxy is gone, rather than after the reload's deadline.
+        self.client.disconnect();
+        if let Err(e) = self.client.show_info().await {
+            self.transport_failed(&e);
+            for (_, reply) in set {
+                let _ = reply.send(Err(ApplyError::Unavailable(e.to_string())));
+            }
+            return;
+        }
+        self.set_up(true);
+        if self.store.is_none() {
+            // Refused before HAProxy sees it, as on the runtime path.
+            let why = self.closed_store_reason();
+            for (_, reply) in set {
+                let _ = reply.send(Err(ApplyError::Store(why.clone())));
+            }
+            return;
+        }
+        {
             let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
             for (change, reply) in set {
                 // Again: changes applied earlier (in this group, or this set) may have used up
                 // the cap, or conflict with this one.
                 if let Err(d) = self.check_policy(&change) {
                     let _ = reply.send(Err(d.into()));
-                    continue;
+                    return;
                 }
                 match self.state.apply_with_undo(&change) {
                     Ok((_, undo)) => applied.push((change, undo, reply)),
@@ -77,7 +88,7 @@ impl Owner {
                 }
             }
             if applied.is_empty() {
-                continue;
+                return;
             }
             let ports: BTreeSet<u16> = applied.iter().map(|(c, _, _)| c.frontend_port()).collect();
             let result = self.reload_to_current(&ports).await;
@@ -97,7 +108,7 @@ impl Owner {
                     }
                 }
                 if rest.is_empty() {
-                    continue;
+                    return;
                 }
                 if named.is_empty() {
                     // Nothing says which: one reload per frontend from here on.
@@ -109,11 +120,13 @@ impl Owner {
                             .or_default()
                             .push((change, reply));
                     }
-                    sets.extend(by_port.into_values());
+                    for set in by_port.into_values().rev() {
+                        self.reload_sets.push_front(set);
+                    }
                 } else {
-                    sets.push_front(rest);
+                    self.reload_sets.push_front(rest);
                 }
-                continue;
+                return;
             }
             let changes: Vec<Change> = applied.iter().map(|(c, _, _)| c.clone()).collect();
             if let Err(e) = self.store_commit(&changes) {
@@ -132,7 +145,7 @@ impl Owner {
                 for (_, _, reply) in applied {
                     let _ = reply.send(Err(ApplyError::Store(e.clone())));
                 }
-                continue;
+                return;
             }
             self.metrics.servers.set(self.state.server_count() as i64);
             self.dirty.send_replace(self.state.generation);
@@ -241,28 +254,34 @@ fn port_in_use(bind: std::net::IpAddr, port: u16) -> Option<String> {
     }
 }
 
-/// The frontend ports among `ports` that a reload failure names: HAProxy's bind errors give the
-/// address (`... for [127.0.0.1:8443]`, `[:::8443]`) and its messages the frontend
-/// (`for frontend fe_8443`).
+/// The port at the start of `s`, and what follows it.
+fn leading_port(s: &str) -> Option<(u16, &str)> {
+    let len = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    Some((s[..len].parse().ok()?, &s[len..]))
+}
+
+/// The frontend ports among `ports` that a reload failure blames: only HAProxy's bind error
+/// lines count (`Binding [managed.cfg:11] for frontend fe_8443: protocol tcpv4: cannot bind
+/// socket (Address already in use) for [127.0.0.1:8443].`), read for the frontend's name and
+/// the address at the end. Warnings elsewhere in a 2.7+ report name every frontend
+/// (`'option httplog' not usable with frontend 'fe_8080'`), and `[file:line]` is no address.
 fn ports_named_in(message: &str, ports: &BTreeSet<u16>) -> BTreeSet<u16> {
-    // A run of digits at the start of `s`: its value and length.
-    let digits = |s: &str| -> Option<(u16, usize)> {
-        let len = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        Some((s[..len].parse().ok()?, len))
-    };
     let mut named = BTreeSet::new();
-    for (i, _) in message.match_indices(':') {
-        let after = &message[i + 1..];
-        if let Some((port, len)) = digits(after) {
-            if after[len..].starts_with(']') {
-                named.insert(port);
+    for line in message.lines().filter(|l| l.contains("cannot bind socket")) {
+        if let Some((_, address)) = line.rsplit_once(" for [") {
+            let host_port = address.split(']').next().unwrap_or_default();
+            if let Some((_, port)) = host_port.rsplit_once(':') {
+                if let Some((port, "")) = leading_port(port) {
+                    named.insert(port);
+                }
             }
         }
-    }
-    for (i, _) in message.match_indices("fe_") {
-        let starts_word = i == 0 || !message.as_bytes()[i - 1].is_ascii_alphanumeric();
-        if let Some((port, _)) = digits(&message[i + 3..]).filter(|_| starts_word) {
-            named.insert(port);
+        if let Some((_, rest)) = line.split_once("for frontend fe_") {
+            if let Some((port, after)) = leading_port(rest) {
+                if after.starts_with(':') {
+                    named.insert(port);
+                }
+            }
         }
     }
     named.retain(|p| ports.contains(p));
@@ -275,14 +294,29 @@ mod tests {
 
     #[test]
     fn a_reload_failure_names_its_ports() {
-        let ports: BTreeSet<u16> = [8080, 8443, 9000].into();
-        let bind = "[ALERT]    (24824) : Binding [managed.cfg:11] for frontend fe_8443: protocol \
-                    tcpv4: cannot bind socket (Address already in use) for [127.0.0.1:8443].";
-        assert_eq!(ports_named_in(bind, &ports), [8443].into());
-        let v6 = "cannot bind socket (Address already in use) for [:::9000].";
+        let ports: BTreeSet<u16> = [80, 8080, 8443, 9000].into();
+        let bind = "[ALERT]    (24824) : Binding [/x/managed.cfg:80] for frontend fe_8443: \
+                    protocol tcpv4: cannot bind socket (Address already in use) for [127.0.0.1:8443].";
+        assert_eq!(
+            ports_named_in(bind, &ports),
+            [8443].into(),
+            "not the line number 80"
+        );
+        let v6 = "[ALERT] (1) : Binding [m.cfg:3] for frontend fe_9000: protocol tcpv6: \
+                  cannot bind socket (Address already in use) for [:::9000].";
         assert_eq!(ports_named_in(v6, &ports), [9000].into());
-        // Ports not in the set, and look-alikes, are not blamed.
-        let other = "for [127.0.0.1:7000] in frontend afe_8080, pid 8080";
+        // A 2.7+ report with warnings naming every frontend blames only the bind error's.
+        let report = format!(
+            "Success=0\n--\n[WARNING] (1) : config : 'option httplog' not usable with frontend \
+             'fe_8080' (needs 'mode http'). Falling back to 'option tcplog'.\n\
+             [WARNING] (1) : config : log format ignored for frontend 'fe_80' since it has no log \
+             address.\n{bind}\n[ALERT] (1) : [haproxy.main()] Some protocols failed to start \
+             their listeners! Exiting.\n"
+        );
+        assert_eq!(ports_named_in(&report, &ports), [8443].into());
+        // Ports not in the set, and other failures, blame nothing.
+        let other =
+            "Binding [m.cfg:9] for frontend fe_7000: cannot bind socket (x) for [127.0.0.1:7000].";
         assert_eq!(ports_named_in(other, &ports), BTreeSet::new());
         assert_eq!(
             ports_named_in("[ALERT] some other failure", &ports),

@@ -325,10 +325,15 @@ async fn reload_master(
                 if reloaded {
                     let since = *no_worker_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= NO_WORKER_GRACE {
-                        return Err(failure(format!(
+                        let message = match failure(format!(
                             "the master reloaded but started no new worker ({counts})"
                         ))
-                        .await);
+                        .await
+                        {
+                            HaproxyError::ReloadFailed { message } => message,
+                            other => other.to_string(),
+                        };
+                        return Err(HaproxyError::ReloadUnconfirmed { message });
                     }
                 }
                 counts

@@ -98,6 +98,11 @@ pub enum HaproxyError {
     #[error("HAProxy reload failed: {message}")]
     ReloadFailed { message: String },
 
+    /// The master counted a reload but no new worker showed up: whether HAProxy runs the new
+    /// config or the old one is not known.
+    #[error("HAProxy reload not confirmed: {message}")]
+    ReloadUnconfirmed { message: String },
+
     /// The HAProxy process ended while it was expected to run.
     #[error("HAProxy exited ({status}) {when}; its log:\n{log}")]
     Exited {
