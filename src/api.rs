@@ -492,7 +492,7 @@ impl Api {
     }
 
     async fn healthz(&self) -> Reply {
-        match self.agent.health().await {
+        match self.agent.health() {
             Some(h) => {
                 let status = if h.haproxy == "up" && h.in_sync {
                     StatusCode::OK

@@ -1785,7 +1785,7 @@ fn operator_proxy_names_are_never_taken_for_errors() {
             free_port()
         ));
     }
-    let agent = Agent::attached_with(&proxies);
+    let agent = Agent::attached_with(&proxies, Options::default());
     let operators = |agent: &Agent| {
         let mut rows: Vec<_> = agent
             .servers_state()
@@ -1994,4 +1994,45 @@ fn a_failed_group_reload_refuses_only_the_port_haproxy_names() {
     });
     assert_eq!(accepted.1, c.local_addr().unwrap());
     agent.wait_in_sync(SETTLE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16. /healthz never waits behind a reload
+// ---------------------------------------------------------------------------------------------
+
+/// A reload that takes 3 s (an operator's `--reload-command` that sleeps, then fails): while it
+/// runs, `/healthz` is answered from what the owner last published, not after the reload.
+#[test]
+fn healthz_answers_during_a_slow_reload() {
+    let agent = Agent::attached_with(
+        "",
+        Options {
+            extra: vec!["--reload-command".into(), "sleep 3; exit 1".into()],
+            ..Options::default()
+        },
+    );
+    let a = Echo::start("127.0.0.2", "A");
+    let fe = free_port();
+    std::thread::scope(|s| {
+        let put = s.spawn(|| agent.put(fe, "node-a", &body(&a.ip(), a.port(), json!({}))));
+        // Polled until the PUT is answered (bounded by the reload's own deadline). Waiting
+        // behind the reload, there would be one or two answers; each is within milliseconds.
+        let mut answered = 0;
+        let mut slowest = Duration::ZERO;
+        while !put.is_finished() {
+            let t = Instant::now();
+            let r = agent.get("/healthz");
+            slowest = slowest.max(t.elapsed());
+            assert!(r.status == 200 || r.status == 503, "{r:?}");
+            answered += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = put.join().unwrap();
+        r.assert_error(409, "haproxy_rejected", "the failing reload command");
+        assert!(
+            answered >= 10,
+            "only {answered} /healthz answers during a 3 s reload"
+        );
+        eprintln!("{answered} /healthz answers during the reload, the slowest {slowest:?}");
+    });
 }

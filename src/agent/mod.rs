@@ -86,7 +86,7 @@ pub enum ApplyError {
 }
 
 /// What `/healthz` reports.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Health {
     pub haproxy: &'static str,
     pub in_sync: bool,
@@ -143,9 +143,6 @@ enum Msg {
     View {
         reply: oneshot::Sender<StateView>,
     },
-    Health {
-        reply: oneshot::Sender<Health>,
-    },
     Snapshot {
         reply: oneshot::Sender<DesiredState>,
     },
@@ -155,6 +152,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct AgentHandle {
     tx: mpsc::Sender<Msg>,
+    health: watch::Receiver<Health>,
 }
 
 impl AgentHandle {
@@ -173,10 +171,13 @@ impl AgentHandle {
         rx.await.ok()
     }
 
-    pub async fn health(&self) -> Option<Health> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Health { reply }).await.ok()?;
-        rx.await.ok()
+    /// What the owner last published: answered at once, also while a reload runs (the owner
+    /// publishes after every message and every reconcile). `None` once the owner has stopped.
+    pub fn health(&self) -> Option<Health> {
+        if self.tx.is_closed() {
+            return None;
+        }
+        Some(self.health.borrow().clone())
     }
 
     async fn snapshot(&self) -> Option<DesiredState> {
@@ -282,6 +283,8 @@ struct Owner {
     /// Whether a new frontend's port is first tried with a bind of the agent's own (off when
     /// HAProxy runs in another network namespace than the agent).
     port_check: bool,
+    /// Where `/healthz` reads from: published after every turn, never waited for.
+    health_tx: watch::Sender<Health>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -297,7 +300,14 @@ pub fn spawn(
         written: None,
     }));
     metrics.servers.set(parts.state.server_count() as i64);
-    let owner = Owner {
+    let (health_tx, health) = watch::channel(Health {
+        haproxy: "down",
+        in_sync: false,
+        drift: Vec::new(),
+        error: None,
+        generation: parts.state.generation,
+    });
+    let mut owner = Owner {
         state: parts.state,
         store_dir: parts.store.dir().to_path_buf(),
         store: Some(parts.store),
@@ -321,8 +331,10 @@ pub fn spawn(
         suspect_ports: BTreeSet::new(),
         reload_sets: Default::default(),
         port_check: parts.port_check,
+        health_tx,
     };
-    let handle = AgentHandle { tx };
+    owner.publish();
+    let handle = AgentHandle { tx, health };
     let writer = ConfigWriter {
         handle: handle.clone(),
         files,
@@ -364,6 +376,7 @@ impl Owner {
         }
         // First look at HAProxy right away: after a restart of the agent, or of HAProxy.
         self.reconcile().await;
+        self.publish();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
@@ -390,6 +403,7 @@ impl Owner {
                     self.next_reload_set().await;
                 }
             }
+            self.publish();
         }
         // Finish what is queued: every request that got in is answered.
         rx.close();
@@ -429,13 +443,22 @@ impl Owner {
                 let v = self.view().await;
                 let _ = reply.send(v);
             }
-            Msg::Health { reply } => {
-                let _ = reply.send(self.health());
-            }
             Msg::Snapshot { reply } => {
                 let _ = reply.send(self.state.clone());
             }
         }
+    }
+
+    /// Publishes the health `/healthz` answers with, when it changed.
+    fn publish(&mut self) {
+        let now = self.health();
+        self.health_tx.send_if_modified(|h| {
+            let changed = *h != now;
+            if changed {
+                *h = now;
+            }
+            changed
+        });
     }
 
     fn health(&self) -> Health {

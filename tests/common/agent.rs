@@ -519,12 +519,12 @@ impl Agent {
     /// An attached agent: the harness starts HAProxy (`-W -S master.sock -f main.cfg -f
     /// managed.cfg`) and writes a 0600 keys file.
     pub fn attached() -> Agent {
-        Agent::attached_with("")
+        Agent::attached_with("", Options::default())
     }
 
     /// [`Agent::attached`] with `proxies` (the operator's own frontends and backends) at the
-    /// end of the main file.
-    pub fn attached_with(proxies: &str) -> Agent {
+    /// end of the main file, and `options`.
+    pub fn attached_with(proxies: &str, options: Options) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().canonicalize().unwrap();
         let hdir = root.join("haproxy");
@@ -553,7 +553,7 @@ impl Agent {
             key_id: "default".into(),
             secret: secret.as_bytes().to_vec(),
             attached: true,
-            options: Options::default(),
+            options,
             child: None,
             haproxy: None,
             starts: 0,
