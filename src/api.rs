@@ -510,6 +510,23 @@ impl Api {
     }
 }
 
+/// Counts a request in `lbagent_http_requests_in_flight` for as long as it lives, also when
+/// its connection goes away before the answer.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Serves the API on `listener` until `shutdown`; then stops accepting, lets in-flight
 /// requests finish (up to `grace`) and returns.
 pub async fn serve(
@@ -546,7 +563,10 @@ pub async fn serve(
         let api = api.clone();
         let service = service_fn(move |req| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            async move {
+                let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
+                Ok::<_, Infallible>(api.handle(req).await)
+            }
         });
         let conn = http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     pub haproxy_up: Gauge,
     pub servers: Gauge,
+    /// Requests whose head has been read and whose answer is not sent yet.
+    pub requests_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,12 @@ impl Metrics {
         );
         let servers = Gauge::default();
         registry.register("servers", "Servers in the desired state", servers.clone());
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being handled (head read, answer not sent yet)",
+            requests_in_flight.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -98,6 +106,7 @@ impl Metrics {
             reload_failures,
             drift_repairs,
             haproxy_up,
+            requests_in_flight,
             servers,
         }
     }

@@ -1619,7 +1619,16 @@ fn sigterm_finishes_a_request_in_flight() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(&payload.as_bytes()[..5]).unwrap();
-    // The server has the request's head: stop the agent now.
+    // Once the server has the request's head (it counts it in flight, beside the `/metrics`
+    // request that asks), stop the agent.
+    eventually(SETTLE, "the PUT to be in flight", || {
+        let n = agent.metric("lbagent_http_requests_in_flight");
+        if n >= 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} in flight"))
+        }
+    });
     agent.signal("TERM");
     // Shutdown has begun once the listener is gone.
     common::wait_until(Duration::from_secs(5), "the listener to close", || {
@@ -2035,4 +2044,57 @@ fn healthz_answers_during_a_slow_reload() {
         );
         eprintln!("{answered} /healthz answers during the reload, the slowest {slowest:?}");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 17. A HAProxy that does not load the agent's file
+// ---------------------------------------------------------------------------------------------
+
+/// HAProxy restarted without `-f` and the agent's file (a drop-in gone missing): the agent's
+/// reloads cannot bring its frontends back, so it says why (`/healthz`, and a new frontend's
+/// 409), and reloads with a growing pause instead of on every tick.
+#[test]
+fn haproxy_without_the_agents_file_is_named_and_not_reloaded_in_a_loop() {
+    let mut agent = Agent::attached();
+    let a = Echo::start("127.0.0.2", "A");
+    let fe = free_port();
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    agent.wait_in_sync(SETTLE);
+
+    agent.stop_attached_haproxy();
+    agent.start_attached_haproxy_loading(false);
+    let managed = agent.managed_cfg.display().to_string();
+    let health = eventually(SETTLE, "/healthz to name the missing file", || {
+        let r = agent.get("/healthz");
+        match r.json()["error"].as_str() {
+            Some(e) if e.contains("does not load the agent's file") && e.contains(&managed) => {
+                Ok(r)
+            }
+            _ => Err(format!("{r:?}")),
+        }
+    });
+    assert_eq!(health.status, 503, "{health:?}");
+
+    // With a reconcile every 0.5 s, 8 s would be 16 reloads; the pause doubles from 2 s.
+    let before = agent.metric("lbagent_haproxy_reloads_total");
+    // An observation window, not a wait for something: count what happens in it.
+    std::thread::sleep(Duration::from_secs(8));
+    let reloads = agent.metric("lbagent_haproxy_reloads_total") - before;
+    assert!(reloads <= 3.0, "{reloads} reloads in 8 s");
+
+    // A new frontend is refused with the cause, not after waiting for it to open.
+    let other = free_port();
+    let r = agent.put(other, "node-a", &body(&a.ip(), a.port(), json!({})));
+    r.assert_error(409, "haproxy_rejected", "HAProxy without the agent's file");
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("does not load the agent's file"),
+        "{message}"
+    );
+
+    // Fixed: HAProxy started with the file again has the frontends, and all is well.
+    agent.stop_attached_haproxy();
+    agent.start_attached_haproxy_loading(true);
+    agent.wait_in_sync(SETTLE);
+    wait_reaches(fe, "A", SETTLE);
 }

@@ -285,6 +285,10 @@ struct Owner {
     port_check: bool,
     /// Where `/healthz` reads from: published after every turn, never waited for.
     health_tx: watch::Sender<Health>,
+    /// The timer's reloads for frontends HAProxy lacks back off (doubling, capped), so a
+    /// HAProxy that never loads the agent's file is not reloaded on every tick.
+    repair_backoff: Duration,
+    next_repair_reload: Option<Instant>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -332,6 +336,8 @@ pub fn spawn(
         reload_sets: Default::default(),
         port_check: parts.port_check,
         health_tx,
+        repair_backoff: Duration::ZERO,
+        next_repair_reload: None,
     };
     owner.publish();
     let handle = AgentHandle { tx, health };

@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// First pause after a reload that should have brought missing frontends back; it doubles up
+/// to [`REPAIR_MAX`] while they stay missing: a few reloads a minute at most.
+const REPAIR_FIRST: Duration = Duration::from_secs(2);
+const REPAIR_MAX: Duration = Duration::from_secs(60);
+
 impl Owner {
     /// Compares HAProxy with the desired state and repairs what differs.
     pub(super) async fn reconcile(&mut self) {
@@ -65,6 +70,10 @@ impl Owner {
             // Reuses the missing-backend path below: rewrite the file and reload.
             plan.missing_backends.push(p);
         }
+        if plan.missing_backends.is_empty() {
+            self.repair_backoff = Duration::ZERO;
+            self.next_repair_reload = None;
+        }
         if plan.is_empty() {
             self.out_of_sync = false;
             self.drift.clear();
@@ -76,7 +85,17 @@ impl Owner {
         self.drift = plan.drift.clone();
         if !plan.missing_backends.is_empty() {
             // The running config lacks frontends the state has (HAProxy restarted from an old
-            // file, or an operator reloaded without ours): rewrite and reload.
+            // file, or an operator reloaded without ours): rewrite and reload, backing off when
+            // that does not bring them (a HAProxy that does not load our file at all).
+            self.out_of_sync = true;
+            if self
+                .next_repair_reload
+                .is_some_and(|at| Instant::now() < at)
+            {
+                return;
+            }
+            self.repair_backoff = (self.repair_backoff * 2).clamp(REPAIR_FIRST, REPAIR_MAX);
+            self.next_repair_reload = Some(Instant::now() + self.repair_backoff);
             let text = render_managed(&self.state, &self.render);
             let files = self.files.clone();
             let mut files = files.lock().await;
@@ -84,14 +103,23 @@ impl Owner {
             files.written = None;
             match files.install(&text, self.state.generation).await {
                 Ok(_) => {
-                    if let Err(e) = self.reload_haproxy().await {
-                        self.metrics.reload_failures.inc();
-                        self.last_error = Some(e.to_string());
+                    let managed = files.files.managed.clone();
+                    drop(files);
+                    match self.reload_haproxy().await {
+                        Err(e) => {
+                            self.metrics.reload_failures.inc();
+                            self.last_error = Some(e.to_string());
+                        }
+                        Ok(()) => {
+                            if let Some(why) = self.haproxy_lacks_our_file(&managed).await {
+                                tracing::error!(error = %why, next_try_s = self.repair_backoff.as_secs(), "reloaded, but HAProxy does not load the agent's file");
+                                self.last_error = Some(why);
+                            }
+                        }
                     }
                 }
                 Err(e) => self.last_error = Some(e.to_string()),
             }
-            self.out_of_sync = true;
             return;
         }
         let before = self.out_of_sync;
@@ -167,5 +195,43 @@ impl Owner {
             haproxy: if self.haproxy_up { "up" } else { "down" },
             frontends,
         }
+    }
+
+    /// Why HAProxy cannot have our frontends, when its own command line says so: the process
+    /// behind the stats socket (same host) was started without `-f` and the agent's file. `None`
+    /// when it has the file, or when its command line cannot be read (another namespace).
+    pub(super) async fn haproxy_lacks_our_file(
+        &mut self,
+        managed: &std::path::Path,
+    ) -> Option<String> {
+        self.client.disconnect();
+        let pid = self.client.show_info().await.ok()?.pid()?;
+        let raw = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let want = tokio::fs::canonicalize(managed)
+            .await
+            .unwrap_or_else(|_| managed.to_path_buf());
+        let cwd = tokio::fs::read_link(format!("/proc/{pid}/cwd")).await.ok();
+        let loads = args.iter().any(|a| {
+            let p = std::path::Path::new(a);
+            let p = match &cwd {
+                Some(c) if p.is_relative() => c.join(p),
+                _ => p.to_path_buf(),
+            };
+            p == managed || p == want || p.canonicalize().is_ok_and(|c| c == want)
+        });
+        (!loads).then(|| {
+            format!(
+                "HAProxy (pid {pid}) does not load the agent's file: its command line has no \
+                 `-f {}` ({}); add it to HAProxy's command line (see docs/operations.md), then \
+                 reload HAProxy",
+                managed.display(),
+                args.join(" ")
+            )
+        })
     }
 }

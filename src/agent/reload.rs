@@ -203,9 +203,17 @@ impl Owner {
             // takes back out).
             Ok(_) => {
                 let mut failed = None;
+                let expects_new = ports.iter().any(|p| self.state.frontends.contains_key(p));
+                if expects_new {
+                    let managed = files.files.managed.clone();
+                    if let Some(why) = self.haproxy_lacks_our_file(&managed).await {
+                        // It reloaded the old config: nothing to reload back.
+                        failed = Some((why, false));
+                    }
+                }
                 for port in ports
                     .iter()
-                    .filter(|p| self.state.frontends.contains_key(p))
+                    .filter(|p| failed.is_none() && self.state.frontends.contains_key(p))
                 {
                     if let Err(e) = wait_frontend_open(
                         &mut self.client,

@@ -576,6 +576,12 @@ impl Agent {
 
     /// Attached mode: starts HAProxy (again) with the same files and waits for its sockets.
     pub fn start_attached_haproxy(&mut self) {
+        self.start_attached_haproxy_loading(true);
+    }
+
+    /// [`Self::start_attached_haproxy`]; `with_managed: false` leaves the agent's file off
+    /// HAProxy's command line, as a drop-in that went missing would.
+    pub fn start_attached_haproxy_loading(&mut self, with_managed: bool) {
         assert!(self.attached && self.haproxy.is_none());
         let hdir = self.hdir();
         let log = std::fs::OpenOptions::new()
@@ -589,8 +595,17 @@ impl Agent {
             .arg(format!("{},mode,600", self.master.display()))
             .arg("-f")
             .arg(hdir.join("main.cfg"))
-            .arg("-f")
-            .arg(&self.managed_cfg)
+            .args(
+                with_managed
+                    .then(|| {
+                        [
+                            std::ffi::OsString::from("-f"),
+                            self.managed_cfg.clone().into(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .current_dir(&hdir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
