@@ -93,11 +93,12 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default)]
     pub keep_haproxy: bool,
-    /// Do not try a new frontend's port with a bind of the agent's own before reloading (set it
-    /// when HAProxy runs in another network namespace than the agent, e.g. another container).
+    /// HAProxy runs in other namespaces than the agent (another container): skip the checks that
+    /// look at this host, the bind test of a new frontend's port and the look at HAProxy's
+    /// command line for the agent's file.
     #[arg(long)]
     #[serde(default)]
-    pub no_port_check: bool,
+    pub no_host_checks: bool,
     /// Enable the old webhook's `POST /hooks/update-haproxy` with the token in FILE (mode 0600).
     /// A plain token without replay protection: for migrating old sidecars only.
     #[arg(long, value_name = "FILE")]
@@ -133,7 +134,7 @@ impl Settings {
         );
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
-        self.no_port_check |= file.no_port_check;
+        self.no_host_checks |= file.no_host_checks;
         self
     }
 }
@@ -321,7 +322,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         reload_deadline: Duration::from_secs(15),
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
-        port_check: !settings.no_port_check,
+        host_checks: !settings.no_host_checks,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
     let agent_stop = CancellationToken::new();

@@ -1919,13 +1919,13 @@ fn new_frontends_at_once_share_reloads_and_a_taken_port_fails_alone() {
     agent.wait_in_sync(SETTLE);
 }
 
-/// The same with the agent's own port check off (`--no-port-check`, for a HAProxy in another
+/// The same with the agent's own port check off (`--no-host-checks`, for a HAProxy in another
 /// network namespace): the group's reload fails on the taken port, HAProxy's bind error names
 /// it, and only its request is refused; the others go through in one more reload.
 #[test]
 fn a_failed_group_reload_refuses_only_the_port_haproxy_names() {
     let agent = Agent::managed_with(Options {
-        extra: vec!["--no-port-check".into()],
+        extra: vec!["--no-host-checks".into()],
         ..Options::default()
     });
     let a = Echo::start("127.0.0.2", "A");

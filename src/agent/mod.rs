@@ -206,8 +206,10 @@ pub struct AgentParts {
     pub haproxy_log: Option<std::path::PathBuf>,
     /// Managed mode: leave HAProxy running when the agent stops.
     pub keep_haproxy: bool,
-    /// Try a new frontend's port with a bind of the agent's own before reloading.
-    pub port_check: bool,
+    /// HAProxy shares this host's network and process namespaces: a new frontend's port is
+    /// tried with a bind of the agent's own before reloading, and HAProxy's command line is read
+    /// from /proc.
+    pub host_checks: bool,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -280,9 +282,9 @@ struct Owner {
     suspect_ports: BTreeSet<u16>,
     /// Changes waiting for a reload, one reload per set, the next one run between messages.
     reload_sets: std::collections::VecDeque<Vec<(Change, ReplyTx)>>,
-    /// Whether a new frontend's port is first tried with a bind of the agent's own (off when
-    /// HAProxy runs in another network namespace than the agent).
-    port_check: bool,
+    /// Whether HAProxy shares this host's namespaces, so its ports can be tried with a bind and
+    /// its command line read from /proc ([`AgentParts::host_checks`]).
+    host_checks: bool,
     /// Where `/healthz` reads from: published after every turn, never waited for.
     health_tx: watch::Sender<Health>,
     /// The timer's reloads for frontends HAProxy lacks back off (doubling, capped), so a
@@ -334,7 +336,7 @@ pub fn spawn(
         identity: None,
         suspect_ports: BTreeSet::new(),
         reload_sets: Default::default(),
-        port_check: parts.port_check,
+        host_checks: parts.host_checks,
         health_tx,
         repair_backoff: Duration::ZERO,
         next_repair_reload: None,

@@ -204,6 +204,9 @@ impl Owner {
         &mut self,
         managed: &std::path::Path,
     ) -> Option<String> {
+        if !self.host_checks {
+            return None;
+        }
         self.client.disconnect();
         let pid = self.client.show_info().await.ok()?.pid()?;
         let raw = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
@@ -212,6 +215,12 @@ impl Owner {
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        // In another PID namespace the pid HAProxy reports is some other process here: say
+        // nothing rather than something wrong.
+        let program = std::path::Path::new(args.first()?).file_name()?;
+        if !program.to_string_lossy().starts_with("haproxy") {
+            return None;
+        }
         let want = tokio::fs::canonicalize(managed)
             .await
             .unwrap_or_else(|_| managed.to_path_buf());
@@ -222,7 +231,13 @@ impl Owner {
                 Some(c) if p.is_relative() => c.join(p),
                 _ => p.to_path_buf(),
             };
-            p == managed || p == want || p.canonicalize().is_ok_and(|c| c == want)
+            // `-f DIR` loads every `*.cfg` file in it.
+            let holds = |dir: &std::path::Path| {
+                dir.is_dir()
+                    && want.extension().is_some_and(|e| e == "cfg")
+                    && want.parent() == Some(dir)
+            };
+            p == managed || p == want || p.canonicalize().is_ok_and(|c| c == want || holds(&c))
         });
         (!loads).then(|| {
             format!(

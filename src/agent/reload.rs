@@ -21,7 +21,7 @@ impl Owner {
             let creates = matches!(change, Change::PutServer { .. })
                 && !self.state.frontends.contains_key(&port);
             // A suspect port may be our own HAProxy's still (a rollback that did not finish).
-            let probe = self.port_check && creates && !self.suspect_ports.contains(&port);
+            let probe = self.host_checks && creates && !self.suspect_ports.contains(&port);
             if probe && checked.insert(port) {
                 if let Some(why) = port_in_use(self.render.frontend_bind, port) {
                     tracing::info!(port, reason = %why, "refusing a new frontend on a port in use");
