@@ -389,6 +389,7 @@ impl Owner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
+            let mut ran_reload = false;
             tokio::select! {
                 biased;
                 msg = rx.recv() => {
@@ -405,11 +406,18 @@ impl Owner {
                 }
                 _ = tick.tick() => self.reconcile().await,
                 _ = shutdown.cancelled() => break,
-                // Only when no message waits (biased): a runtime change that arrived during a
-                // reload goes first, then the next reload set.
+                // Nothing else to do: the next reload set.
                 _ = std::future::ready(()), if !self.reload_sets.is_empty() => {
                     self.next_reload_set().await;
+                    ran_reload = true;
                 }
+            }
+            // One reload set per turn, also while messages keep coming: a runtime change that
+            // arrived during a reload waits for that one reload only, and a steady stream of
+            // runtime changes cannot hold queued reloads back.
+            if !ran_reload && !self.reload_sets.is_empty() {
+                self.publish();
+                self.next_reload_set().await;
             }
             self.publish();
         }
