@@ -227,26 +227,33 @@ impl Connection {
             .map_err(|e| self.io_error(what, e))
     }
 
+    /// Takes the first whole answer out of the read buffer, if one is there; otherwise notes
+    /// how far the buffer was scanned, so the next look starts there.
+    fn buffered_answer(&mut self, what: &str) -> Result<Option<String>> {
+        match parse_frame_from(&self.buf, &self.prompt, self.max_answer, self.scanned) {
+            Frame::Complete { body_len, consumed } => {
+                let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
+                self.buf.drain(..consumed);
+                self.scanned = 0;
+                Ok(Some(body))
+            }
+            Frame::Invalid(detail) => Err(Error::NotHaproxy {
+                endpoint: self.endpoint.clone(),
+                detail: format!("answer to {what}: {detail}"),
+            }),
+            Frame::Partial => {
+                self.scanned = resume_point(self.buf.len(), &self.prompt);
+                Ok(None)
+            }
+        }
+    }
+
     /// Reads the next whole answer. `Ok(None)` when HAProxy closed the connection before
     /// sending any of it (HAProxy closes idle CLI sessions after `stats timeout`).
     pub async fn read_answer(&mut self, what: &str) -> Result<Option<String>> {
         loop {
-            match parse_frame_from(&self.buf, &self.prompt, self.max_answer, self.scanned) {
-                Frame::Complete { body_len, consumed } => {
-                    let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
-                    self.buf.drain(..consumed);
-                    self.scanned = 0;
-                    return Ok(Some(body));
-                }
-                Frame::Invalid(detail) => {
-                    return Err(Error::NotHaproxy {
-                        endpoint: self.endpoint.clone(),
-                        detail: format!("answer to {what}: {detail}"),
-                    })
-                }
-                Frame::Partial => {
-                    self.scanned = resume_point(self.buf.len(), &self.prompt);
-                }
+            if let Some(body) = self.buffered_answer(what)? {
+                return Ok(Some(body));
             }
             let n = read_more(&mut self.stream, &mut self.buf)
                 .await
@@ -271,20 +278,8 @@ impl Connection {
     /// keeping the connection open.
     pub async fn read_answer_or_close(&mut self, what: &str) -> Result<String> {
         loop {
-            match parse_frame_from(&self.buf, &self.prompt, self.max_answer, self.scanned) {
-                Frame::Complete { body_len, consumed } => {
-                    let body = String::from_utf8_lossy(&self.buf[..body_len]).into_owned();
-                    self.buf.drain(..consumed);
-                    self.scanned = 0;
-                    return Ok(body);
-                }
-                Frame::Invalid(detail) => {
-                    return Err(Error::NotHaproxy {
-                        endpoint: self.endpoint.clone(),
-                        detail: format!("answer to {what}: {detail}"),
-                    })
-                }
-                Frame::Partial => self.scanned = resume_point(self.buf.len(), &self.prompt),
+            if let Some(body) = self.buffered_answer(what)? {
+                return Ok(body);
             }
             match read_more(&mut self.stream, &mut self.buf).await {
                 Ok(0) => break,
