@@ -2082,7 +2082,7 @@ fn haproxy_without_the_agents_file_is_named_and_not_reloaded_in_a_loop() {
     let reloads = agent.metric("lbagent_haproxy_reloads_total") - before;
     assert!(reloads <= 3.0, "{reloads} reloads in 8 s");
 
-    // A new frontend is refused with the cause, not after waiting for it to open.
+    // A new frontend cannot open: refused once its reload's deadline passes, with the cause.
     let other = free_port();
     let r = agent.put(other, "node-a", &body(&a.ip(), a.port(), json!({})));
     r.assert_error(409, "haproxy_rejected", "HAProxy without the agent's file");

@@ -291,6 +291,9 @@ struct Owner {
     /// HAProxy that never loads the agent's file is not reloaded on every tick.
     repair_backoff: Duration,
     next_repair_reload: Option<Instant>,
+    /// Why the timer's repair reloads do not bring the missing frontends back, when known;
+    /// kept (unlike `last_error`) until no frontend is missing.
+    repair_error: Option<String>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -340,6 +343,7 @@ pub fn spawn(
         health_tx,
         repair_backoff: Duration::ZERO,
         next_repair_reload: None,
+        repair_error: None,
     };
     owner.publish();
     let handle = AgentHandle { tx, health };
@@ -483,7 +487,11 @@ impl Owner {
             // A closed store refuses every change: not healthy, whatever HAProxy does.
             in_sync: self.haproxy_up && !self.out_of_sync && self.store_error.is_none(),
             drift: self.drift.clone(),
-            error: self.store_error.clone().or_else(|| self.last_error.clone()),
+            error: self
+                .store_error
+                .clone()
+                .or_else(|| self.repair_error.clone())
+                .or_else(|| self.last_error.clone()),
             generation: self.state.generation,
         }
     }

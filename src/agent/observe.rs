@@ -73,6 +73,7 @@ impl Owner {
         if plan.missing_backends.is_empty() {
             self.repair_backoff = Duration::ZERO;
             self.next_repair_reload = None;
+            self.repair_error = None;
         }
         if plan.is_empty() {
             self.out_of_sync = false;
@@ -113,7 +114,7 @@ impl Owner {
                         Ok(()) => {
                             if let Some(why) = self.haproxy_lacks_our_file(&managed).await {
                                 tracing::error!(error = %why, next_try_s = self.repair_backoff.as_secs(), "reloaded, but HAProxy does not load the agent's file");
-                                self.last_error = Some(why);
+                                self.repair_error = Some(why);
                             }
                         }
                     }

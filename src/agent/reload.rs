@@ -78,7 +78,7 @@ impl Owner {
                 // the cap, or conflict with this one.
                 if let Err(d) = self.check_policy(&change) {
                     let _ = reply.send(Err(d.into()));
-                    return;
+                    continue;
                 }
                 match self.state.apply_with_undo(&change) {
                     Ok((_, undo)) => applied.push((change, undo, reply)),
@@ -203,17 +203,9 @@ impl Owner {
             // takes back out).
             Ok(_) => {
                 let mut failed = None;
-                let expects_new = ports.iter().any(|p| self.state.frontends.contains_key(p));
-                if expects_new {
-                    let managed = files.files.managed.clone();
-                    if let Some(why) = self.haproxy_lacks_our_file(&managed).await {
-                        // It reloaded the old config: nothing to reload back.
-                        failed = Some((why, false));
-                    }
-                }
                 for port in ports
                     .iter()
-                    .filter(|p| failed.is_none() && self.state.frontends.contains_key(p))
+                    .filter(|p| self.state.frontends.contains_key(p))
                 {
                     if let Err(e) = wait_frontend_open(
                         &mut self.client,
@@ -222,7 +214,14 @@ impl Owner {
                     )
                     .await
                     {
-                        failed = Some((e.to_string(), true));
+                        // The frontend not opening decides; HAProxy's command line only says
+                        // why, when it can (a diagnosis, never a verdict of its own).
+                        let managed = files.files.managed.clone();
+                        let why = match self.haproxy_lacks_our_file(&managed).await {
+                            Some(cause) => format!("{e}: {cause}"),
+                            None => e.to_string(),
+                        };
+                        failed = Some((why, true));
                         break;
                     }
                 }
