@@ -29,7 +29,7 @@ const PER_BACKEND: usize = 100;
 const BACKENDS: usize = SERVERS / PER_BACKEND;
 
 /// The one fixture folder of HAProxy's 2.6 branch: folders are named by the exact version
-/// HAProxy reported (`2.6.12-1+deb12u4`), so it is found by its `2.6` prefix.
+/// HAProxy reported (`2.6.12-1+deb12u4`), so it is found by its branch.
 fn fixture_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto-fixtures");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -39,10 +39,8 @@ fn fixture_dir() -> PathBuf {
             p.is_dir()
                 && p.file_name()
                     .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix("2.6"))
-                    .is_some_and(|rest| {
-                        rest.is_empty() || rest.starts_with('.') || rest.starts_with('-')
-                    })
+                    .and_then(lbagent::runtime::parse::version_branch)
+                    == Some((2, 6))
         })
         .collect();
     assert_eq!(

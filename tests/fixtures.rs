@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use lbagent::runtime::parse::{
     parse_frame, parse_servers_state, parse_show_backend, parse_show_info, parse_show_proc,
-    parse_show_stat, Frame, ProxyKind, StatusState,
+    parse_show_stat, version_branch, Frame, ProxyKind, StatusState,
 };
 use lbagent::runtime::{Command, Connection, Outcome};
 use tokio::io::AsyncWriteExt;
@@ -20,37 +20,14 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("proto-fixtures")
 }
 
-/// The branch (major, minor) of a version string as HAProxy reports it: `3.0.11-1+deb13u4`,
-/// `3.0-dev13` and `3.0` give (3, 0); after the minor number comes nothing, `.<patch digit>...`
-/// or `-...`. Compared as numbers, so 3.10 comes after 3.2.
-fn branch_of(name: &str) -> Option<(u32, u32)> {
-    let (major, rest) = name.split_once('.')?;
-    let minor_len = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let (minor, after) = rest.split_at(minor_len);
-    let patch_ok = after.is_empty()
-        || after.starts_with('-')
-        || after
-            .strip_prefix('.')
-            .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()));
-    if major.is_empty()
-        || !major.bytes().all(|b| b.is_ascii_digit())
-        || minor.is_empty()
-        || !patch_ok
-    {
-        return None;
-    }
-    Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
 fn name_of(dir: &Path) -> String {
     dir.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 /// The branch of a version folder.
 fn branch(dir: &Path) -> (u32, u32) {
-    branch_of(&name_of(dir)).unwrap_or_else(|| panic!("{} is not a version folder", dir.display()))
+    version_branch(&name_of(dir))
+        .unwrap_or_else(|| panic!("{} is not a version folder", dir.display()))
 }
 
 /// Every version folder, by branch. Any other folder under `proto-fixtures/` is an error rather
@@ -63,7 +40,7 @@ fn versions() -> Vec<PathBuf> {
         .collect();
     for p in &v {
         assert!(
-            branch_of(&name_of(p)).is_some(),
+            version_branch(&name_of(p)).is_some(),
             "{}: not named by a HAProxy version",
             p.display()
         );
@@ -92,15 +69,15 @@ fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 
 #[test]
 fn branch_is_parsed_from_the_folder_name() {
-    assert_eq!(branch_of("2.6.12-1+deb12u4"), Some((2, 6)));
-    assert_eq!(branch_of("3.0.11-1+deb13u4"), Some((3, 0)));
-    assert_eq!(branch_of("3.2.26-1"), Some((3, 2)));
-    assert_eq!(branch_of("2.8.0"), Some((2, 8)));
-    assert_eq!(branch_of("2.8.0-fdd8154ed"), Some((2, 8)));
-    assert_eq!(branch_of("3.10.1"), Some((3, 10)));
-    assert_eq!(branch_of("3.2"), Some((3, 2)));
-    assert_eq!(branch_of("3.2-dev13"), Some((3, 2)));
-    assert!(branch_of("3.10.1").unwrap() > branch_of("3.2.26-1").unwrap());
+    assert_eq!(version_branch("2.6.12-1+deb12u4"), Some((2, 6)));
+    assert_eq!(version_branch("3.0.11-1+deb13u4"), Some((3, 0)));
+    assert_eq!(version_branch("3.2.26-1"), Some((3, 2)));
+    assert_eq!(version_branch("2.8.0"), Some((2, 8)));
+    assert_eq!(version_branch("2.8.0-fdd8154ed"), Some((2, 8)));
+    assert_eq!(version_branch("3.10.1"), Some((3, 10)));
+    assert_eq!(version_branch("3.2"), Some((3, 2)));
+    assert_eq!(version_branch("3.2-dev13"), Some((3, 2)));
+    assert!(version_branch("3.10.1").unwrap() > version_branch("3.2.26-1").unwrap());
     for bad in [
         "capture.sh",
         "raw",
@@ -112,7 +89,7 @@ fn branch_is_parsed_from_the_folder_name() {
         "3.2.x",
         "a.2.1",
     ] {
-        assert_eq!(branch_of(bad), None, "{bad}");
+        assert_eq!(version_branch(bad), None, "{bad}");
     }
 }
 

@@ -369,14 +369,9 @@ enum Sent {
 /// `show proc` lists for it. Unknown: assume 2.6, which answers nothing.
 fn master_reports_reload(proc: &ProcList) -> bool {
     let version = proc.master.as_ref().and_then(|m| m.version.as_deref());
-    let branch = version.and_then(|v| {
-        let mut parts = v.split(['.', '-']);
-        Some((
-            parts.next()?.parse::<u32>().ok()?,
-            parts.next()?.parse::<u32>().ok()?,
-        ))
-    });
-    branch.is_some_and(|b| b >= (2, 7))
+    version
+        .and_then(runtime::parse::version_branch)
+        .is_some_and(|b| b >= (2, 7))
 }
 
 /// Sends `reload` once. Retried only on errors that mean it was not sent (no connection, no

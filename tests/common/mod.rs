@@ -38,9 +38,7 @@ impl Branch {
 
     /// The branch of a version string such as `3.0.11-1+deb13u4`, `2.6.12` or `3.2-dev13`.
     pub fn of(version: &str) -> Option<Branch> {
-        let mut parts = version.split(['.', '-']);
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next()?.parse().ok()?;
+        let (major, minor) = lbagent::runtime::parse::version_branch(version)?;
         Some(Branch { major, minor })
     }
 }

@@ -81,6 +81,31 @@ pub fn parse_show_info(text: &str) -> Result<Info, ParseError> {
     Ok(info)
 }
 
+/// The branch (major, minor) of a version as HAProxy reports it (`show info`'s `Version:`,
+/// `show proc`'s version column, `haproxy -v`, the fixture folders): `3.0.11-1+deb13u4`,
+/// `3.0-dev13` and `3.0` give (3, 0). After the minor number comes nothing, `.<patch digit>...`
+/// or `-...`; anything else is not a version. Compared as numbers, so 3.10 comes after 3.2.
+pub fn version_branch(version: &str) -> Option<(u32, u32)> {
+    let (major, rest) = version.split_once('.')?;
+    let minor_len = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (minor, after) = rest.split_at(minor_len);
+    let patch_ok = after.is_empty()
+        || after.starts_with('-')
+        || after
+            .strip_prefix('.')
+            .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()));
+    if major.is_empty()
+        || !major.bytes().all(|b| b.is_ascii_digit())
+        || minor.is_empty()
+        || !patch_ok
+    {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

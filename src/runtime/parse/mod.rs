@@ -15,7 +15,7 @@ mod status;
 
 pub use backend::parse_show_backend;
 pub use frame::{parse_frame, parse_frame_from, resume_point, Frame};
-pub use info::{parse_show_info, Info};
+pub use info::{parse_show_info, version_branch, Info};
 pub use proc::{parse_show_proc, ProcEntry, ProcList};
 pub use servers_state::{parse_servers_state, AdminFlags, OperState, ServerState};
 pub use stat::{parse_show_stat, ProxyKind, StatRow};
