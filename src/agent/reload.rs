@@ -71,93 +71,91 @@ impl Owner {
             }
             return;
         }
-        {
-            let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
-            for (change, reply) in set {
-                // Again: changes applied earlier (in this group, or this set) may have used up
-                // the cap, or conflict with this one.
-                if let Err(d) = self.check_policy(&change) {
-                    let _ = reply.send(Err(d.into()));
-                    continue;
-                }
-                match self.state.apply_with_undo(&change) {
-                    Ok((_, undo)) => applied.push((change, undo, reply)),
-                    Err(c) => {
-                        let _ = reply.send(Err(c.into()));
-                    }
+        let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
+        for (change, reply) in set {
+            // Again: changes applied earlier (in this group, or this set) may have used up
+            // the cap, or conflict with this one.
+            if let Err(d) = self.check_policy(&change) {
+                let _ = reply.send(Err(d.into()));
+                continue;
+            }
+            match self.state.apply_with_undo(&change) {
+                Ok((_, undo)) => applied.push((change, undo, reply)),
+                Err(c) => {
+                    let _ = reply.send(Err(c.into()));
                 }
             }
-            if applied.is_empty() {
-                return;
+        }
+        if applied.is_empty() {
+            return;
+        }
+        let ports: BTreeSet<u16> = applied.iter().map(|(c, _, _)| c.frontend_port()).collect();
+        let result = self.reload_to_current(&ports).await;
+        if let Err(msg) = result {
+            for (_, undo, _) in applied.iter().rev() {
+                self.state.undo(undo.clone());
             }
-            let ports: BTreeSet<u16> = applied.iter().map(|(c, _, _)| c.frontend_port()).collect();
-            let result = self.reload_to_current(&ports).await;
-            if let Err(msg) = result {
-                for (_, undo, _) in applied.iter().rev() {
-                    self.state.undo(undo.clone());
-                }
-                self.metrics.reload_failures.inc();
-                let named = ports_named_in(&msg, &ports);
-                let mut rest = Vec::new();
-                for (change, _, reply) in applied {
-                    let blamed = named.contains(&change.frontend_port());
-                    if blamed || ports.len() == 1 {
-                        let _ = reply.send(Err(ApplyError::Rejected(msg.clone())));
-                    } else {
-                        rest.push((change, reply));
-                    }
-                }
-                if rest.is_empty() {
-                    return;
-                }
-                if named.is_empty() {
-                    // Nothing says which: one reload per frontend from here on.
-                    let mut by_port: std::collections::BTreeMap<u16, Vec<(Change, ReplyTx)>> =
-                        std::collections::BTreeMap::new();
-                    for (change, reply) in rest {
-                        by_port
-                            .entry(change.frontend_port())
-                            .or_default()
-                            .push((change, reply));
-                    }
-                    for set in by_port.into_values().rev() {
-                        self.reload_sets.push_front(set);
-                    }
+            self.metrics.reload_failures.inc();
+            let named = ports_named_in(&msg, &ports);
+            let mut rest = Vec::new();
+            for (change, _, reply) in applied {
+                let blamed = named.contains(&change.frontend_port());
+                if blamed || ports.len() == 1 {
+                    let _ = reply.send(Err(ApplyError::Rejected(msg.clone())));
                 } else {
-                    self.reload_sets.push_front(rest);
+                    rest.push((change, reply));
                 }
+            }
+            if rest.is_empty() {
                 return;
             }
-            let changes: Vec<Change> = applied.iter().map(|(c, _, _)| c.clone()).collect();
-            if let Err(e) = self.store_commit(&changes) {
-                // HAProxy now runs frontends the store does not have: take them back out. The
-                // file must be written again although its generation is not newer than the
-                // one just installed (the undo took the generation back).
-                for (_, undo, _) in applied.iter().rev() {
-                    self.state.undo(undo.clone());
+            if named.is_empty() {
+                // Nothing says which: one reload per frontend from here on.
+                let mut by_port: std::collections::BTreeMap<u16, Vec<(Change, ReplyTx)>> =
+                    std::collections::BTreeMap::new();
+                for (change, reply) in rest {
+                    by_port
+                        .entry(change.frontend_port())
+                        .or_default()
+                        .push((change, reply));
                 }
-                self.reopen_store();
-                self.files.lock().await.written = None;
-                if let Err(msg) = self.reload_to_current(&ports).await {
-                    tracing::error!(error = %msg, "could not take back frontends after the store failed; the timer will");
-                    self.suspect_ports.extend(ports.iter().copied());
+                for set in by_port.into_values().rev() {
+                    self.reload_sets.push_front(set);
                 }
-                for (_, _, reply) in applied {
-                    let _ = reply.send(Err(ApplyError::Store(e.clone())));
-                }
-                return;
+            } else {
+                self.reload_sets.push_front(rest);
             }
-            self.metrics.servers.set(self.state.server_count() as i64);
-            self.dirty.send_replace(self.state.generation);
-            // New workers start from the file: put runtime-only details (drain) back.
-            self.reconcile().await;
-            let generation = self.state.generation;
+            return;
+        }
+        let changes: Vec<Change> = applied.iter().map(|(c, _, _)| c.clone()).collect();
+        if let Err(e) = self.store_commit(&changes) {
+            // HAProxy now runs frontends the store does not have: take them back out. The
+            // file must be written again although its generation is not newer than the
+            // one just installed (the undo took the generation back).
+            for (_, undo, _) in applied.iter().rev() {
+                self.state.undo(undo.clone());
+            }
+            self.reopen_store();
+            self.files.lock().await.written = None;
+            if let Err(msg) = self.reload_to_current(&ports).await {
+                tracing::error!(error = %msg, "could not take back frontends after the store failed; the timer will");
+                self.suspect_ports.extend(ports.iter().copied());
+            }
             for (_, _, reply) in applied {
-                let _ = reply.send(Ok(ApplyOk {
-                    applied: Applied::Reload,
-                    generation,
-                }));
+                let _ = reply.send(Err(ApplyError::Store(e.clone())));
             }
+            return;
+        }
+        self.metrics.servers.set(self.state.server_count() as i64);
+        self.dirty.send_replace(self.state.generation);
+        // New workers start from the file: put runtime-only details (drain) back.
+        self.reconcile().await;
+        let generation = self.state.generation;
+        for (_, _, reply) in applied {
+            let _ = reply.send(Ok(ApplyOk {
+                applied: Applied::Reload,
+                generation,
+            }));
         }
     }
 
