@@ -905,6 +905,7 @@ fn command() -> impl Strategy<Value = Command> {
         (server_ref(), ip(), 1..=u16::MAX, options())
             .prop_map(|(s, a, p, o)| Command::add_server(s, a, p, o).unwrap()),
         server_ref().prop_map(Command::DelServer),
+        server_ref().prop_map(Command::ShutdownSessions),
         (server_ref(), ip(), proptest::option::of(1..=u16::MAX))
             .prop_map(|(server, addr, port)| Command::SetServerAddr { server, addr, port }),
         (server_ref(), admin_state()).prop_map(|(s, st)| Command::SetServerState(s, st)),
@@ -940,6 +941,7 @@ fn word_count(c: &Command) -> usize {
         Command::SetServerState(..)
         | Command::SetServerWeight(..)
         | Command::SetMaxconnFrontend(..) => 5,
+        Command::ShutdownSessions(_) => 4,
         Command::Reload => 1,
     }
 }

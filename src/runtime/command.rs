@@ -74,6 +74,8 @@ pub enum Command {
         options: AddServerOptions,
     },
     DelServer(ServerRef),
+    /// `shutdown sessions server B/S`: closes the server's connections (a drain that timed out).
+    ShutdownSessions(ServerRef),
     SetServerAddr {
         server: ServerRef,
         addr: IpAddr,
@@ -186,6 +188,7 @@ impl fmt::Display for Command {
                 Ok(())
             }
             Command::DelServer(s) => write!(f, "del server {s}"),
+            Command::ShutdownSessions(s) => write!(f, "shutdown sessions server {s}"),
             Command::SetServerAddr { server, addr, port } => {
                 write!(f, "set server {server} addr {addr}")?;
                 if let Some(p) = port {

@@ -89,7 +89,22 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         self.kind == OutcomeKind::Success
     }
+
+    /// Whether `del server` was refused only because the server still carries traffic: its
+    /// connections or queued streams. Such a server is drained, and deleted once idle.
+    pub fn is_server_in_use(&self) -> bool {
+        self.kind == OutcomeKind::Refused
+            && IN_USE_SENTENCES
+                .iter()
+                .any(|s| self.text.trim_start().starts_with(s))
+    }
 }
+
+/// `del server`'s whole sentences for a server that still carries traffic (2.6 to 3.2).
+const IN_USE_SENTENCES: &[&str] = &[
+    "Server still has connections attached to it, cannot remove it.",
+    "Server still has queued streams attached to it, cannot remove it.",
+];
 
 /// Phrases HAProxy prints when an action worked. Matched at the start of the answer.
 const SUCCESS_PREFIXES: &[&str] = &[
@@ -126,6 +141,7 @@ const ERROR_PHRASES: &[(&str, OutcomeKind)] = &[
         OutcomeKind::Refused,
     ),
     ("Server still has connections", OutcomeKind::Refused),
+    ("Server still has queued streams", OutcomeKind::Refused),
     ("This server cannot be removed", OutcomeKind::Refused),
     ("agent checks are not enabled", OutcomeKind::Refused),
     ("cannot change health", OutcomeKind::Refused),
@@ -201,6 +217,21 @@ fn classify_action(text: &str) -> OutcomeKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_in_use_is_told_by_the_whole_sentence() {
+        let busy =
+            Outcome::of_action("Server still has connections attached to it, cannot remove it.\n");
+        assert!(busy.is_server_in_use());
+        assert!(Outcome::of_action(
+            "Server still has queued streams attached to it, cannot remove it.\n"
+        )
+        .is_server_in_use());
+        let not_maint = Outcome::of_action("Only servers in maintenance mode can be deleted.\n");
+        assert_eq!(not_maint.kind, OutcomeKind::Refused);
+        assert!(!not_maint.is_server_in_use());
+        assert!(!Outcome::of_action("Server deleted.\n").is_server_in_use());
+    }
 
     #[test]
     fn classifies_known_texts() {
