@@ -485,6 +485,10 @@ impl Api {
                 if let Some(n) = node {
                     body["server"] = json!(n.as_str());
                 }
+                // Stored, but HAProxy refused it: its words; the agent retries on its timer.
+                if let Some(why) = &ok.refused {
+                    body["haproxy_refused"] = json!(why);
+                }
                 json_reply(status, body)
             }
             Err(e) => apply_error(e),

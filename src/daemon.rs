@@ -32,7 +32,9 @@ use crate::store::Store;
 #[command(
     name = "lbagent",
     version,
-    about = "Route phone-home requests into HAProxy, live through its runtime API"
+    about = "Route phone-home requests into HAProxy, live through its runtime API",
+    // A flag given twice takes the last value, so a wrapper's defaults can be overridden.
+    args_override_self = true
 )]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
@@ -85,6 +87,14 @@ pub struct Settings {
     /// Seconds between comparisons of HAProxy with the desired state [default: 2].
     #[arg(long, value_name = "SECONDS")]
     pub reconcile_interval: Option<f64>,
+    /// How long a registration lives without a renewing PUT (a sidecar's heartbeat), e.g.
+    /// `90s`; `0` keeps registrations until deleted [default: 90s, three sidecar intervals].
+    #[arg(long, value_name = "DURATION")]
+    pub lease: Option<String>,
+    /// How long a deleted server keeps its open connections before they are shut
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
     /// Turn `/metrics` off.
     #[arg(long)]
     #[serde(default)]
@@ -130,6 +140,8 @@ impl Settings {
             max_servers_per_frontend,
             auth_window,
             reconcile_interval,
+            lease,
+            drain_timeout,
             haproxy_bin
         );
         self.no_metrics |= file.no_metrics;
@@ -323,6 +335,8 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
         host_checks: !settings.no_host_checks,
+        lease: Some(duration_setting("lease", settings.lease.as_deref(), "90s")?),
+        drain_timeout: duration_setting("drain-timeout", settings.drain_timeout.as_deref(), "60s")?,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
     let agent_stop = CancellationToken::new();
@@ -406,4 +420,12 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
             },
         }
     }
+}
+
+fn duration_setting(name: &str, value: Option<&str>, default: &str) -> Result<Duration, String> {
+    let text = value.unwrap_or(default);
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    crate::lbctl::phone_home::parse_duration(text).map_err(|e| format!("--{name} {text:?}: {e}"))
 }

@@ -35,6 +35,14 @@ pub struct Metrics {
     pub servers: Gauge,
     /// Requests whose head has been read and whose answer is not sent yet.
     pub requests_in_flight: Gauge,
+    /// Registrations deleted because their lease ran out.
+    pub lease_expiries: Counter,
+    /// 1 while more than half of the registrations are overdue and none is expired.
+    pub lease_expiry_suspended: Gauge,
+    /// Deleted servers still in HAProxy until their last connection ends.
+    pub servers_draining: Gauge,
+    /// Draining servers whose connections were shut at the drain timeout.
+    pub drain_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -97,7 +105,35 @@ impl Metrics {
             "HTTP requests being handled (head read, answer not sent yet)",
             requests_in_flight.clone(),
         );
+        let lease_expiries = Counter::default();
+        registry.register(
+            "lease_expiries",
+            "Registrations deleted because their sidecar stopped renewing them",
+            lease_expiries.clone(),
+        );
+        let lease_expiry_suspended = Gauge::default();
+        registry.register(
+            "lease_expiry_suspended",
+            "1 while more than half of all registrations are overdue at once, so none expires",
+            lease_expiry_suspended.clone(),
+        );
+        let servers_draining = Gauge::default();
+        registry.register(
+            "servers_draining",
+            "Deleted servers kept in HAProxy, in maintenance, until their last connection ends",
+            servers_draining.clone(),
+        );
+        let drain_timeouts = Counter::default();
+        registry.register(
+            "drain_timeouts",
+            "Draining servers whose remaining connections were shut at the drain timeout",
+            drain_timeouts.clone(),
+        );
         Metrics {
+            lease_expiries,
+            lease_expiry_suspended,
+            servers_draining,
+            drain_timeouts,
             registry: Arc::new(registry),
             requests,
             auth_failures,

@@ -20,6 +20,15 @@ impl Owner {
                 let _ = reply.send(Err(d.into()));
                 continue;
             }
+            // Every PUT that passes policy is a heartbeat, also one that changes nothing.
+            if let Change::PutServer {
+                frontend_port,
+                node,
+                ..
+            } = &change
+            {
+                self.leases.renew(*frontend_port, node, Instant::now());
+            }
             if self.needs_reload(&change) {
                 reloads.push((change, reply));
                 continue;
@@ -65,42 +74,20 @@ impl Owner {
         }
         // Commands from what HAProxy had (the previous spec, in the undo record) to the new
         // spec: no `show servers state` round trip on the request path. Drift that makes these
-        // wrong is found and repaired by the timer.
+        // wrong is found and repaired by the timer. Each change's commands are a range of the
+        // batch, so HAProxy's answer to each is told to the request that caused it.
         let mut commands = Vec::new();
+        let mut ranges = Vec::with_capacity(accepted.len());
         for a in &accepted {
-            if a.effect == Effect::Unchanged {
-                continue;
-            }
-            let Undo::Server { previous, .. } = &a.undo else {
-                continue;
-            };
-            match &a.change {
-                Change::PutServer {
-                    frontend_port,
-                    node,
-                    spec,
-                    ..
-                } => {
-                    let server = server_ref(*frontend_port, node);
-                    commands.extend(reconcile::commands_for(&server, previous.as_ref(), spec));
+            let start = commands.len();
+            if a.effect != Effect::Unchanged {
+                if let Undo::Server { previous, .. } = &a.undo {
+                    self.change_commands(&a.change, previous.as_ref(), &mut commands);
                 }
-                Change::DeleteServer {
-                    frontend_port,
-                    node,
-                } => {
-                    // In place, not after the group: a DELETE then PUT of the same node in one
-                    // group must run del before add.
-                    let server = server_ref(*frontend_port, node);
-                    commands.push(Command::SetServerState(
-                        server.clone(),
-                        ServerAdminState::Maint,
-                    ));
-                    commands.push(Command::DelServer(server));
-                }
-                Change::DeleteFrontend { .. } => {}
             }
+            ranges.push(start..commands.len());
         }
-        let applied = self.send(commands, Vec::new()).await;
+        let replies = self.send_batch(&commands).await;
         let changed: Vec<Change> = accepted
             .iter()
             .filter(|a| a.effect != Effect::Unchanged)
@@ -121,17 +108,118 @@ impl Owner {
         self.metrics.servers.set(self.state.server_count() as i64);
         self.dirty.send_replace(self.state.generation);
         let generation = self.state.generation;
-        for a in accepted {
-            let applied = if a.effect == Effect::Unchanged {
-                Applied::Unchanged
-            } else {
-                applied
+        for (a, range) in accepted.into_iter().zip(ranges) {
+            let (applied, refused) = match &replies {
+                _ if a.effect == Effect::Unchanged => (Applied::Unchanged, None),
+                None => (Applied::Pending, None),
+                Some(replies) => match self.refusal(&a.change, &a.undo, &replies[range]) {
+                    None => (Applied::Runtime, None),
+                    Some(why) => (Applied::Pending, Some(why)),
+                },
             };
             let _ = a.reply.send(Ok(ApplyOk {
                 applied,
                 generation,
+                refused,
             }));
         }
+        self.metrics
+            .servers_draining
+            .set(self.draining.len() as i64);
+    }
+
+    /// The runtime commands of one change, from what HAProxy has (`previous`) to what it asks.
+    fn change_commands(
+        &mut self,
+        change: &Change,
+        previous: Option<&crate::model::ServerSpec>,
+        out: &mut Vec<Command>,
+    ) {
+        match change {
+            Change::PutServer {
+                frontend_port,
+                node,
+                spec,
+                ..
+            } => {
+                let server = server_ref(*frontend_port, node);
+                // A deleted server still draining is in HAProxy (in maintenance): it comes back
+                // as it is, moved and made ready, without waiting for its connections.
+                let draining = previous
+                    .is_none()
+                    .then(|| self.draining.take_back(&server))
+                    .flatten();
+                out.extend(reconcile::commands_for(
+                    &server,
+                    previous.or(draining.as_ref()),
+                    spec,
+                ));
+            }
+            Change::DeleteServer {
+                frontend_port,
+                node,
+            } => {
+                // In place, not after the group: a DELETE then PUT of the same node in one
+                // group must run del before add.
+                let server = server_ref(*frontend_port, node);
+                out.push(Command::SetServerState(
+                    server.clone(),
+                    ServerAdminState::Maint,
+                ));
+                out.push(Command::DelServer(server));
+            }
+            Change::DeleteFrontend { .. } => {}
+        }
+    }
+
+    /// What HAProxy refused of one change's commands, as the request will be told; `None` when
+    /// it took them all. A `del server` refused only for the server's connections is no
+    /// refusal: the server drains, and is deleted once idle.
+    fn refusal(
+        &mut self,
+        change: &Change,
+        undo: &Undo,
+        replies: &[crate::runtime::Reply],
+    ) -> Option<String> {
+        let mut refused = Vec::new();
+        for r in replies {
+            if r.outcome.is_success() {
+                continue;
+            }
+            if let (
+                Change::DeleteServer {
+                    frontend_port,
+                    node,
+                },
+                true,
+            ) = (change, r.outcome.is_server_in_use())
+            {
+                let server = server_ref(*frontend_port, node);
+                // Wanted again by a later change of the group: not draining.
+                let wanted = self
+                    .state
+                    .frontends
+                    .get(frontend_port)
+                    .is_some_and(|fe| fe.servers.contains_key(node));
+                if !wanted {
+                    tracing::info!(server = %server, "server still has connections: draining it, deleted once idle");
+                    // What HAProxy holds: the spec before the delete, in maintenance now.
+                    let spec = match undo {
+                        Undo::Server {
+                            previous: Some(p), ..
+                        } => Some(crate::model::ServerSpec {
+                            state: crate::model::ServerState::Maint,
+                            ..p.clone()
+                        }),
+                        _ => None,
+                    };
+                    self.draining.start(server, spec, Instant::now());
+                }
+                continue;
+            }
+            refused.push(format!("`{}`: {}", r.command, r.outcome.text.trim_end()));
+        }
+        (!refused.is_empty()).then(|| refused.join("; "))
     }
 
     /// Takes a group back out of the in-memory state, last change first.
@@ -188,44 +276,31 @@ impl Owner {
         tokio::task::block_in_place(|| store.commit(state, changes)).map_err(|e| e.to_string())
     }
 
-    /// Sends commands (then deletions of servers with no connections left). Returns Runtime
-    /// when HAProxy took them all, Pending when it could not be reached; a refused command
-    /// marks the state out of sync for the timer to repair.
-    pub(super) async fn send(
+    /// Sends a batch and returns HAProxy's answer to each command, or `None` when it could not
+    /// be reached. A refused command is logged and marks the state out of sync, for the timer
+    /// to repair; a `del server` refused for the server's connections is only noted.
+    pub(super) async fn send_batch(
         &mut self,
-        commands: Vec<Command>,
-        deletions: Vec<crate::runtime::ServerRef>,
-    ) -> Applied {
-        if commands.is_empty() && deletions.is_empty() {
-            return Applied::Runtime;
+        commands: &[Command],
+    ) -> Option<Vec<crate::runtime::Reply>> {
+        if commands.is_empty() {
+            return Some(Vec::new());
         }
-        let mut all = commands;
-        all.extend(deletions.iter().cloned().map(Command::DelServer));
-        match self.client.batch(&all).await {
+        match self.client.batch(commands).await {
             Ok(replies) => {
                 self.set_up(true);
-                let mut ok = true;
                 for r in &replies {
-                    if r.outcome.is_success() {
+                    if r.outcome.is_success() || r.outcome.is_server_in_use() {
                         continue;
                     }
-                    // A server that still has connections is deleted later by the timer.
-                    if r.command.starts_with("del server") && r.outcome.kind == OutcomeKind::Refused
-                    {
-                        tracing::info!(command = %r.command, "server still in use; deleting it once idle");
-                    } else {
-                        tracing::warn!(command = %r.command, outcome = %r.outcome.kind, text = %r.outcome.text.trim_end(), "HAProxy refused a command");
-                    }
-                    ok = false;
-                }
-                if !ok {
+                    tracing::warn!(command = %r.command, outcome = %r.outcome.kind, text = %r.outcome.text.trim_end(), "HAProxy refused a command");
                     self.out_of_sync = true;
                 }
-                Applied::Runtime
+                Some(replies)
             }
             Err(e) => {
                 self.transport_failed(&e);
-                Applied::Pending
+                None
             }
         }
     }

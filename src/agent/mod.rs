@@ -36,16 +36,18 @@ use crate::policy::{Denied, Policy};
 use crate::reconcile::{self, Plan};
 use crate::render::{render_managed, RenderOptions};
 use crate::runtime::parse::{ProxyKind, StatRow};
-use crate::runtime::{
-    Command, Error as RuntimeError, OutcomeKind, RuntimeClient, ServerAdminState,
-};
+use crate::runtime::{Command, Error as RuntimeError, RuntimeClient, ServerAdminState};
 use crate::store::Store;
 
 mod commit;
+mod drain;
+mod leases;
 mod observe;
 mod reload;
 mod writer;
 
+use drain::Draining;
+use leases::Leases;
 use writer::ConfigWriter;
 
 /// How a change reached HAProxy.
@@ -64,6 +66,9 @@ pub enum Applied {
 pub struct ApplyOk {
     pub applied: Applied,
     pub generation: u64,
+    /// [`Applied::Pending`] because HAProxy refused a command of this change: the command and
+    /// HAProxy's words. The change is stored; the timer retries it.
+    pub refused: Option<String>,
 }
 
 /// Why a change was not acknowledged. Nothing of it was recorded.
@@ -95,6 +100,12 @@ pub struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub generation: u64,
+    /// Deleted servers still in HAProxy, in maintenance, until their last connection ends.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<String>,
+    /// Set while lease expiry is suspended: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leases_suspended: Option<String>,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -210,6 +221,10 @@ pub struct AgentParts {
     /// tried with a bind of the agent's own before reloading, and HAProxy's command line is read
     /// from /proc.
     pub host_checks: bool,
+    /// How long a registration lives without a renewing PUT; `None` or zero: forever.
+    pub lease: Option<Duration>,
+    /// How long a deleted server may keep its connections before they are shut.
+    pub drain_timeout: Duration,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -294,6 +309,11 @@ struct Owner {
     /// Why the timer's repair reloads do not bring the missing frontends back, when known;
     /// kept (unlike `last_error`) until no frontend is missing.
     repair_error: Option<String>,
+    leases: Leases,
+    /// Why lease expiry is suspended, while it is.
+    leases_suspended: Option<String>,
+    draining: Draining,
+    drain_timeout: Duration,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -309,12 +329,15 @@ pub fn spawn(
         written: None,
     }));
     metrics.servers.set(parts.state.server_count() as i64);
+    let leases = Leases::new(parts.lease, &parts.state, Instant::now());
     let (health_tx, health) = watch::channel(Health {
         haproxy: "down",
         in_sync: false,
         drift: Vec::new(),
         error: None,
         generation: parts.state.generation,
+        draining: Vec::new(),
+        leases_suspended: None,
     });
     let mut owner = Owner {
         state: parts.state,
@@ -344,6 +367,10 @@ pub fn spawn(
         repair_backoff: Duration::ZERO,
         next_repair_reload: None,
         repair_error: None,
+        leases,
+        leases_suspended: None,
+        draining: Draining::default(),
+        drain_timeout: parts.drain_timeout,
     };
     owner.publish();
     let handle = AgentHandle { tx, health };
@@ -408,7 +435,10 @@ impl Owner {
                     }
                     self.apply_group(group).await;
                 }
-                _ = tick.tick() => self.reconcile().await,
+                _ = tick.tick() => {
+                    self.expire_leases().await;
+                    self.reconcile().await;
+                }
                 _ = shutdown.cancelled() => break,
                 // Nothing else to do: the next reload set.
                 _ = std::future::ready(()), if !self.reload_sets.is_empty() => {
@@ -493,6 +523,8 @@ impl Owner {
                 .or_else(|| self.repair_error.clone())
                 .or_else(|| self.last_error.clone()),
             generation: self.state.generation,
+            draining: self.draining.names(),
+            leases_suspended: self.leases_suspended.clone(),
         }
     }
 

@@ -41,13 +41,25 @@ impl Owner {
             );
         }
         self.identity = Some(identity);
-        let observed = match self.client.show_servers_state(None).await {
+        let mut observed = match self.client.show_servers_state(None).await {
             Ok(o) => o,
             Err(e) => {
                 self.transport_failed(&e);
                 return;
             }
         };
+        // Draining servers are deleted on purpose, later: not drift. One HAProxy no longer has
+        // was deleted, or dropped by a reload.
+        let is_draining = |o: &crate::runtime::parse::ServerState, d: &Draining| {
+            crate::runtime::ServerRef::new(&o.backend, &o.server).is_ok_and(|s| d.contains(&s))
+        };
+        let present: std::collections::HashSet<crate::runtime::ServerRef> = observed
+            .iter()
+            .filter(|o| is_draining(o, &self.draining))
+            .filter_map(|o| crate::runtime::ServerRef::new(&o.backend, &o.server).ok())
+            .collect();
+        self.draining.retain(|s| present.contains(s));
+        observed.retain(|o| !is_draining(o, &self.draining));
         let backends: BTreeSet<String> = match self.client.show_backends().await {
             Ok(b) => b.into_iter().collect(),
             Err(e) => {
@@ -78,6 +90,7 @@ impl Owner {
         if plan.is_empty() {
             self.out_of_sync = false;
             self.drift.clear();
+            self.drain_round().await;
             return;
         }
         for line in &plan.drift {
@@ -125,8 +138,21 @@ impl Owner {
         }
         let before = self.out_of_sync;
         self.out_of_sync = false;
-        let applied = self.send(plan.commands, plan.deletions).await;
-        if applied == Applied::Runtime {
+        let mut commands = plan.commands;
+        let first_deletion = commands.len();
+        commands.extend(plan.deletions.iter().cloned().map(Command::DelServer));
+        let replies = self.send_batch(&commands).await;
+        if let Some(replies) = &replies {
+            // An unwanted server with connections (deleted while the agent was down, or one a
+            // rollback left) drains like a deleted one instead of counting as drift.
+            for (server, r) in plan.deletions.iter().zip(&replies[first_deletion..]) {
+                if r.outcome.is_server_in_use() {
+                    self.draining.start(server.clone(), None, Instant::now());
+                }
+            }
+        }
+        self.drain_round().await;
+        if replies.is_some() {
             self.metrics.drift_repairs.inc();
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -136,6 +162,84 @@ impl Owner {
         }
         // Check again next tick before calling it in sync.
         self.out_of_sync = true;
+    }
+
+    /// Deletes the draining servers that are idle now, shutting the connections of those
+    /// draining longer than the drain timeout first.
+    async fn drain_round(&mut self) {
+        if !self.draining.is_empty() {
+            let (commands, cut) = self.draining.commands(Instant::now(), self.drain_timeout);
+            for server in &cut {
+                tracing::warn!(server = %server, timeout_s = self.drain_timeout.as_secs_f64(), "drain timeout: shutting the server's remaining connections");
+                self.metrics.drain_timeouts.inc();
+            }
+            if let Some(replies) = self.send_batch(&commands).await {
+                for (c, r) in commands.iter().zip(&replies) {
+                    if let (Command::DelServer(server), true) = (c, r.outcome.is_success()) {
+                        tracing::info!(server = %server, "drained server deleted");
+                        self.draining.forget(server);
+                    }
+                }
+            }
+        }
+        self.metrics
+            .servers_draining
+            .set(self.draining.len() as i64);
+    }
+
+    /// Deletes the registrations whose lease ran out, the way a DELETE would (they drain),
+    /// unless more than half are overdue at once.
+    pub(super) async fn expire_leases(&mut self) {
+        if !self.leases.enabled() {
+            return;
+        }
+        let was_suspended = self.leases.suspended();
+        match self.leases.check(&self.state, Instant::now()) {
+            leases::Verdict::Suspended { overdue, total } => {
+                let why = format!(
+                    "{overdue} of {total} registrations are overdue at once: lease expiry is \
+                     suspended (a control-plane outage must not empty the backends) until \
+                     renewals come back"
+                );
+                if !was_suspended {
+                    tracing::warn!(overdue, total, "{why}");
+                }
+                self.leases_suspended = Some(why);
+                self.metrics.lease_expiry_suspended.set(1);
+            }
+            leases::Verdict::Expire(overdue) => {
+                if was_suspended {
+                    tracing::info!("renewals are back: lease expiry resumes");
+                }
+                self.leases_suspended = None;
+                self.metrics.lease_expiry_suspended.set(0);
+                if overdue.is_empty() {
+                    return;
+                }
+                let now = crate::clock::unix_seconds();
+                let mut group = Vec::with_capacity(overdue.len());
+                for o in overdue {
+                    tracing::warn!(
+                        frontend_port = o.frontend_port,
+                        node = %o.node,
+                        last_seen_unix = now.saturating_sub(o.silent_for.as_secs()),
+                        silent_s = o.silent_for.as_secs(),
+                        "lease expired: the node stopped renewing its registration; deleting it"
+                    );
+                    self.metrics.lease_expiries.inc();
+                    // Nobody waits for the answer; the log above is the record.
+                    let (reply, _) = oneshot::channel();
+                    group.push((
+                        Change::DeleteServer {
+                            frontend_port: o.frontend_port,
+                            node: o.node,
+                        },
+                        reply,
+                    ));
+                }
+                self.apply_group(group).await;
+            }
+        }
     }
 
     pub(super) async fn view(&mut self) -> StateView {

@@ -155,6 +155,7 @@ impl Owner {
             let _ = reply.send(Ok(ApplyOk {
                 applied: Applied::Reload,
                 generation,
+                refused: None,
             }));
         }
     }
@@ -167,6 +168,13 @@ impl Owner {
             .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
             .await;
         self.client.disconnect();
+        if reloaded.is_ok() {
+            // The new worker starts from the file, which holds no deleted server: what was
+            // draining stays with the old worker, which ends with its last connection (or at
+            // `hard-stop-after`).
+            self.draining.clear();
+            self.metrics.servers_draining.set(0);
+        }
         reloaded.map(|_| ())
     }
 

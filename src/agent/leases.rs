@@ -1,0 +1,217 @@
+//! Leases: a registration lives as long as its sidecar renews it, every PUT being a heartbeat.
+//! One not renewed within the lease is deleted as a DELETE would delete it (so it drains).
+//! When more than half of all registrations are overdue at once, that looks like the control
+//! plane failing (the API unreachable, a cluster-wide network fault), not like nodes leaving:
+//! none expires until renewals come back, so a control-plane outage never empties the backends.
+//!
+//! The clocks live in memory only: an agent restart starts every lease afresh, so nothing
+//! expires merely because the agent was down, and a heartbeat costs no write to the store.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::model::{DesiredState, NodeName};
+
+/// The lease clocks of every registration in the desired state.
+pub(super) struct Leases {
+    /// `None`: leases are off (`--lease 0`).
+    lease: Option<Duration>,
+    renewed: HashMap<(u16, NodeName), Instant>,
+    suspended: bool,
+}
+
+/// A registration whose lease ran out.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Overdue {
+    pub frontend_port: u16,
+    pub node: NodeName,
+    /// How long ago it was last renewed.
+    pub silent_for: Duration,
+}
+
+/// What a look at the clocks found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// These expire now (maybe none).
+    Expire(Vec<Overdue>),
+    /// More than half are overdue at once: none expires.
+    Suspended { overdue: usize, total: usize },
+}
+
+impl Leases {
+    /// Starts the clock of every registration in `state` at `now`.
+    pub fn new(lease: Option<Duration>, state: &DesiredState, now: Instant) -> Leases {
+        let lease = lease.filter(|l| !l.is_zero());
+        let mut renewed = HashMap::new();
+        if lease.is_some() {
+            for (port, fe) in &state.frontends {
+                for node in fe.servers.keys() {
+                    renewed.insert((*port, node.clone()), now);
+                }
+            }
+        }
+        Leases {
+            lease,
+            renewed,
+            suspended: false,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    pub fn renew(&mut self, frontend_port: u16, node: &NodeName, now: Instant) {
+        if self.lease.is_some() {
+            self.renewed.insert((frontend_port, node.clone()), now);
+        }
+    }
+
+    /// Whether expiry is suspended, as of the last [`Leases::check`].
+    pub fn suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Which registrations of `state` are overdue at `now`, unless more than half of them are.
+    /// Forgets the clocks of registrations `state` no longer has, and starts one at `now` for a
+    /// registration it has not seen (one that came back through a rollback or the store).
+    pub fn check(&mut self, state: &DesiredState, now: Instant) -> Verdict {
+        let Some(lease) = self.lease else {
+            return Verdict::Expire(Vec::new());
+        };
+        self.renewed.retain(|(port, node), _| {
+            state
+                .frontends
+                .get(port)
+                .is_some_and(|fe| fe.servers.contains_key(node))
+        });
+        let mut total = 0;
+        let mut overdue = Vec::new();
+        for (port, fe) in &state.frontends {
+            for node in fe.servers.keys() {
+                total += 1;
+                let renewed = *self.renewed.entry((*port, node.clone())).or_insert(now);
+                let silent_for = now.saturating_duration_since(renewed);
+                if silent_for > lease {
+                    overdue.push(Overdue {
+                        frontend_port: *port,
+                        node: node.clone(),
+                        silent_for,
+                    });
+                }
+            }
+        }
+        self.suspended = overdue.len() * 2 > total;
+        if self.suspended {
+            Verdict::Suspended {
+                overdue: overdue.len(),
+                total,
+            }
+        } else {
+            Verdict::Expire(overdue)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Change, Mode, ServerSpec, ServerState};
+
+    fn state(nodes: &[&str]) -> DesiredState {
+        let mut st = DesiredState::default();
+        for node in nodes {
+            st.apply(&Change::PutServer {
+                frontend_port: 443,
+                node: NodeName::new(node).unwrap(),
+                mode: Mode::Tcp,
+                spec: ServerSpec {
+                    node_ip: "10.0.0.1".parse().unwrap(),
+                    node_port: 30443,
+                    state: ServerState::Ready,
+                    service: None,
+                    weight: None,
+                },
+            })
+            .unwrap();
+        }
+        st
+    }
+
+    fn nodes(v: &Verdict) -> Vec<&str> {
+        match v {
+            Verdict::Expire(list) => list.iter().map(|o| o.node.as_str()).collect(),
+            Verdict::Suspended { .. } => panic!("suspended: {v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_silent_registration_expires_and_a_renewed_one_stays() {
+        let st = state(&["a", "b", "c"]);
+        let t0 = Instant::now();
+        let mut leases = Leases::new(Some(Duration::from_secs(10)), &st, t0);
+        assert!(nodes(&leases.check(&st, t0 + Duration::from_secs(10))).is_empty());
+        leases.renew(
+            443,
+            &NodeName::new("b").unwrap(),
+            t0 + Duration::from_secs(8),
+        );
+        leases.renew(
+            443,
+            &NodeName::new("c").unwrap(),
+            t0 + Duration::from_secs(8),
+        );
+        let v = leases.check(&st, t0 + Duration::from_secs(11));
+        assert_eq!(nodes(&v), ["a"]);
+        let Verdict::Expire(list) = v else {
+            unreachable!()
+        };
+        assert_eq!(list[0].silent_for, Duration::from_secs(11));
+        assert!(!leases.suspended());
+    }
+
+    #[test]
+    fn more_than_half_overdue_at_once_expires_none_until_renewals_return() {
+        let st = state(&["a", "b", "c", "d"]);
+        let t0 = Instant::now();
+        let mut leases = Leases::new(Some(Duration::from_secs(10)), &st, t0);
+        let later = t0 + Duration::from_secs(20);
+        leases.renew(443, &NodeName::new("d").unwrap(), later);
+        assert_eq!(
+            leases.check(&st, later),
+            Verdict::Suspended {
+                overdue: 3,
+                total: 4
+            }
+        );
+        assert!(leases.suspended());
+        // Two come back: half overdue is not more than half, so the silent two expire.
+        leases.renew(443, &NodeName::new("c").unwrap(), later);
+        assert_eq!(nodes(&leases.check(&st, later)), ["a", "b"]);
+        assert!(!leases.suspended());
+    }
+
+    #[test]
+    fn off_forgotten_and_new_registrations() {
+        let st = state(&["a", "b"]);
+        let t0 = Instant::now();
+        let mut off = Leases::new(Some(Duration::ZERO), &st, t0);
+        assert!(!off.enabled());
+        assert!(nodes(&off.check(&st, t0 + Duration::from_secs(1000))).is_empty());
+        let mut leases = Leases::new(Some(Duration::from_secs(10)), &state(&["a"]), t0);
+        // "b" is first seen at the check: its clock starts there, it is not overdue.
+        assert!(nodes(&leases.check(&st, t0 + Duration::from_secs(5))).is_empty());
+        leases.renew(
+            443,
+            &NodeName::new("b").unwrap(),
+            t0 + Duration::from_secs(30),
+        );
+        assert_eq!(
+            nodes(&leases.check(&st, t0 + Duration::from_secs(30))),
+            ["a"]
+        );
+        // A registration deleted meanwhile is forgotten.
+        leases.check(&state(&["b"]), t0 + Duration::from_secs(31));
+        assert_eq!(leases.renewed.len(), 1);
+    }
+}
