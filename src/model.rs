@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +149,10 @@ pub struct FrontendSpec {
 pub struct DesiredState {
     /// Counts applied changes; every acknowledged change gets a new one.
     pub generation: u64,
-    pub frontends: BTreeMap<u16, FrontendSpec>,
+    /// Shared with the snapshots readers hold (`GET /v1/frontends`): publishing one copies
+    /// the map of frontends, and a change copies only the frontend it changes, and only while
+    /// a snapshot still holds it.
+    pub frontends: BTreeMap<u16, Arc<FrontendSpec>>,
 }
 
 /// One change a request asks for.
@@ -222,7 +226,7 @@ pub enum Undo {
     Frontend {
         generation: u64,
         port: u16,
-        previous: FrontendSpec,
+        previous: Arc<FrontendSpec>,
     },
 }
 
@@ -266,7 +270,7 @@ impl DesiredState {
                     self.frontends.remove(&port);
                     return;
                 }
-                let fe = self.frontends.entry(port).or_default();
+                let fe = Arc::make_mut(self.frontends.entry(port).or_default());
                 match previous {
                     Some(spec) => {
                         fe.servers.insert(node, spec);
@@ -305,11 +309,11 @@ impl DesiredState {
                         });
                     }
                     if fe.servers.get(node) == Some(spec) {
-                        Effect::Unchanged
-                    } else {
-                        fe.servers.insert(node.clone(), spec.clone());
-                        Effect::Runtime
+                        return Ok(Effect::Unchanged);
                     }
+                    let fe = Arc::make_mut(fe);
+                    fe.servers.insert(node.clone(), spec.clone());
+                    Effect::Runtime
                 }
                 None => {
                     let mut fe = FrontendSpec {
@@ -317,7 +321,7 @@ impl DesiredState {
                         servers: BTreeMap::new(),
                     };
                     fe.servers.insert(node.clone(), spec.clone());
-                    self.frontends.insert(*frontend_port, fe);
+                    self.frontends.insert(*frontend_port, Arc::new(fe));
                     Effect::Reload
                 }
             },
@@ -329,12 +333,13 @@ impl DesiredState {
                     .frontends
                     .get_mut(frontend_port)
                     .ok_or(Conflict::NoFrontend(*frontend_port))?;
-                if fe.servers.remove(node).is_none() {
+                if !fe.servers.contains_key(node) {
                     return Err(Conflict::NoServer {
                         port: *frontend_port,
                         node: node.to_string(),
                     });
                 }
+                Arc::make_mut(fe).servers.remove(node);
                 Effect::Runtime
             }
             Change::DeleteFrontend { frontend_port } => {

@@ -107,14 +107,14 @@ mod tests {
         }
     }
 
-    fn frontend(mode: Mode, servers: &[(&str, ServerSpec)]) -> FrontendSpec {
-        FrontendSpec {
+    fn frontend(mode: Mode, servers: &[(&str, ServerSpec)]) -> std::sync::Arc<FrontendSpec> {
+        std::sync::Arc::new(FrontendSpec {
             mode,
             servers: servers
                 .iter()
                 .map(|(n, s)| (NodeName::new(n).unwrap(), s.clone()))
                 .collect(),
-        }
+        })
     }
 
     #[test]
@@ -205,7 +205,7 @@ backend be_8883
             generation: 1,
             ..DesiredState::default()
         };
-        st.frontends.insert(80, FrontendSpec::default());
+        st.frontends.insert(80, FrontendSpec::default().into());
         let opts = RenderOptions {
             frontend_bind: "::".parse().unwrap(),
         };

@@ -2006,11 +2006,11 @@ fn a_failed_group_reload_refuses_only_the_port_haproxy_names() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16. /healthz never waits behind a reload
+// 16. /healthz and the read model never wait behind a reload
 // ---------------------------------------------------------------------------------------------
 
 /// A reload that takes 3 s (an operator's `--reload-command` that sleeps, then fails): while it
-/// runs, `/healthz` is answered from what the owner last published, not after the reload.
+/// runs, `/healthz` and `GET /v1/frontends` are answered from what the owner last published.
 #[test]
 fn healthz_answers_during_a_slow_reload() {
     let agent = Agent::attached_with(
@@ -2033,6 +2033,11 @@ fn healthz_answers_during_a_slow_reload() {
             let r = agent.get("/healthz");
             slowest = slowest.max(t.elapsed());
             assert!(r.status == 200 || r.status == 503, "{r:?}");
+            // The read model does not wait behind the reload either.
+            let t = Instant::now();
+            let v = agent.signed("GET", "/v1/frontends", "");
+            slowest = slowest.max(t.elapsed());
+            assert_eq!(v.status, 200, "{v:?}");
             answered += 1;
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -2042,7 +2047,7 @@ fn healthz_answers_during_a_slow_reload() {
             answered >= 10,
             "only {answered} /healthz answers during a 3 s reload"
         );
-        eprintln!("{answered} /healthz answers during the reload, the slowest {slowest:?}");
+        eprintln!("{answered} /healthz and /v1/frontends answers during the reload, the slowest {slowest:?}");
     });
 }
 

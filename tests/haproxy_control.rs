@@ -57,7 +57,7 @@ fn state(generation: u64, ports: &[u16]) -> DesiredState {
             NodeName::new("node-a").unwrap(),
             server("127.0.0.1", free_port(), ServerState::Ready, None),
         );
-        st.frontends.insert(p, fe);
+        st.frontends.insert(p, fe.into());
     }
     st
 }
@@ -139,7 +139,7 @@ async fn render_install_and_restore() {
     // Two frontends; weights, drain, maint and an IPv6 server all pass HAProxy's check.
     let (p1, p2) = (free_port(), free_port());
     let mut st = state(1, &[p1, p2]);
-    let fe = st.frontends.get_mut(&p1).unwrap();
+    let fe = std::sync::Arc::make_mut(st.frontends.get_mut(&p1).unwrap());
     fe.mode = Mode::Http;
     for (node, spec) in [
         ("node-b", server("::1", 30443, ServerState::Drain, Some(10))),

@@ -106,7 +106,7 @@ impl Owner {
             return;
         }
         self.metrics.servers.set(self.state.server_count() as i64);
-        self.dirty.send_replace(self.state.generation);
+        self.publish_desired();
         let generation = self.state.generation;
         for (a, range) in accepted.into_iter().zip(ranges) {
             let (applied, refused) = match &replies {
@@ -245,7 +245,7 @@ impl Owner {
                     );
                     self.state = state;
                     self.out_of_sync = true;
-                    self.dirty.send_replace(self.state.generation);
+                    self.publish_desired();
                 }
                 self.store = Some(store);
                 self.store_error = None;

@@ -16,7 +16,10 @@
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
 //! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit.
-//! - `observe.rs`: the drift-repair timer and the read model of `GET /v1/frontends`.
+//! - `observe.rs`: the timer: drift repair, the rounds of draining servers, lease expiry.
+//! - `leases.rs`: the lease clocks; `drain.rs`: deleted servers waiting for their last
+//!   connection.
+//! - `view.rs`: the read model of `GET /v1/frontends`, answered without the owner.
 //! - `writer.rs`: the background writer of the managed config file.
 
 use std::collections::BTreeSet;
@@ -44,6 +47,7 @@ mod drain;
 mod leases;
 mod observe;
 mod reload;
+mod view;
 mod writer;
 
 use drain::Draining;
@@ -146,17 +150,10 @@ pub struct StateView {
     pub frontends: Vec<FrontendView>,
 }
 
-enum Msg {
-    Apply {
-        change: Change,
-        reply: ReplyTx,
-    },
-    View {
-        reply: oneshot::Sender<StateView>,
-    },
-    Snapshot {
-        reply: oneshot::Sender<DesiredState>,
-    },
+/// A change for the owner, and where its answer goes. Reads do not go through the owner.
+struct Msg {
+    change: Change,
+    reply: ReplyTx,
 }
 
 /// The cheap, cloneable way to talk to the owner task.
@@ -164,22 +161,35 @@ enum Msg {
 pub struct AgentHandle {
     tx: mpsc::Sender<Msg>,
     health: watch::Receiver<Health>,
+    /// The desired state as of the last change the owner committed.
+    desired: watch::Receiver<Arc<DesiredState>>,
+    observer: Arc<view::Observer>,
 }
 
 impl AgentHandle {
     pub async fn apply(&self, change: Change) -> Result<ApplyOk, ApplyError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Apply { change, reply })
+            .send(Msg { change, reply })
             .await
             .map_err(|_| ApplyError::ShuttingDown)?;
         rx.await.map_err(|_| ApplyError::ShuttingDown)?
     }
 
+    /// `GET /v1/frontends`: the desired state as of the last committed change, with HAProxy's
+    /// view of it no older than one reconcile interval. Never waits for the owner. `None` once
+    /// the owner has stopped.
     pub async fn view(&self) -> Option<StateView> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::View { reply }).await.ok()?;
-        rx.await.ok()
+        if self.tx.is_closed() {
+            return None;
+        }
+        let desired = self.desired();
+        Some(self.observer.view(&desired).await)
+    }
+
+    /// The desired state as of the last committed change.
+    pub fn desired(&self) -> Arc<DesiredState> {
+        self.desired.borrow().clone()
     }
 
     /// What the owner last published: answered at once, also while a reload runs (the owner
@@ -189,12 +199,6 @@ impl AgentHandle {
             return None;
         }
         Some(self.health.borrow().clone())
-    }
-
-    async fn snapshot(&self) -> Option<DesiredState> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Snapshot { reply }).await.ok()?;
-        rx.await.ok()
     }
 }
 
@@ -280,8 +284,8 @@ struct Owner {
     haproxy_log: Option<std::path::PathBuf>,
     keep_haproxy: bool,
     metrics: Metrics,
-    /// The generation the config writer should catch up with.
-    dirty: watch::Sender<u64>,
+    /// The desired state as last committed, for readers and the config writer.
+    desired_tx: watch::Sender<Arc<DesiredState>>,
     /// Changes stored but not confirmed applied (HAProxy unreachable or a command failed).
     out_of_sync: bool,
     haproxy_up: bool,
@@ -323,7 +327,11 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> (AgentHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4096);
-    let (dirty, dirty_rx) = watch::channel(parts.state.generation);
+    let (desired_tx, desired) = watch::channel(Arc::new(parts.state.clone()));
+    let observer = Arc::new(view::Observer::new(
+        parts.client.sibling(),
+        parts.reconcile_every,
+    ));
     let files = Arc::new(Mutex::new(ManagedFile {
         files: parts.files,
         written: None,
@@ -353,7 +361,7 @@ pub fn spawn(
         haproxy_log: parts.haproxy_log,
         keep_haproxy: parts.keep_haproxy,
         metrics: metrics.clone(),
-        dirty,
+        desired_tx,
         out_of_sync: true,
         haproxy_up: false,
         last_error: None,
@@ -373,16 +381,20 @@ pub fn spawn(
         drain_timeout: parts.drain_timeout,
     };
     owner.publish();
-    let handle = AgentHandle { tx, health };
+    let handle = AgentHandle {
+        tx,
+        health,
+        desired: desired.clone(),
+        observer,
+    };
     let writer = ConfigWriter {
-        handle: handle.clone(),
         files,
         render: parts.render,
     };
     let every = parts.reconcile_every;
     let task = tokio::spawn(async move {
         let writer_stop = shutdown.child_token();
-        let writer_task = tokio::spawn(writer.run(dirty_rx, writer_stop.clone()));
+        let writer_task = tokio::spawn(writer.run(desired, writer_stop.clone()));
         owner.run(rx, every, shutdown).await;
         writer_stop.cancel();
         let _ = writer_task.await;
@@ -426,10 +438,10 @@ impl Owner {
                 msg = rx.recv() => {
                     let Some(first) = msg else { break };
                     let mut group = Vec::new();
-                    self.take(first, &mut group).await;
+                    group.push((first.change, first.reply));
                     while group.len() < MAX_GROUP {
                         match rx.try_recv() {
-                            Ok(m) => self.take(m, &mut group).await,
+                            Ok(m) => group.push((m.change, m.reply)),
                             Err(_) => break,
                         }
                     }
@@ -459,7 +471,7 @@ impl Owner {
         rx.close();
         let mut group = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            self.take(m, &mut group).await;
+            group.push((m.change, m.reply));
         }
         self.apply_group(group).await;
         while !self.reload_sets.is_empty() {
@@ -485,18 +497,10 @@ impl Owner {
         }
     }
 
-    /// Answers reads at once; collects changes for the group.
-    async fn take(&mut self, msg: Msg, group: &mut Vec<(Change, ReplyTx)>) {
-        match msg {
-            Msg::Apply { change, reply } => group.push((change, reply)),
-            Msg::View { reply } => {
-                let v = self.view().await;
-                let _ = reply.send(v);
-            }
-            Msg::Snapshot { reply } => {
-                let _ = reply.send(self.state.clone());
-            }
-        }
+    /// Publishes the desired state for readers and the config writer: after each commit.
+    /// Cheap: the frontends are shared, not copied (see [`DesiredState::frontends`]).
+    fn publish_desired(&mut self) {
+        self.desired_tx.send_replace(Arc::new(self.state.clone()));
     }
 
     /// Publishes the health `/healthz` answers with, when it changed.

@@ -1,5 +1,5 @@
-//! Observation: comparing HAProxy with the desired state on a timer (repairing drift), and the
-//! read model `GET /v1/frontends` answers with.
+//! Observation on a timer: comparing HAProxy with the desired state (repairing drift), the
+//! rounds of draining servers, and lease expiry.
 
 use super::*;
 
@@ -239,66 +239,6 @@ impl Owner {
                 }
                 self.apply_group(group).await;
             }
-        }
-    }
-
-    pub(super) async fn view(&mut self) -> StateView {
-        let rows: Vec<StatRow> = match self.client.show_stat().await {
-            Ok(r) => {
-                self.set_up(true);
-                r
-            }
-            Err(e) => {
-                self.transport_failed(&e);
-                Vec::new()
-            }
-        };
-        let find =
-            |proxy: &str, name: &str| rows.iter().find(|r| r.proxy == proxy && r.name == name);
-        let frontends = self
-            .state
-            .frontends
-            .iter()
-            .map(|(port, fe)| {
-                let fe_name = frontend_name(*port).to_string();
-                let be_name = backend_name(*port).to_string();
-                FrontendView {
-                    frontend_port: *port,
-                    haproxy_status: rows
-                        .iter()
-                        .find(|r| r.proxy == fe_name && r.kind == ProxyKind::Frontend)
-                        .and_then(|r| r.status.as_ref().map(|s| s.summary().to_string())),
-                    frontend: fe_name,
-                    mode: fe.mode,
-                    servers: fe
-                        .servers
-                        .iter()
-                        .map(|(node, spec)| ServerView {
-                            node: node.to_string(),
-                            node_ip: spec.node_ip.to_string(),
-                            node_port: spec.node_port,
-                            state: spec.state,
-                            service: spec.service.clone(),
-                            weight: spec.weight,
-                            haproxy: find(&be_name, node.as_str()).map(|r| ObservedView {
-                                status: r
-                                    .status
-                                    .as_ref()
-                                    .map(|s| s.summary().to_string())
-                                    .unwrap_or_default(),
-                                check_status: r.check_status.clone(),
-                                addr: r.addr.clone(),
-                            }),
-                        })
-                        .collect(),
-                    backend: be_name,
-                }
-            })
-            .collect();
-        StateView {
-            generation: self.state.generation,
-            haproxy: if self.haproxy_up { "up" } else { "down" },
-            frontends,
         }
     }
 

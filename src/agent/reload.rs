@@ -147,7 +147,7 @@ impl Owner {
             return;
         }
         self.metrics.servers.set(self.state.server_count() as i64);
-        self.dirty.send_replace(self.state.generation);
+        self.publish_desired();
         // New workers start from the file: put runtime-only details (drain) back.
         self.reconcile().await;
         let generation = self.state.generation;

@@ -13,16 +13,19 @@ const WRITE_QUIET: Duration = Duration::from_millis(200);
 const WRITE_MAX_DELAY: Duration = Duration::from_secs(2);
 
 pub(super) struct ConfigWriter {
-    pub(super) handle: AgentHandle,
     pub(super) files: Arc<Mutex<ManagedFile>>,
     pub(super) render: RenderOptions,
 }
 
 impl ConfigWriter {
-    pub(super) async fn run(self, mut dirty: watch::Receiver<u64>, stop: CancellationToken) {
+    pub(super) async fn run(
+        self,
+        mut dirty: watch::Receiver<Arc<DesiredState>>,
+        stop: CancellationToken,
+    ) {
         let mut written = None;
         loop {
-            if written != Some(*dirty.borrow_and_update()) {
+            if written != Some(dirty.borrow_and_update().generation) {
                 // Changes are coming: let them pause first (see WRITE_QUIET).
                 let latest = Instant::now() + WRITE_MAX_DELAY;
                 loop {
@@ -33,9 +36,7 @@ impl ConfigWriter {
                         _ = stop.cancelled() => return,
                     }
                 }
-                let Some(state) = self.handle.snapshot().await else {
-                    return;
-                };
+                let state = dirty.borrow_and_update().clone();
                 let text = render_managed(&state, &self.render);
                 let mut files = self.files.lock().await;
                 match files.install(&text, state.generation).await {

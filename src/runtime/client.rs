@@ -87,6 +87,12 @@ impl RuntimeClient {
         }
     }
 
+    /// Another client of the same endpoint with the same options, not connected: for a task
+    /// that must not wait for this one's calls.
+    pub fn sibling(&self) -> RuntimeClient {
+        RuntimeClient::new(self.endpoint.clone(), self.options.clone())
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }

@@ -1,0 +1,117 @@
+//! The read model of `GET /v1/frontends`: the desired state the owner last published, joined
+//! with HAProxy's `show stat` read on a connection of the reader's own. A read never waits
+//! behind the owner (a reload can take seconds) and never delays a change; `show stat` is
+//! read at most once per reconcile interval however many ask, and not at all when nobody does.
+
+use std::collections::HashMap;
+
+use super::*;
+
+/// HAProxy's last `show stat`, shared by every reader for up to `max_age`.
+pub(super) struct Observer {
+    max_age: Duration,
+    cache: Mutex<StatCache>,
+}
+
+struct StatCache {
+    client: RuntimeClient,
+    last: Option<(Instant, Result<Arc<Vec<StatRow>>, String>)>,
+}
+
+impl Observer {
+    pub(super) fn new(client: RuntimeClient, max_age: Duration) -> Observer {
+        Observer {
+            max_age,
+            cache: Mutex::new(StatCache { client, last: None }),
+        }
+    }
+
+    /// The newest `show stat` no older than `max_age`, read now if there is none; concurrent
+    /// readers share one read.
+    async fn stat(&self) -> Result<Arc<Vec<StatRow>>, String> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, rows)) = &cache.last {
+            if at.elapsed() < self.max_age {
+                return rows.clone();
+            }
+        }
+        // A fresh connection each time: after a reload, an old one talks to the old worker.
+        cache.client.disconnect();
+        let rows = cache
+            .client
+            .show_stat()
+            .await
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        cache.client.disconnect();
+        cache.last = Some((Instant::now(), rows.clone()));
+        rows
+    }
+
+    /// The read model: `desired`, with what HAProxy reports of each frontend and server.
+    pub(super) async fn view(&self, desired: &DesiredState) -> StateView {
+        match self.stat().await {
+            Ok(rows) => build(desired, &rows, true),
+            Err(_) => build(desired, &[], false),
+        }
+    }
+}
+
+/// Joins the desired state with `show stat` rows (looked up by proxy and name: one pass over
+/// the rows, not one per server).
+fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
+    let by_name: HashMap<(&str, &str), &StatRow> = rows
+        .iter()
+        .map(|r| ((r.proxy.as_str(), r.name.as_str()), r))
+        .collect();
+    let frontends_up: HashMap<&str, &StatRow> = rows
+        .iter()
+        .filter(|r| r.kind == ProxyKind::Frontend)
+        .map(|r| (r.proxy.as_str(), r))
+        .collect();
+    let frontends = desired
+        .frontends
+        .iter()
+        .map(|(port, fe)| {
+            let fe_name = frontend_name(*port).to_string();
+            let be_name = backend_name(*port).to_string();
+            FrontendView {
+                frontend_port: *port,
+                haproxy_status: frontends_up
+                    .get(fe_name.as_str())
+                    .and_then(|r| r.status.as_ref().map(|s| s.summary().to_string())),
+                frontend: fe_name,
+                mode: fe.mode,
+                servers: fe
+                    .servers
+                    .iter()
+                    .map(|(node, spec)| ServerView {
+                        node: node.to_string(),
+                        node_ip: spec.node_ip.to_string(),
+                        node_port: spec.node_port,
+                        state: spec.state,
+                        service: spec.service.clone(),
+                        weight: spec.weight,
+                        haproxy: by_name.get(&(be_name.as_str(), node.as_str())).map(|r| {
+                            ObservedView {
+                                status: r
+                                    .status
+                                    .as_ref()
+                                    .map(|s| s.summary().to_string())
+                                    .unwrap_or_default(),
+                                check_status: r.check_status.clone(),
+                                addr: r.addr.clone(),
+                            }
+                        }),
+                    })
+                    .collect(),
+                backend: be_name,
+            }
+        })
+        .collect();
+    StateView {
+        generation: desired.generation,
+        haproxy: if up { "up" } else { "down" },
+        frontends,
+    }
+}
