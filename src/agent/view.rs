@@ -13,9 +13,13 @@ pub(super) struct Observer {
     cache: Mutex<StatCache>,
 }
 
+/// One `show stat`, or why it could not be read.
+type StatRead = Result<Arc<Vec<StatRow>>, String>;
+
 struct StatCache {
     client: RuntimeClient,
-    last: Option<(Instant, Result<Arc<Vec<StatRow>>, String>)>,
+    /// When it was read, and what.
+    last: Option<(Instant, StatRead)>,
 }
 
 impl Observer {
@@ -28,7 +32,7 @@ impl Observer {
 
     /// The newest `show stat` no older than `max_age`, read now if there is none; concurrent
     /// readers share one read.
-    async fn stat(&self) -> Result<Arc<Vec<StatRow>>, String> {
+    async fn stat(&self) -> StatRead {
         let mut cache = self.cache.lock().await;
         if let Some((at, rows)) = &cache.last {
             if at.elapsed() < self.max_age {
