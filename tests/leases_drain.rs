@@ -26,14 +26,17 @@ fn registered(agent: &Agent, port: u16) -> Vec<String> {
         .collect()
 }
 
+/// The registrations a heartbeat thread renews: node name and its backend.
+type Beating = Arc<Mutex<Vec<(String, Echo)>>>;
+
 /// Renews the registrations in the returned list every 200 ms on another thread of `scope`,
 /// until the returned flag is set.
 fn heartbeats<'s, 'a: 's>(
     scope: &'s std::thread::Scope<'s, 'a>,
     agent: &'a Agent,
     fe: u16,
-) -> (Arc<Mutex<Vec<(String, Echo)>>>, Arc<AtomicBool>) {
-    let nodes: Arc<Mutex<Vec<(String, Echo)>>> = Arc::default();
+) -> (Beating, Arc<AtomicBool>) {
+    let nodes: Beating = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let (n, s) = (nodes.clone(), stop.clone());
     scope.spawn(move || {

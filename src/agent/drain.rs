@@ -122,7 +122,7 @@ mod tests {
                 "shutdown sessions server be_443/node-a"
             ]
         );
-        assert_eq!(cut, [a.clone()]);
+        assert_eq!(cut, std::slice::from_ref(&a));
         let (c, _) = d.commands(t0 + Duration::from_secs(11), timeout);
         assert_eq!(wire(&c), ["del server be_443/node-a"]);
         assert_eq!(d.names(), ["be_443/node-a"]);
