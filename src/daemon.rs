@@ -84,9 +84,14 @@ pub struct Settings {
     /// Accepted clock difference for signed requests, in seconds [default: 300].
     #[arg(long, value_name = "SECONDS")]
     pub auth_window: Option<u64>,
-    /// Seconds between comparisons of HAProxy with the desired state [default: 2].
+    /// Seconds between looks at HAProxy: a restart or reload (`show info`), lease expiry,
+    /// draining servers [default: 2].
     #[arg(long, value_name = "SECONDS")]
     pub reconcile_interval: Option<f64>,
+    /// How often HAProxy's servers are compared in full with the desired state, repairing
+    /// drift (restarts and reloads are noticed every reconcile interval) [default: 15s].
+    #[arg(long, value_name = "DURATION")]
+    pub drift_check_interval: Option<String>,
     /// How long a registration lives without a renewing PUT (a sidecar's heartbeat), e.g.
     /// `90s`; `0` keeps registrations until deleted [default: 90s, three sidecar intervals].
     #[arg(long, value_name = "DURATION")]
@@ -142,6 +147,7 @@ impl Settings {
             reconcile_interval,
             lease,
             drain_timeout,
+            drift_check_interval,
             haproxy_bin
         );
         self.no_metrics |= file.no_metrics;
@@ -331,6 +337,11 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
                 .unwrap_or(2.0)
                 .clamp(0.1, 3600.0),
         ),
+        drift_check_every: duration_setting(
+            "drift-check-interval",
+            settings.drift_check_interval.as_deref(),
+            "15s",
+        )?,
         reload_deadline: Duration::from_secs(15),
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,

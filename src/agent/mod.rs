@@ -213,8 +213,10 @@ pub struct AgentParts {
     pub render: RenderOptions,
     /// Managed mode: the HAProxy this agent supervises.
     pub managed: Option<ManagedHaproxy>,
-    /// How often HAProxy is compared with the desired state.
+    /// How often HAProxy is looked at: restarts and reloads (`show info`), leases, drains.
     pub reconcile_every: Duration,
+    /// How often HAProxy's servers are compared in full with the desired state.
+    pub drift_check_every: Duration,
     /// Deadline for a reload to show a new worker.
     pub reload_deadline: Duration,
     /// Where HAProxy's stderr goes (managed mode): a failed reload quotes it.
@@ -318,6 +320,9 @@ struct Owner {
     leases_suspended: Option<String>,
     draining: Draining,
     drain_timeout: Duration,
+    drift_check_every: Duration,
+    /// When the next full comparison is due.
+    next_full: Instant,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -379,6 +384,8 @@ pub fn spawn(
         leases_suspended: None,
         draining: Draining::default(),
         drain_timeout: parts.drain_timeout,
+        drift_check_every: parts.drift_check_every,
+        next_full: Instant::now(),
     };
     owner.publish();
     let handle = AgentHandle {
@@ -447,10 +454,7 @@ impl Owner {
                     }
                     self.apply_group(group).await;
                 }
-                _ = tick.tick() => {
-                    self.expire_leases().await;
-                    self.reconcile().await;
-                }
+                _ = tick.tick() => self.tick().await,
                 _ = shutdown.cancelled() => break,
                 // Nothing else to do: the next reload set.
                 _ = std::future::ready(()), if !self.reload_sets.is_empty() => {

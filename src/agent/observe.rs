@@ -9,8 +9,48 @@ const REPAIR_FIRST: Duration = Duration::from_secs(2);
 const REPAIR_MAX: Duration = Duration::from_secs(60);
 
 impl Owner {
+    /// The timer: leases; then a full comparison when one is due (every drift-check
+    /// interval), when something is known to differ, or when HAProxy restarted or was reloaded
+    /// (a `show info` tells, cheaply); otherwise only the draining servers' round. At 10,000
+    /// servers a full comparison reads and compares megabytes: done every tick, it was most of
+    /// the agent's idle CPU.
+    pub(super) async fn tick(&mut self) {
+        self.expire_leases().await;
+        let full = self.out_of_sync
+            || !self.suspect_ports.is_empty()
+            || Instant::now() >= self.next_full
+            || self.haproxy_changed().await;
+        if full {
+            self.reconcile().await;
+        } else {
+            self.drain_round().await;
+        }
+    }
+
+    /// Whether HAProxy restarted, was reloaded or cannot be reached since the last look.
+    async fn haproxy_changed(&mut self) -> bool {
+        if self
+            .managed
+            .as_mut()
+            .is_some_and(|m| m.try_exited().is_some())
+        {
+            return true;
+        }
+        self.client.disconnect();
+        let changed = match self.client.show_info().await {
+            Ok(info) => {
+                let identity = (info.pid().unwrap_or(0), info.start_time().unwrap_or(0));
+                self.identity != Some(identity)
+            }
+            Err(_) => true,
+        };
+        self.client.disconnect();
+        changed
+    }
+
     /// Compares HAProxy with the desired state and repairs what differs.
     pub(super) async fn reconcile(&mut self) {
+        self.next_full = Instant::now() + self.drift_check_every;
         if let Some(m) = self.managed.as_mut() {
             if let Some(status) = m.try_exited() {
                 tracing::warn!(%status, "the managed HAProxy exited; restarting it");
@@ -175,8 +215,14 @@ impl Owner {
             }
             if let Some(replies) = self.send_batch(&commands).await {
                 for (c, r) in commands.iter().zip(&replies) {
-                    if let (Command::DelServer(server), true) = (c, r.outcome.is_success()) {
+                    let Command::DelServer(server) = c else {
+                        continue;
+                    };
+                    if r.outcome.is_success() {
                         tracing::info!(server = %server, "drained server deleted");
+                        self.draining.forget(server);
+                    } else if r.outcome.kind == crate::runtime::OutcomeKind::NotFound {
+                        // Gone already: a reload or an operator took it out.
                         self.draining.forget(server);
                     }
                 }

@@ -639,6 +639,9 @@ impl Agent {
             self.options.allow_node_ports.clone(),
             "--reconcile-interval".into(),
             "0.5".into(),
+            // Drift is repaired within a second in tests; the default (15 s) is for big states.
+            "--drift-check-interval".into(),
+            "1s".into(),
             "--haproxy-bin".into(),
             haproxy_bin().display().to_string(),
         ];

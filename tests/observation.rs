@@ -1,0 +1,51 @@
+//! Cheap observation, black box against a real HAProxy: a restart of HAProxy is noticed on the
+//! next look (`show info`, every reconcile interval) and repaired at once, without waiting for
+//! the full comparison of the drift-check interval.
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{body, Agent, Echo, Options};
+use common::free_port;
+use serde_json::json;
+
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// HAProxy restarts from a file that lacks node-b (as an older copy of the agent's file would);
+/// with the full comparison an hour away, the agent still notices the new process on its next
+/// look and adds node-b back through the runtime API.
+#[test]
+fn a_haproxy_restart_is_repaired_without_waiting_for_the_drift_check() {
+    let mut agent = Agent::attached_with(
+        "",
+        Options {
+            extra: vec!["--drift-check-interval".into(), "1h".into()],
+            ..Options::default()
+        },
+    );
+    let fe = free_port();
+    let a = Echo::start("127.0.0.2", "A");
+    let b = Echo::start("127.0.0.3", "B");
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    let v = agent.put_ok(fe, "node-b", &body(&b.ip(), b.port(), json!({})), "runtime");
+    let text = agent.managed_text_at(v["generation"].as_u64().unwrap());
+    agent.stop_attached_haproxy();
+    let without_b: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("server node-b "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without_b, text, "the file had node-b:\n{text}");
+    std::fs::write(&agent.managed_cfg, without_b).unwrap();
+    agent.start_attached_haproxy();
+    assert!(!agent
+        .observed()
+        .contains_key(&(format!("be_{fe}"), "node-b".into())));
+    agent.wait_in_sync(SETTLE);
+    assert!(
+        agent.log().contains("HAProxy restarted or reloaded"),
+        "{}",
+        agent.log()
+    );
+}
