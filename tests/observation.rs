@@ -38,10 +38,8 @@ fn a_haproxy_restart_is_repaired_without_waiting_for_the_drift_check() {
         .collect();
     assert_ne!(without_b, text, "the file had node-b:\n{text}");
     std::fs::write(&agent.managed_cfg, without_b).unwrap();
+    // (Not checked that node-b is missing first: the agent's next look may come before ours.)
     agent.start_attached_haproxy();
-    assert!(!agent
-        .observed()
-        .contains_key(&(format!("be_{fe}"), "node-b".into())));
     agent.wait_in_sync(SETTLE);
     assert!(
         agent.log().contains("HAProxy restarted or reloaded"),
