@@ -346,7 +346,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
         host_checks: !settings.no_host_checks,
-        lease: Some(duration_setting("lease", settings.lease.as_deref(), "90s")?),
+        lease: duration_setting("lease", settings.lease.as_deref(), "90s")?,
         drain_timeout: duration_setting("drain-timeout", settings.drain_timeout.as_deref(), "60s")?,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.

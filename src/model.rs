@@ -149,9 +149,9 @@ pub struct FrontendSpec {
 pub struct DesiredState {
     /// Counts applied changes; every acknowledged change gets a new one.
     pub generation: u64,
-    /// Shared with the snapshots readers hold (`GET /v1/frontends`): publishing one copies
-    /// the map of frontends, and a change copies only the frontend it changes, and only while
-    /// a snapshot still holds it.
+    /// Shared with the snapshot the agent publishes for readers (`GET /v1/frontends`, the
+    /// config writer): publishing copies only this map, and the first change to a frontend
+    /// after a publish copies that one frontend, not the whole state.
     pub frontends: BTreeMap<u16, Arc<FrontendSpec>>,
 }
 

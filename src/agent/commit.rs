@@ -5,6 +5,12 @@ use super::*;
 
 impl Owner {
     pub(super) async fn apply_group(&mut self, group: Vec<(Change, ReplyTx)>) {
+        self.apply_changes(group, true).await
+    }
+
+    /// [`Self::apply_group`]; `policy: false` for the agent's own changes (a lease's delete),
+    /// which must go through even if the policy no longer allows the port.
+    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, ReplyTx)>, policy: bool) {
         if group.is_empty() {
             return;
         }
@@ -16,7 +22,12 @@ impl Owner {
         let mut accepted = Vec::new();
         let mut reloads = Vec::new();
         for (change, reply) in group {
-            if let Err(d) = self.check_policy(&change) {
+            let allowed = if policy {
+                self.check_policy(&change)
+            } else {
+                Ok(())
+            };
+            if let Err(d) = allowed {
                 let _ = reply.send(Err(d.into()));
                 continue;
             }
@@ -217,6 +228,12 @@ impl Owner {
                 }
                 continue;
             }
+            // A server to delete that HAProxy does not have: nothing is left to do.
+            if matches!(change, Change::DeleteServer { .. })
+                && r.outcome.kind == crate::runtime::OutcomeKind::NotFound
+            {
+                continue;
+            }
             refused.push(format!("`{}`: {}", r.command, r.outcome.text.trim_end()));
         }
         (!refused.is_empty()).then(|| refused.join("; "))
@@ -278,7 +295,8 @@ impl Owner {
 
     /// Sends a batch and returns HAProxy's answer to each command, or `None` when it could not
     /// be reached. A refused command is logged and marks the state out of sync, for the timer
-    /// to repair; a `del server` refused for the server's connections is only noted.
+    /// to repair; a `del server` refused for the server's connections is neither (the caller
+    /// starts its drain).
     pub(super) async fn send_batch(
         &mut self,
         commands: &[Command],

@@ -1,8 +1,15 @@
 //! Leases: a registration lives as long as its sidecar renews it, every PUT being a heartbeat.
 //! One not renewed within the lease is deleted as a DELETE would delete it (so it drains).
-//! When more than half of all registrations are overdue at once, that looks like the control
+//! When more than half of all registrations are late at once, that looks like the control
 //! plane failing (the API unreachable, a cluster-wide network fault), not like nodes leaving:
 //! none expires until renewals come back, so a control-plane outage never empties the backends.
+//!
+//! "Late" is silent for over [`LATE`] of the lease, not overdue: sidecars renew at spread-out
+//! moments (a 30 s interval, jittered), so in an outage they become overdue a few per tick, and
+//! a guard that waited for more than half to be overdue at once would expire nearly all of
+//! them first. With the lease at three sidecar intervals, every sidecar of a failed control
+//! plane is late before the first one is overdue. When renewals come back, the ones still
+//! silent get one more whole lease: their sidecars may be seconds from renewing.
 //!
 //! The clocks live in memory only: an agent restart starts every lease afresh, so nothing
 //! expires merely because the agent was down, and a heartbeat costs no write to the store.
@@ -31,19 +38,23 @@ pub(super) struct Overdue {
     pub silent_for: Duration,
 }
 
+/// The part of the lease after which a registration counts as late, for the outage guard.
+const LATE: (u32, u32) = (2, 3);
+
 /// What a look at the clocks found.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Verdict {
     /// These expire now (maybe none).
     Expire(Vec<Overdue>),
-    /// More than half are overdue at once: none expires.
-    Suspended { overdue: usize, total: usize },
+    /// More than half are late at once: none expires.
+    Suspended { late: usize, total: usize },
 }
 
 impl Leases {
     /// Starts the clock of every registration in `state` at `now`.
-    pub fn new(lease: Option<Duration>, state: &DesiredState, now: Instant) -> Leases {
-        let lease = lease.filter(|l| !l.is_zero());
+    /// `lease` zero: leases are off.
+    pub fn new(lease: Duration, state: &DesiredState, now: Instant) -> Leases {
+        let lease = Some(lease).filter(|l| !l.is_zero());
         let mut renewed: HashMap<u16, HashMap<NodeName, Instant>> = HashMap::new();
         if lease.is_some() {
             for (port, fe) in &state.frontends {
@@ -81,7 +92,8 @@ impl Leases {
         self.suspended
     }
 
-    /// Which registrations of `state` are overdue at `now`, unless more than half of them are.
+    /// Which registrations of `state` are overdue at `now`, unless more than half of them are
+    /// late.
     /// Forgets the clocks of registrations `state` no longer has, and starts one at `now` for a
     /// registration it has not seen (one that came back through a rollback or the store).
     pub fn check(&mut self, state: &DesiredState, now: Instant) -> Verdict {
@@ -96,7 +108,9 @@ impl Leases {
                 }
                 None => false,
             });
+        let late_after = lease * LATE.0 / LATE.1;
         let mut total = 0;
+        let mut late = 0;
         let mut overdue = Vec::new();
         for (port, fe) in &state.frontends {
             let clocks = self.renewed.entry(*port).or_default();
@@ -107,6 +121,7 @@ impl Leases {
                     None => *clocks.entry(node.clone()).or_insert(now),
                 };
                 let silent_for = now.saturating_duration_since(renewed);
+                late += usize::from(silent_for > late_after);
                 if silent_for > lease {
                     overdue.push(Overdue {
                         frontend_port: *port,
@@ -116,15 +131,25 @@ impl Leases {
                 }
             }
         }
-        self.suspended = overdue.len() * 2 > total;
+        let was_suspended = self.suspended;
+        self.suspended = late * 2 > total;
         if self.suspended {
-            Verdict::Suspended {
-                overdue: overdue.len(),
-                total,
-            }
-        } else {
-            Verdict::Expire(overdue)
+            return Verdict::Suspended { late, total };
         }
+        if was_suspended && !overdue.is_empty() {
+            // Back from an outage: the still silent get one more lease before they expire.
+            for o in &overdue {
+                if let Some(at) = self
+                    .renewed
+                    .get_mut(&o.frontend_port)
+                    .and_then(|c| c.get_mut(&o.node))
+                {
+                    *at = now;
+                }
+            }
+            overdue.clear();
+        }
+        Verdict::Expire(overdue)
     }
 }
 
@@ -164,8 +189,8 @@ mod tests {
     fn a_silent_registration_expires_and_a_renewed_one_stays() {
         let st = state(&["a", "b", "c"]);
         let t0 = Instant::now();
-        let mut leases = Leases::new(Some(Duration::from_secs(10)), &st, t0);
-        assert!(nodes(&leases.check(&st, t0 + Duration::from_secs(10))).is_empty());
+        let mut leases = Leases::new(Duration::from_secs(10), &st, t0);
+        assert!(nodes(&leases.check(&st, t0 + Duration::from_secs(6))).is_empty());
         leases.renew(
             443,
             &NodeName::new("b").unwrap(),
@@ -186,34 +211,47 @@ mod tests {
     }
 
     #[test]
-    fn more_than_half_overdue_at_once_expires_none_until_renewals_return() {
+    fn more_than_half_late_at_once_expires_none_until_renewals_return() {
         let st = state(&["a", "b", "c", "d"]);
         let t0 = Instant::now();
-        let mut leases = Leases::new(Some(Duration::from_secs(10)), &st, t0);
-        let later = t0 + Duration::from_secs(20);
-        leases.renew(443, &NodeName::new("d").unwrap(), later);
+        let s = Duration::from_secs;
+        let mut leases = Leases::new(s(30), &st, t0);
+        // An outage: renewals stop at spread-out moments (a, b, c at 0, 5, 10 s), d goes on.
+        let renew =
+            |l: &mut Leases, n: &str, at: u64| l.renew(443, &NodeName::new(n).unwrap(), t0 + s(at));
+        renew(&mut leases, "b", 5);
+        renew(&mut leases, "c", 10);
+        renew(&mut leases, "d", 25);
+        // At 21 s only a is late (over 20 s): nothing is overdue, nothing suspended.
+        assert!(nodes(&leases.check(&st, t0 + s(21))).is_empty());
+        assert!(!leases.suspended());
+        // At 31 s a is overdue, but a, b and c are late: 3 of 4, suspended before a expires.
+        renew(&mut leases, "d", 30);
         assert_eq!(
-            leases.check(&st, later),
-            Verdict::Suspended {
-                overdue: 3,
-                total: 4
-            }
+            leases.check(&st, t0 + s(31)),
+            Verdict::Suspended { late: 3, total: 4 }
         );
         assert!(leases.suspended());
-        // Two come back: half overdue is not more than half, so the silent two expire.
-        leases.renew(443, &NodeName::new("c").unwrap(), later);
-        assert_eq!(nodes(&leases.check(&st, later)), ["a", "b"]);
+        // Long after, c comes back: 2 of 4 late is not more than half. The silent a and b get
+        // a new lease instead of expiring at once...
+        renew(&mut leases, "c", 100);
+        renew(&mut leases, "d", 100);
+        assert!(nodes(&leases.check(&st, t0 + s(100))).is_empty());
         assert!(!leases.suspended());
+        // ...and expire when it runs out, c and d renewing.
+        renew(&mut leases, "c", 125);
+        renew(&mut leases, "d", 125);
+        assert_eq!(nodes(&leases.check(&st, t0 + s(131))), ["a", "b"]);
     }
 
     #[test]
     fn off_forgotten_and_new_registrations() {
         let st = state(&["a", "b"]);
         let t0 = Instant::now();
-        let mut off = Leases::new(Some(Duration::ZERO), &st, t0);
+        let mut off = Leases::new(Duration::ZERO, &st, t0);
         assert!(!off.enabled());
         assert!(nodes(&off.check(&st, t0 + Duration::from_secs(1000))).is_empty());
-        let mut leases = Leases::new(Some(Duration::from_secs(10)), &state(&["a"]), t0);
+        let mut leases = Leases::new(Duration::from_secs(10), &state(&["a"]), t0);
         // "b" is first seen at the check: its clock starts there, it is not overdue.
         assert!(nodes(&leases.check(&st, t0 + Duration::from_secs(5))).is_empty());
         leases.renew(

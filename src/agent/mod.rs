@@ -227,8 +227,8 @@ pub struct AgentParts {
     /// tried with a bind of the agent's own before reloading, and HAProxy's command line is read
     /// from /proc.
     pub host_checks: bool,
-    /// How long a registration lives without a renewing PUT; `None` or zero: forever.
-    pub lease: Option<Duration>,
+    /// How long a registration lives without a renewing PUT; zero: forever.
+    pub lease: Duration,
     /// How long a deleted server may keep its connections before they are shut.
     pub drain_timeout: Duration,
 }

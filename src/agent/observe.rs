@@ -22,7 +22,10 @@ impl Owner {
             || self.haproxy_changed().await;
         if full {
             self.reconcile().await;
-        } else {
+        }
+        // Also when the comparison stopped early (a missing frontend, HAProxy away): idle
+        // draining servers are deleted and overdue ones cut whatever else is wrong.
+        if self.haproxy_up {
             self.drain_round().await;
         }
     }
@@ -44,7 +47,7 @@ impl Owner {
             }
             Err(_) => true,
         };
-        self.client.disconnect();
+        // The connection stays for the next change: it is to the process just looked at.
         changed
     }
 
@@ -79,6 +82,10 @@ impl Owner {
                 pid = identity.0,
                 "HAProxy restarted or reloaded; re-applying runtime state"
             );
+            // A new process has none of the runtime state: what drained stays with the old
+            // one, and a server a new file still lists is a new server (the comparison
+            // below deletes it, draining it again if it already has connections).
+            self.draining.clear();
         }
         self.identity = Some(identity);
         let mut observed = match self.client.show_servers_state(None).await {
@@ -88,18 +95,24 @@ impl Owner {
                 return;
             }
         };
-        // Draining servers are deleted on purpose, later: not drift. One HAProxy no longer has
-        // was deleted, or dropped by a reload.
-        let is_draining = |o: &crate::runtime::parse::ServerState, d: &Draining| {
-            crate::runtime::ServerRef::new(&o.backend, &o.server).is_ok_and(|s| d.contains(&s))
-        };
-        let present: std::collections::HashSet<crate::runtime::ServerRef> = observed
-            .iter()
-            .filter(|o| is_draining(o, &self.draining))
-            .filter_map(|o| crate::runtime::ServerRef::new(&o.backend, &o.server).ok())
-            .collect();
-        self.draining.retain(|s| present.contains(s));
-        observed.retain(|o| !is_draining(o, &self.draining));
+        // Draining servers are deleted on purpose, later: not drift, as long as they are in
+        // maintenance. One HAProxy no longer has was deleted, or dropped by a reload; one
+        // taken out of maintenance (by hand) is left to the comparison, which puts it back.
+        if !self.draining.is_empty() {
+            let mut still = std::collections::HashSet::new();
+            for o in &observed {
+                if let Ok(s) = crate::runtime::ServerRef::new(&o.backend, &o.server) {
+                    if o.admin.in_maintenance() && self.draining.contains(&s) {
+                        still.insert(s);
+                    }
+                }
+            }
+            self.draining.retain(|s| still.contains(s));
+            observed.retain(|o| {
+                crate::runtime::ServerRef::new(&o.backend, &o.server)
+                    .map_or(true, |s| !still.contains(&s))
+            });
+        }
         let backends: BTreeSet<String> = match self.client.show_backends().await {
             Ok(b) => b.into_iter().collect(),
             Err(e) => {
@@ -130,7 +143,6 @@ impl Owner {
         if plan.is_empty() {
             self.out_of_sync = false;
             self.drift.clear();
-            self.drain_round().await;
             return;
         }
         for line in &plan.drift {
@@ -184,14 +196,21 @@ impl Owner {
         let replies = self.send_batch(&commands).await;
         if let Some(replies) = &replies {
             // An unwanted server with connections (deleted while the agent was down, or one a
-            // rollback left) drains like a deleted one instead of counting as drift.
+            // rollback left) drains like a deleted one instead of counting as drift; what
+            // HAProxy has of it is kept, so a PUT meanwhile brings it back at once.
             for (server, r) in plan.deletions.iter().zip(&replies[first_deletion..]) {
                 if r.outcome.is_server_in_use() {
-                    self.draining.start(server.clone(), None, Instant::now());
+                    let spec = observed
+                        .iter()
+                        .find(|o| {
+                            o.backend == server.backend.as_str()
+                                && o.server == server.server.as_str()
+                        })
+                        .and_then(held_spec);
+                    self.draining.start(server.clone(), spec, Instant::now());
                 }
             }
         }
-        self.drain_round().await;
         if replies.is_some() {
             self.metrics.drift_repairs.inc();
             tracing::info!(
@@ -241,14 +260,14 @@ impl Owner {
         }
         let was_suspended = self.leases.suspended();
         match self.leases.check(&self.state, Instant::now()) {
-            leases::Verdict::Suspended { overdue, total } => {
+            leases::Verdict::Suspended { late, total } => {
                 let why = format!(
-                    "{overdue} of {total} registrations are overdue at once: lease expiry is \
-                     suspended (a control-plane outage must not empty the backends) until \
-                     renewals come back"
+                    "{late} of {total} registrations have not been renewed for most of their \
+                     lease at once: lease expiry is suspended (a control-plane outage must not \
+                     empty the backends) until renewals come back"
                 );
                 if !was_suspended {
-                    tracing::warn!(overdue, total, "{why}");
+                    tracing::warn!(late, total, "{why}");
                 }
                 self.leases_suspended = Some(why);
                 self.metrics.lease_expiry_suspended.set(1);
@@ -264,26 +283,43 @@ impl Owner {
                 }
                 let now = crate::clock::unix_seconds();
                 let mut group = Vec::with_capacity(overdue.len());
+                let mut answers = Vec::with_capacity(overdue.len());
                 for o in overdue {
-                    tracing::warn!(
-                        frontend_port = o.frontend_port,
-                        node = %o.node,
-                        last_seen_unix = now.saturating_sub(o.silent_for.as_secs()),
-                        silent_s = o.silent_for.as_secs(),
-                        "lease expired: the node stopped renewing its registration; deleting it"
-                    );
-                    self.metrics.lease_expiries.inc();
-                    // Nobody waits for the answer; the log above is the record.
-                    let (reply, _) = oneshot::channel();
+                    let (reply, answer) = oneshot::channel();
                     group.push((
                         Change::DeleteServer {
                             frontend_port: o.frontend_port,
-                            node: o.node,
+                            node: o.node.clone(),
                         },
                         reply,
                     ));
+                    answers.push((o, answer));
                 }
-                self.apply_group(group).await;
+                // A delete never waits for a reload: every answer is in when this returns.
+                self.apply_changes(group, false).await;
+                for (o, mut answer) in answers {
+                    let last_seen_unix = now.saturating_sub(o.silent_for.as_secs());
+                    match answer.try_recv() {
+                        Ok(Ok(_)) => {
+                            tracing::warn!(
+                                frontend_port = o.frontend_port,
+                                node = %o.node,
+                                last_seen_unix,
+                                silent_s = o.silent_for.as_secs(),
+                                "lease expired: the node stopped renewing its registration; deleted it"
+                            );
+                            self.metrics.lease_expiries.inc();
+                        }
+                        Ok(Err(e)) => tracing::warn!(
+                            frontend_port = o.frontend_port,
+                            node = %o.node,
+                            last_seen_unix,
+                            error = %e,
+                            "lease expired, but deleting the registration failed; trying again next look"
+                        ),
+                        Err(_) => {}
+                    }
+                }
             }
         }
     }
@@ -340,4 +376,16 @@ impl Owner {
             )
         })
     }
+}
+
+/// What HAProxy holds of a server it reports, as a spec in maintenance (how a draining server
+/// is); `None` when its address is not an IP (an operator's FQDN server).
+fn held_spec(o: &crate::runtime::parse::ServerState) -> Option<crate::model::ServerSpec> {
+    Some(crate::model::ServerSpec {
+        node_ip: o.addr.as_deref()?.parse().ok()?,
+        node_port: o.port?,
+        state: crate::model::ServerState::Maint,
+        service: None,
+        weight: o.user_weight.and_then(|w| u16::try_from(w).ok()),
+    })
 }

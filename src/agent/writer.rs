@@ -20,23 +20,23 @@ pub(super) struct ConfigWriter {
 impl ConfigWriter {
     pub(super) async fn run(
         self,
-        mut dirty: watch::Receiver<Arc<DesiredState>>,
+        mut published: watch::Receiver<Arc<DesiredState>>,
         stop: CancellationToken,
     ) {
         let mut written = None;
         loop {
-            if written != Some(dirty.borrow_and_update().generation) {
+            if written != Some(published.borrow_and_update().generation) {
                 // Changes are coming: let them pause first (see WRITE_QUIET).
                 let latest = Instant::now() + WRITE_MAX_DELAY;
                 loop {
                     let quiet = (Instant::now() + WRITE_QUIET).min(latest);
                     tokio::select! {
-                        changed = dirty.changed() => if changed.is_err() { return },
+                        changed = published.changed() => if changed.is_err() { return },
                         _ = tokio::time::sleep_until(quiet.into()) => break,
                         _ = stop.cancelled() => return,
                     }
                 }
-                let state = dirty.borrow_and_update().clone();
+                let state = published.borrow_and_update().clone();
                 let text = render_managed(&state, &self.render);
                 let mut files = self.files.lock().await;
                 match files.install(&text, state.generation).await {
@@ -55,7 +55,7 @@ impl ConfigWriter {
                 continue;
             }
             tokio::select! {
-                changed = dirty.changed() => if changed.is_err() { return },
+                changed = published.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
             }
         }

@@ -876,6 +876,11 @@ impl Agent {
         parse_show_proc(&text).ok()
     }
 
+    /// Sends a command to the master CLI and returns the answer (empty for a `reload` on 2.6).
+    pub fn master_cmd(&self, line: &str) -> String {
+        answers(&self.master, &format!("{line}\n")).expect("master CLI answers")
+    }
+
     /// Sends a command to the admin socket and returns the answer.
     pub fn admin_cmd(&self, line: &str) -> String {
         answers(&self.admin, &format!("{line}\n")).expect("admin socket answers")
