@@ -210,6 +210,8 @@ pub struct AgentParts {
     /// tried with a bind of the agent's own before reloading, and HAProxy's command line is read
     /// from /proc.
     pub host_checks: bool,
+    /// The `server-state-file` saved before each reload, when HAProxy loads one.
+    pub server_state: Option<crate::haproxy::ServerStateFile>,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -294,6 +296,7 @@ struct Owner {
     /// Why the timer's repair reloads do not bring the missing frontends back, when known;
     /// kept (unlike `last_error`) until no frontend is missing.
     repair_error: Option<String>,
+    server_state: Option<crate::haproxy::ServerStateFile>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -344,6 +347,7 @@ pub fn spawn(
         repair_backoff: Duration::ZERO,
         next_repair_reload: None,
         repair_error: None,
+        server_state: parts.server_state,
     };
     owner.publish();
     let handle = AgentHandle { tx, health };
