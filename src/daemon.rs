@@ -353,6 +353,11 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             .server_state_file
             .clone()
             .map(|p| ServerStateFile::new(p, socket.clone()));
+        if let Some(f) = &server_state {
+            // What it holds is from before this start (a reload command's, or an agent stopped
+            // mid-reload); and a file that is there keeps HAProxy 2.6 from warning at starts.
+            f.clear().await;
+        }
         (socket, files, reloader, None, server_state)
     } else {
         let main = main_options.unwrap_or_default();

@@ -237,7 +237,11 @@ async fn the_managed_main_file_is_rewritten_unless_it_is_the_operators() {
     )
     .unwrap();
     let leftover = dir.path().join("server-state");
-    std::fs::write(&leftover, "1\n").unwrap();
+    std::fs::write(
+        &leftover,
+        "1\n# be_id be_name srv_id srv_name\n3 be_1 1 node-a\n",
+    )
+    .unwrap();
     let opts = MainOptions {
         hard_stop_after: Duration::from_secs(90),
     };
@@ -250,7 +254,11 @@ async fn the_managed_main_file_is_rewritten_unless_it_is_the_operators() {
         text.contains("\n    load-server-state-from-file global\n"),
         "{text}"
     );
-    assert!(!leftover.exists(), "a leftover state file would be loaded");
+    assert_eq!(
+        std::fs::read_to_string(&leftover).unwrap(),
+        "1\n",
+        "a leftover state file would be loaded"
+    );
     assert_eq!(h.server_state_file().path(), leftover.as_path());
     h.stop().await.unwrap();
 
@@ -322,7 +330,11 @@ async fn the_desired_port_wins_over_the_saved_state() {
         port_of(admin.show_servers_state(None).await.unwrap()),
         Some(new)
     );
-    assert!(!state_file.path().exists(), "removed after the reload");
+    assert_eq!(
+        std::fs::read_to_string(state_file.path()).unwrap(),
+        "1\n",
+        "cleared after the reload"
+    );
     h.stop().await.unwrap();
 }
 

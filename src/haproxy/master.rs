@@ -105,12 +105,12 @@ impl Reloader {
 
     /// [`Self::reload_with_log`], every reload's way: with a `state_file`, the servers' state
     /// is handed over to the new worker, saved from the serving one first (adjusted to
-    /// `desired`, the state the config being loaded was rendered from) and removed once the
+    /// `desired`, the state the config being loaded was rendered from) and cleared once the
     /// master has dealt with the reload. A failure to save is logged and reloads all the same.
     ///
     /// A [`Reloader::Command`] gives no sign of when HAProxy reads the file (`systemctl
     /// reload` returns once the signal is sent), so after one the file stays until the next
-    /// reload's save replaces it.
+    /// reload's save replaces it, or the agent's next start clears it.
     pub async fn reload_handing_over(
         &self,
         deadline: Duration,
@@ -123,7 +123,7 @@ impl Reloader {
         }
         let reloaded = self.reload_with_log(deadline, log).await;
         if let (Some(f), Reloader::Master(_)) = (state_file, self) {
-            f.discard().await;
+            f.clear().await;
         }
         reloaded
     }

@@ -99,7 +99,7 @@ fn haproxy_time(d: Duration) -> String {
 /// - `haproxy.cfg`: the main config, the agent's (rewritten at every start from
 ///   [`MainOptions`]) unless the operator put one of their own there,
 /// - `managed.cfg`: the agent's file (created empty if missing),
-/// - `server-state`: the servers' state, saved by the agent just before each reload and removed
+/// - `server-state`: the servers' state, saved by the agent just before each reload and cleared
 ///   after it ([`Self::server_state_file`]),
 /// - `admin.sock`: the worker's admin stats socket (when the default main config is used),
 /// - `master.sock`: the master CLI,
@@ -202,8 +202,8 @@ impl ManagedHaproxy {
 
     async fn spawn(&mut self) -> Result<()> {
         // A fresh start has no old worker to take the servers' state from: what a file holds
-        // (an agent stopped between saving it and removing it) is out of date.
-        self.server_state_file().discard().await;
+        // (an agent stopped between saving and clearing it) is out of date.
+        self.server_state_file().clear().await;
         let files = self.config_files();
         files.validate(&files.managed).await?;
         let log_path = self.log_path();

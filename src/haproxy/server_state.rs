@@ -14,23 +14,28 @@
 //! admin flags that make the new worker start the server as desired. Other backends' rows (an
 //! operator's, in attached mode) go as HAProxy wrote them.
 //!
-//! The file is a hand-over for one reload, not a record: it is removed once the master has
-//! dealt with the reload, so a later restart, or a reload by someone else, never starts from
-//! a state that has gone stale. Saving never holds a reload up: a failure is logged and the
-//! new worker starts as it would without the file.
+//! The file is a hand-over for one reload, not a record: once the master has dealt with the
+//! reload it is cleared to a state file without servers ([`ServerStateFile::clear`]), so a
+//! later restart, or a reload by someone else, never starts from a state that has gone stale.
+//! Cleared rather than removed: HAProxy 2.6 warns at every start about a missing or empty file
+//! (3.0 on only notes it), and a `zero-warning` config would then refuse to start; a file that
+//! holds only the format version is loaded without a word. Saving never holds a reload up: a
+//! failure is logged and the new worker starts as it would without the file.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::files::write_atomic;
-use super::{file_error, HaproxyError, Result};
+use super::{HaproxyError, Result};
 use crate::model::{backend_name, DesiredState, FrontendSpec, ServerState};
 use crate::render::starts_disabled;
 use crate::runtime::parse::AdminFlags;
 use crate::runtime::{self, ClientOptions, Command, Endpoint, RuntimeClient};
+
+/// A state file without servers: the format version alone.
+const NO_SERVERS: &str = "1\n";
 
 /// Deadline of the `show servers state` call: a worker that does not answer this fast is not
 /// worth holding the reload for.
@@ -64,7 +69,7 @@ impl ServerStateFile {
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "could not save the servers' state; the new worker starts without it");
-                self.discard().await;
+                self.clear().await;
             }
         }
     }
@@ -91,15 +96,11 @@ impl ServerStateFile {
         Ok(rows)
     }
 
-    /// Removes the file (once a reload is over); a file already gone is fine.
-    pub async fn discard(&self) {
-        match tokio::fs::remove_file(&self.path).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let e = file_error("remove", &self.path)(e);
-                tracing::warn!(error = %e, "a later start may load an old servers' state");
-            }
+    /// Leaves the file holding no server (once a reload is over, and at a start): HAProxy
+    /// loads nothing from it, and says nothing. A failure is logged.
+    pub async fn clear(&self) {
+        if let Err(e) = write_atomic(&self.path, NO_SERVERS).await {
+            tracing::warn!(error = %e, "could not clear the servers' state; a later start may load an old one");
         }
     }
 }
