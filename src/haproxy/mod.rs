@@ -35,7 +35,7 @@ mod server_state;
 pub use files::ConfigFiles;
 pub use master::{wait_frontend_open, ReloadReport, Reloader};
 pub use process::{MainOptions, ManagedHaproxy, DEFAULT_HARD_STOP_AFTER};
-pub use server_state::{for_new_worker, ServerStateFile};
+pub use server_state::ServerStateFile;
 
 /// The haproxy binary when none is named: `haproxy` on `PATH`, else Debian's `/usr/sbin/haproxy`
 /// (root's `PATH` has `/usr/sbin`, a user's often does not).

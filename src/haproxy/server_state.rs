@@ -59,7 +59,8 @@ impl ServerStateFile {
     }
 
     /// Writes the serving worker's state, adjusted to `desired`, to the file. Never fails: a
-    /// failure is logged and leaves no file, so the new worker starts as it would without one.
+    /// failure is logged and leaves the file without servers, so the new worker starts as it
+    /// would without one.
     pub async fn save(&self, desired: &DesiredState) {
         match self.try_save(desired).await {
             Ok(rows) => tracing::debug!(
