@@ -325,6 +325,7 @@ secret=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
 start lbagent env RUST_LOG=info "$LBAGENT" \
     --socket "$hdir/admin.sock" --master-socket "$hdir/master.sock" \
     --haproxy-config "$hdir/haproxy.cfg" --managed-config "$hdir/managed.cfg" \
+    --server-state-file "$hdir/server-state" \
     --keys-file "$KEYS" --state-dir "$work/state" --listen "127.0.0.1:$API_PORT" \
     --frontend-bind "$FE_ADDR" --allow-node-cidrs "$NODE_CIDRS" --haproxy-bin "$HAPROXY"
 lbi wait-http "$AGENT/healthz" --timeout 20 || die "the agent did not become healthy"

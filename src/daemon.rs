@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentParts};
 use crate::api::{self, Api};
 use crate::auth::{Keys, Verifier, DEFAULT_KEY_ID};
-use crate::haproxy::{ConfigFiles, ManagedHaproxy, Reloader};
+use crate::haproxy::{
+    ConfigFiles, MainOptions, ManagedHaproxy, Reloader, ServerStateFile, DEFAULT_HARD_STOP_AFTER,
+};
 use crate::metrics::Metrics;
 use crate::policy::{CidrList, Policy, PortList};
 use crate::render::RenderOptions;
@@ -121,6 +123,16 @@ pub struct Settings {
     /// The haproxy binary [default: haproxy on PATH, else /usr/sbin/haproxy].
     #[arg(long, value_name = "PATH")]
     pub haproxy_bin: Option<PathBuf>,
+    /// Attached mode: the file HAProxy's `server-state-file` names (absolute); the agent saves
+    /// the servers' state there before each reload [default: none, nothing is saved]. Managed
+    /// mode always uses STATE_DIR/haproxy/server-state.
+    #[arg(long, value_name = "PATH")]
+    pub server_state_file: Option<PathBuf>,
+    /// Managed mode: how long an old HAProxy worker may go on serving its connections after a
+    /// reload, e.g. 30m, 1h, 90s [default: 30m]. Attached mode: set `hard-stop-after` in
+    /// HAProxy's global section.
+    #[arg(long, value_name = "DURATION")]
+    pub hard_stop_after: Option<String>,
 }
 
 impl Settings {
@@ -148,7 +160,9 @@ impl Settings {
             lease,
             drain_timeout,
             drift_check_interval,
-            haproxy_bin
+            haproxy_bin,
+            server_state_file,
+            hard_stop_after
         );
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
@@ -198,6 +212,25 @@ fn parse_list<T: std::str::FromStr<Err = String>>(flag: &str, v: &str) -> Result
     v.parse::<T>().map_err(|e| format!("--{flag}: {e}").into())
 }
 
+/// A duration flag (`30m`, `1h30m`, `90s`).
+fn parse_duration(flag: &str, v: &str) -> Result<Duration, BoxError> {
+    humantime::parse_duration(v)
+        .map_err(|e| format!("--{flag} {v:?}: {e} (write it like 30m, 1h or 90s)").into())
+}
+
+/// `--hard-stop-after`: from 1 s up to the 24 days HAProxy's timers hold.
+fn hard_stop_after(v: &str) -> Result<Duration, BoxError> {
+    let d = parse_duration("hard-stop-after", v)?;
+    let max = Duration::from_secs(24 * 24 * 3600);
+    if d < Duration::from_secs(1) || d > max {
+        return Err(format!(
+            "--hard-stop-after {v:?}: must be from 1s to 24 days (HAProxy's timers hold no more)"
+        )
+        .into());
+    }
+    Ok(d)
+}
+
 /// Reads settings, starts everything, and runs until SIGTERM or SIGINT.
 pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let settings = match &cli.config {
@@ -239,6 +272,44 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     }
 
     let attached = settings.socket.is_some();
+    // A flag of the other mode is refused before anything starts.
+    let main_options = if attached {
+        if settings.hard_stop_after.is_some() {
+            return Err(
+                "--hard-stop-after is for managed mode; attached, set `hard-stop-after` \
+                        in the global section of HAProxy's main file"
+                    .into(),
+            );
+        }
+        if let Some(p) = settings
+            .server_state_file
+            .as_ref()
+            .filter(|p| p.is_relative())
+        {
+            return Err(format!(
+                "--server-state-file {}: must be an absolute path, the one HAProxy's \
+                 `server-state-file` names",
+                p.display()
+            )
+            .into());
+        }
+        None
+    } else {
+        if let Some(p) = &settings.server_state_file {
+            return Err(format!(
+                "--server-state-file {} is for attached mode; managed mode keeps the servers' \
+                 state in STATE_DIR/haproxy/server-state",
+                p.display()
+            )
+            .into());
+        }
+        Some(MainOptions {
+            hard_stop_after: match &settings.hard_stop_after {
+                Some(v) => hard_stop_after(v)?,
+                None => DEFAULT_HARD_STOP_AFTER,
+            },
+        })
+    };
     let keys_path = match (&settings.keys_file, attached) {
         (Some(p), _) => p.clone(),
         (None, false) => state_dir.join("keys.toml"),
@@ -272,7 +343,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     );
 
     let mut managed = None;
-    let (socket, files, reloader, haproxy_log) = if attached {
+    let (socket, files, reloader, haproxy_log, server_state) = if attached {
         let socket = Endpoint::parse(settings.socket.as_deref().unwrap_or_default());
         let main = settings
             .haproxy_config
@@ -296,14 +367,25 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             main,
             managed: managed_file,
         };
-        (socket, files, reloader, None)
+        let server_state = settings
+            .server_state_file
+            .clone()
+            .map(|p| ServerStateFile::new(p, socket.clone()));
+        if let Some(f) = &server_state {
+            // What it holds is from before this start (a reload command's, or an agent stopped
+            // mid-reload); and a file that is there keeps HAProxy 2.6 from warning at starts.
+            f.clear().await;
+        }
+        (socket, files, reloader, None, server_state)
     } else {
-        let m = ManagedHaproxy::start(&state_dir.join("haproxy"), &bin).await?;
+        let main = main_options.unwrap_or_default();
+        let m = ManagedHaproxy::start_with(&state_dir.join("haproxy"), &bin, &main).await?;
         let parts = (
             Endpoint::Unix(m.admin_socket()),
             m.config_files(),
             m.reloader(),
             Some(m.log_path()),
+            Some(m.server_state_file()),
         );
         println!(
             "lbagent: managed HAProxy (pid {}) in {}; stats socket {}",
@@ -348,6 +430,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         host_checks: !settings.no_host_checks,
         lease: duration_setting("lease", settings.lease.as_deref(), "90s")?,
         drain_timeout: duration_setting("drain-timeout", settings.drain_timeout.as_deref(), "60s")?,
+        server_state,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
     let agent_stop = CancellationToken::new();

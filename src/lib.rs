@@ -21,7 +21,8 @@
 //! - [`agent`]: the owner task — the only holder of state, store and runtime connection; group
 //!   commit, reloads with rollback, the drift-repair timer.
 //! - [`reconcile`]: desired vs observed → runtime commands (pure); [`render`]: the config file
-//!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads, the managed process.
+//!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads that hand the servers'
+//!   state to the new worker, the managed process.
 //! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals;
 //!   [`clock`]: Unix seconds, for every timestamp.
 //! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.

@@ -30,6 +30,13 @@ impl Default for RenderOptions {
     }
 }
 
+/// Whether a server in `state` is written `disabled`: maintenance, and drain too (see
+/// `render_frontend`). What a new worker's state file must say for it to start the server in
+/// `state` depends on this (`haproxy::server_state`).
+pub fn starts_disabled(state: ServerState) -> bool {
+    state != ServerState::Ready
+}
+
 /// `ip:port`, with an IPv6 address in brackets as HAProxy's address parser wants it.
 fn addr(ip: IpAddr, port: u16) -> String {
     match ip {
@@ -83,7 +90,8 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
             ServerState::Ready => {}
             ServerState::Maint => out.push_str(" disabled"),
             // HAProxy 2.6 has no config keyword for drain. Starting the server in maintenance
-            // keeps new traffic off it until the agent sets drain through the runtime API after
+            // keeps new traffic off it until drain is set: on a reload by the state file the
+            // agent saved, which says drain, else by the agent through the runtime API after
             // the (re)start; a fresh process has no connections to drain anyway.
             ServerState::Drain => out.push_str(" disabled # drain: restored at runtime"),
         }
@@ -195,6 +203,18 @@ backend be_8883
 ";
         let text = render_managed(&st, &RenderOptions::default());
         assert_eq!(text, expected);
+        // `starts_disabled` says which states are written `disabled`.
+        for (node, state) in [
+            ("node-a", ServerState::Ready),
+            ("node-b", ServerState::Maint),
+            ("node-c", ServerState::Drain),
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!("server {node} ")))
+                .unwrap();
+            assert_eq!(line.contains(" disabled"), starts_disabled(state), "{line}");
+        }
         // Deterministic: rendering again gives the same bytes.
         assert_eq!(render_managed(&st, &RenderOptions::default()), text);
     }

@@ -6,8 +6,8 @@
 //! - the systemd units pass `systemd-analyze verify` without a warning (skipped without it);
 //! - the HAProxy snippets pass `haproxy -c`, and HAProxy started with the drop-in's own command
 //!   line plus `lbagent --config deploy/lbagent.toml` (paths moved to a temp dir) serve a
-//!   phone-home end to end: a new frontend reloaded through the master socket, and the file's
-//!   policy enforced (skipped without haproxy);
+//!   phone-home end to end: a new frontend reloaded through the master socket (the servers'
+//!   state saved for it), and the file's policy enforced (skipped without haproxy);
 //! - every Kubernetes YAML parses (PyYAML when python3 has it, else line rules only), and every
 //!   `lbctl phone-home` sidecar, run with the manifest's own args, env and Secret, sends a signed
 //!   PUT for its node to the agent URL it is given;
@@ -252,6 +252,19 @@ fn files_agree_on_paths() {
     for needed in ["mode 660", "level admin", "expose-fd listeners"] {
         assert!(line.contains(needed), "{line}: lacks `{needed}`");
     }
+    // The servers' state goes where HAProxy reads it, in a directory the unit may write.
+    let state_file = setting(&t, "server-state-file");
+    assert!(
+        global
+            .lines()
+            .any(|l| l.trim() == format!("server-state-file {state_file}")),
+        "global.cfg should name {state_file} as its server-state-file"
+    );
+    let state_dir = Path::new(&state_file).parent().unwrap().to_str().unwrap();
+    assert!(
+        rw.iter().any(|d| d == state_dir),
+        "ReadWritePaths {rw:?} should hold {state_dir}"
+    );
     // The unit's user may open both sockets (mode 660, group haproxy).
     assert_eq!(unit_values(&unit, "SupplementaryGroups"), ["haproxy"]);
     assert_eq!(unit_values(&unit, "User"), ["lbagent"]);
@@ -391,10 +404,15 @@ impl Drop for Kill {
 /// A main config: the `global` snippet with its socket moved into `dir`, and defaults like
 /// Debian's (mode http, option httplog: the agent's frontends set `mode tcp` themselves).
 fn main_config(dir: &Path) -> String {
-    let global = read("haproxy/global.cfg").replace(
-        "/run/haproxy/admin.sock",
-        &dir.join("admin.sock").display().to_string(),
-    );
+    let global = read("haproxy/global.cfg")
+        .replace(
+            "/run/haproxy/admin.sock",
+            &dir.join("admin.sock").display().to_string(),
+        )
+        .replace(
+            "/etc/haproxy/lbagent/server-state",
+            &dir.join("server-state").display().to_string(),
+        );
     format!(
         "{global}
 defaults
@@ -404,6 +422,7 @@ defaults
     timeout connect 5s
     timeout client 50s
     timeout server 50s
+    load-server-state-from-file global
 "
     )
 }
@@ -580,6 +599,8 @@ fn attached_mode_with_the_deploy_files() {
             .arg(&main)
             .arg("--managed-config")
             .arg(&managed)
+            .arg("--server-state-file")
+            .arg(d.join("server-state"))
             .arg("--haproxy-bin")
             .arg(&bin)
             .args(["--allow-frontend-ports", &frontend.to_string()])
@@ -648,6 +669,14 @@ fn attached_mode_with_the_deploy_files() {
         file.contains(&format!("frontend fe_{frontend}")),
         "{managed:?}:\n{file}"
     );
+    // The servers' state was saved where the global snippet has HAProxy read it.
+    for log in [&agent_log, &agent_err] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !text.contains("could not save the servers' state"),
+            "{text}"
+        );
+    }
     // The file's policy is in force: an address outside allow-node-cidrs is refused (403, exit 2).
     let out = phone_home("192.0.2.1");
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{free_port, haproxy_bin};
-use lbagent::haproxy::{wait_frontend_open, ConfigFiles, HaproxyError, ManagedHaproxy};
+use lbagent::haproxy::{
+    wait_frontend_open, ConfigFiles, HaproxyError, MainOptions, ManagedHaproxy,
+};
 use lbagent::model::{DesiredState, FrontendSpec, Mode, NodeName, ServerSpec, ServerState};
 use lbagent::render::{render_managed, RenderOptions};
 use lbagent::runtime::parse::{ProcEntry, ProxyKind};
@@ -219,6 +221,121 @@ async fn managed_start_reload_and_stop() {
     h.stop().await.unwrap();
     assert!(gone_within(master, Duration::from_secs(5)).await);
     assert!(gone_within(worker, Duration::from_secs(5)).await);
+}
+
+/// Managed mode's main file is the agent's, rewritten at every start with its settings (also
+/// over what an earlier version wrote), unless the operator put their own there; a state file
+/// a stopped agent left is not loaded by the next start.
+#[tokio::test]
+async fn the_managed_main_file_is_rewritten_unless_it_is_the_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &main,
+        "# Written by lbagent when it found no config here; lbagent's own frontends are in \
+         managed.cfg.\nglobal\n    maxconn 10\n",
+    )
+    .unwrap();
+    let leftover = dir.path().join("server-state");
+    std::fs::write(
+        &leftover,
+        "1\n# be_id be_name srv_id srv_name\n3 be_1 1 node-a\n",
+    )
+    .unwrap();
+    let opts = MainOptions {
+        hard_stop_after: Duration::from_secs(90),
+    };
+    let h = ManagedHaproxy::start_with(dir.path(), &haproxy_bin(), &opts)
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&main).unwrap();
+    assert!(text.contains("\n    hard-stop-after 90s\n"), "{text}");
+    assert!(
+        text.contains("\n    load-server-state-from-file global\n"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&leftover).unwrap(),
+        "1\n",
+        "a leftover state file would be loaded"
+    );
+    assert_eq!(h.server_state_file().path(), leftover.as_path());
+    h.stop().await.unwrap();
+
+    // The operator's own file: left as it is.
+    let own = MAIN.replace("@DIR@", &dir.path().display().to_string());
+    std::fs::write(&main, &own).unwrap();
+    let h = ManagedHaproxy::start_with(dir.path(), &haproxy_bin(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&main).unwrap(), own);
+    h.stop().await.unwrap();
+}
+
+/// The state file puts a row's port over the config's, so a saved row that differs from the
+/// desired address must not reach the new worker: the desired port wins, the row is left out.
+/// (HAProxy keeps the config's address for a server with a literal one, but not its port.)
+#[tokio::test]
+async fn the_desired_port_wins_over_the_saved_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = ManagedHaproxy::start(dir.path(), &haproxy_bin())
+        .await
+        .unwrap();
+    let fe = free_port();
+    let (old, new) = (free_port(), free_port());
+    let mut st = state(1, &[fe]);
+    let node = NodeName::new("node-a").unwrap();
+    std::sync::Arc::make_mut(st.frontends.get_mut(&fe).unwrap())
+        .servers
+        .insert(
+            node.clone(),
+            server("127.0.0.1", old, ServerState::Ready, None),
+        );
+    let files = h.config_files();
+    files
+        .install(&render_managed(&st, &loopback()))
+        .await
+        .unwrap();
+    h.reload(Duration::from_secs(10)).await.unwrap();
+    let mut admin = client(&h.admin_socket());
+    let port_of = |rows: Vec<lbagent::runtime::parse::ServerState>| {
+        rows.into_iter()
+            .find(|r| r.backend == format!("be_{fe}") && r.server == "node-a")
+            .and_then(|r| r.port)
+    };
+    assert_eq!(
+        port_of(admin.show_servers_state(None).await.unwrap()),
+        Some(old)
+    );
+
+    // The desired port changed, and the worker still has the old one (a change not applied
+    // yet): the reload for it must leave the new worker at the desired port.
+    st.generation = 2;
+    std::sync::Arc::make_mut(st.frontends.get_mut(&fe).unwrap())
+        .servers
+        .get_mut(&node)
+        .unwrap()
+        .node_port = new;
+    files
+        .install(&render_managed(&st, &loopback()))
+        .await
+        .unwrap();
+    let state_file = h.server_state_file();
+    h.reloader()
+        .reload_handing_over(Duration::from_secs(10), None, Some(&state_file), &st)
+        .await
+        .unwrap();
+    admin.disconnect();
+    assert_eq!(
+        port_of(admin.show_servers_state(None).await.unwrap()),
+        Some(new)
+    );
+    assert_eq!(
+        std::fs::read_to_string(state_file.path()).unwrap(),
+        "1\n",
+        "cleared after the reload"
+    );
+    h.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -231,6 +231,8 @@ pub struct AgentParts {
     pub lease: Duration,
     /// How long a deleted server may keep its connections before they are shut.
     pub drain_timeout: Duration,
+    /// The `server-state-file` saved before each reload, when HAProxy loads one.
+    pub server_state: Option<crate::haproxy::ServerStateFile>,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -323,6 +325,7 @@ struct Owner {
     drift_check_every: Duration,
     /// When the next full comparison is due.
     next_full: Instant,
+    server_state: Option<crate::haproxy::ServerStateFile>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -386,6 +389,7 @@ pub fn spawn(
         drain_timeout: parts.drain_timeout,
         drift_check_every: parts.drift_check_every,
         next_full: Instant::now(),
+        server_state: parts.server_state,
     };
     owner.publish();
     let handle = AgentHandle {

@@ -165,7 +165,12 @@ impl Owner {
         self.metrics.reloads.inc();
         let reloaded = self
             .reloader
-            .reload_with_log(self.reload_deadline, self.haproxy_log.as_deref())
+            .reload_handing_over(
+                self.reload_deadline,
+                self.haproxy_log.as_deref(),
+                self.server_state.as_ref(),
+                &self.state,
+            )
             .await;
         self.client.disconnect();
         if reloaded.is_ok() {

@@ -1,6 +1,7 @@
 //! The config files HAProxy loads: the operator's main file and the agent's managed file,
 //! validated with `haproxy -c` before the managed one is swapped in atomically, the previous
-//! text kept for a rollback.
+//! text kept for a rollback; and [`write_atomic`], the one way every file HAProxy reads is
+//! written.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -106,8 +107,7 @@ impl ConfigFiles {
     /// empty file: HAProxy fails to start without a file named by `-f`. Not validated: it is
     /// the text HAProxy last accepted, and a rollback must not be refused.
     pub async fn restore(&self, previous: Option<String>) -> Result<()> {
-        let tmp = self.write_tmp(previous.as_deref().unwrap_or("")).await?;
-        self.commit(&tmp).await
+        write_atomic(&self.managed, previous.as_deref().unwrap_or("")).await
     }
 
     /// The managed file's current text, `None` when it does not exist.
@@ -120,49 +120,74 @@ impl ConfigFiles {
     }
 
     fn tmp_path(&self) -> PathBuf {
-        let mut name = self
-            .managed
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_else(|| "managed".into());
-        name.push(".tmp");
-        self.managed.with_file_name(name)
-    }
-
-    fn dir(&self) -> PathBuf {
-        match self.managed.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
+        tmp_next_to(&self.managed)
     }
 
     async fn write_tmp(&self, text: &str) -> Result<PathBuf> {
         let tmp = self.tmp_path();
-        let mut f = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(file_error("create", &tmp))?;
-        f.write_all(text.as_bytes())
-            .await
-            .map_err(file_error("write", &tmp))?;
-        // Synced before the rename: otherwise a crash can leave the new name on empty data.
-        f.sync_all().await.map_err(file_error("sync", &tmp))?;
+        write_synced(&tmp, text).await?;
         Ok(tmp)
     }
 
     async fn commit(&self, tmp: &Path) -> Result<()> {
-        if let Err(e) = tokio::fs::rename(tmp, &self.managed).await {
-            let _ = tokio::fs::remove_file(tmp).await;
-            return Err(file_error("rename into place", &self.managed)(e));
-        }
-        let dir = self.dir();
-        let d = tokio::fs::File::open(&dir)
-            .await
-            .map_err(file_error("open directory", &dir))?;
-        d.sync_all()
-            .await
-            .map_err(file_error("sync directory", &dir))?;
-        Ok(())
+        rename_synced(tmp, &self.managed).await
     }
+}
+
+/// `<path>.tmp`: next to `path`, so the rename into place cannot cross file systems.
+fn tmp_next_to(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "file".into());
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Creates (or truncates) `path` with `text` and syncs it.
+async fn write_synced(path: &Path, text: &str) -> Result<()> {
+    let mut f = tokio::fs::File::create(path)
+        .await
+        .map_err(file_error("create", path))?;
+    f.write_all(text.as_bytes())
+        .await
+        .map_err(file_error("write", path))?;
+    // Synced before the rename: otherwise a crash can leave the new name on empty data.
+    f.sync_all().await.map_err(file_error("sync", path))?;
+    Ok(())
+}
+
+/// Renames `tmp` over `dest` and syncs the directory, so the rename survives a crash; `tmp` is
+/// removed when the rename fails.
+async fn rename_synced(tmp: &Path, dest: &Path) -> Result<()> {
+    if let Err(e) = tokio::fs::rename(tmp, dest).await {
+        let _ = tokio::fs::remove_file(tmp).await;
+        return Err(file_error("rename into place", dest)(e));
+    }
+    let dir = dir_of(dest);
+    let d = tokio::fs::File::open(&dir)
+        .await
+        .map_err(file_error("open directory", &dir))?;
+    d.sync_all()
+        .await
+        .map_err(file_error("sync directory", &dir))?;
+    Ok(())
+}
+
+/// Replaces `path` with `text` atomically: readers see the old text or the new one, never a
+/// part. Through `<path>.tmp`, so calls for one path must not overlap.
+pub(crate) async fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = tmp_next_to(path);
+    write_synced(&tmp, text).await?;
+    rename_synced(&tmp, path).await
 }
 
 #[cfg(test)]
@@ -177,11 +202,11 @@ mod tests {
             managed: "/etc/haproxy/lbagent.cfg".into(),
         };
         assert_eq!(f.tmp_path(), PathBuf::from("/etc/haproxy/lbagent.cfg.tmp"));
-        assert_eq!(f.dir(), PathBuf::from("/etc/haproxy"));
+        assert_eq!(dir_of(&f.managed), PathBuf::from("/etc/haproxy"));
         let rel = ConfigFiles {
             managed: "lbagent.cfg".into(),
             ..f
         };
-        assert_eq!(rel.dir(), PathBuf::from("."));
+        assert_eq!(dir_of(&rel.managed), PathBuf::from("."));
     }
 }

@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::process::Command;
 
-use super::{HaproxyError, Result};
+use super::{HaproxyError, Result, ServerStateFile};
+use crate::model::DesiredState;
 use crate::runtime::parse::{ProcList, ProxyKind, StatusState};
 use crate::runtime::{self, ClientOptions, Endpoint, RuntimeClient};
 
@@ -100,6 +101,31 @@ impl Reloader {
                 Ok(ReloadReport::default())
             }
         }
+    }
+
+    /// [`Self::reload_with_log`], every reload's way: with a `state_file`, the servers' state
+    /// is handed over to the new worker, saved from the serving one first (adjusted to
+    /// `desired`, the state the config being loaded was rendered from) and cleared once the
+    /// master has dealt with the reload. A failure to save is logged and reloads all the same.
+    ///
+    /// A [`Reloader::Command`] gives no sign of when HAProxy reads the file (`systemctl
+    /// reload` returns once the signal is sent), so after one the file stays until the next
+    /// reload's save replaces it, or the agent's next start clears it.
+    pub async fn reload_handing_over(
+        &self,
+        deadline: Duration,
+        log: Option<&Path>,
+        state_file: Option<&ServerStateFile>,
+        desired: &DesiredState,
+    ) -> Result<ReloadReport> {
+        if let Some(f) = state_file {
+            f.save(desired).await;
+        }
+        let reloaded = self.reload_with_log(deadline, log).await;
+        if let (Some(f), Reloader::Master(_)) = (state_file, self) {
+            f.clear().await;
+        }
+        reloaded
     }
 }
 

@@ -8,16 +8,18 @@
 //! restarting HAProxy when the agent runs it itself ([`ManagedHaproxy`]).
 //!
 //! A change goes: [`ConfigFiles::install`] (validate with `haproxy -c`, then rename into place;
-//! keep the previous text), [`Reloader::reload`] (confirm a new worker took over), and on a
-//! failed reload [`ConfigFiles::restore`] with the previous text, so the file on disk again
-//! matches the worker that is still serving.
+//! keep the previous text), [`Reloader::reload_handing_over`] (save the servers' state for the
+//! new worker, reload, confirm a new worker took over), and on a failed reload
+//! [`ConfigFiles::restore`] with the previous text, so the file on disk again matches the
+//! worker that is still serving.
 //!
 //! # Layout
 //!
 //! - `files`: the config files, `haproxy -c` and the atomic install with rollback.
 //! - `master`: reloads through the master CLI or a command, confirmed per version, and
 //!   waiting for a frontend to open.
-//! - `process`: the HAProxy that managed mode runs itself.
+//! - `server_state`: the servers' state handed from the old worker to the new across a reload.
+//! - `process`: the HAProxy that managed mode runs itself, and its main config.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -28,10 +30,12 @@ use crate::runtime;
 mod files;
 mod master;
 mod process;
+mod server_state;
 
 pub use files::ConfigFiles;
 pub use master::{wait_frontend_open, ReloadReport, Reloader};
-pub use process::ManagedHaproxy;
+pub use process::{MainOptions, ManagedHaproxy, DEFAULT_HARD_STOP_AFTER};
+pub use server_state::ServerStateFile;
 
 /// The haproxy binary when none is named: `haproxy` on `PATH`, else Debian's `/usr/sbin/haproxy`
 /// (root's `PATH` has `/usr/sbin`, a user's often does not).

@@ -9,8 +9,11 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use super::files::write_atomic;
 use super::master::{left, log_since, show_proc_once, POLL_CALL_TIMEOUT, POLL_INTERVAL};
-use super::{file_error, ConfigFiles, HaproxyError, ReloadReport, Reloader, Result};
+use super::{
+    file_error, ConfigFiles, HaproxyError, ReloadReport, Reloader, Result, ServerStateFile,
+};
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
 
 /// How long a started HAProxy may take until both sockets answer.
@@ -19,18 +22,50 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long HAProxy has to stop on SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The main config [`ManagedHaproxy`] writes when the directory has none. `@DIR@` is the
-/// directory. `expose-fd listeners` lets a new worker take the listening sockets over from the
-/// old one on a reload, so no connection is refused in between. `maxconn 4096` needs about
-/// 8,200 file descriptors, which HAProxy raises its soft limit to by itself; a higher value
-/// refuses to start where the hard limit is lower (HAProxy exits with "Cannot raise FD limit"),
-/// so raise both together in the operator's own config.
+/// How long an old worker may go on serving its connections after a reload when nothing else
+/// is said: long enough for ordinary requests and downloads to finish, short enough that the
+/// old workers a day of reloads leaves, each kept alive by a long-lived MQTT or WebSocket
+/// connection, cannot pile up. Those clients reconnect, to the new worker.
+pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// What managed mode's main config says that the operator may choose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MainOptions {
+    /// `hard-stop-after`: how long an old worker may serve on after a reload.
+    pub hard_stop_after: Duration,
+}
+
+impl Default for MainOptions {
+    fn default() -> Self {
+        MainOptions {
+            hard_stop_after: DEFAULT_HARD_STOP_AFTER,
+        }
+    }
+}
+
+/// The first line of the main config [`ManagedHaproxy`] writes: a `haproxy.cfg` that starts
+/// with it is the agent's, rewritten at every start; one that does not is the operator's own,
+/// never touched. (Earlier versions wrote "# Written by lbagent when it found no config here".)
+const MAIN_HEADER: &str = "# Written by lbagent";
+
+/// The main config [`ManagedHaproxy`] writes. `@DIR@` is the directory, `@HARD_STOP_AFTER@`
+/// [`MainOptions::hard_stop_after`]. `expose-fd listeners` lets a new worker take the listening
+/// sockets over from the old one on a reload, so no connection is refused in between.
+/// `maxconn 4096` needs about 8,200 file descriptors, which HAProxy raises its soft limit to by
+/// itself; a higher value refuses to start where the hard limit is lower (HAProxy exits with
+/// "Cannot raise FD limit"), so raise both together in the operator's own config.
 const MAIN_CONFIG: &str =
-    "# Written by lbagent when it found no config here; lbagent's own frontends are in managed.cfg.
+    "# Written by lbagent at every start; lbagent's own frontends are in managed.cfg. To run
+# a main config of your own, replace this file with one that does not start with this line.
 global
     stats socket @DIR@/admin.sock mode 600 level admin expose-fd listeners
     stats timeout 1m
     maxconn 4096
+    # An old worker still serving connections after a reload stops this long after it.
+    hard-stop-after @HARD_STOP_AFTER@
+    # lbagent saves the servers' state here just before each reload: the new worker starts
+    # each server as the old one had it (a DOWN server stays DOWN until a check passes).
+    server-state-file @DIR@/server-state
     # Nothing here uses HAProxy's HTTP client; without this, every `haproxy -c` the agent runs
     # loads the system CA bundle (about three quarters of a 40 ms check).
     httpclient.ssl.verify none
@@ -40,12 +75,32 @@ defaults
     timeout connect 5s
     timeout client 1m
     timeout server 1m
+    load-server-state-from-file global
 ";
+
+/// [`MAIN_CONFIG`] for `dir`.
+fn main_config(dir: &Path, opts: &MainOptions) -> String {
+    MAIN_CONFIG
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@HARD_STOP_AFTER@", &haproxy_time(opts.hard_stop_after))
+}
+
+/// A duration in HAProxy's time syntax: whole seconds as `<n>s`, anything finer as `<n>ms`.
+fn haproxy_time(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
 
 /// An HAProxy run by the agent itself, in master-worker mode, in one directory:
 ///
-/// - `haproxy.cfg`: the main config (written with defaults if missing, never overwritten),
+/// - `haproxy.cfg`: the main config, the agent's (rewritten at every start from
+///   [`MainOptions`]) unless the operator put one of their own there,
 /// - `managed.cfg`: the agent's file (created empty if missing),
+/// - `server-state`: the servers' state, saved by the agent just before each reload and cleared
+///   after it ([`Self::server_state_file`]),
 /// - `admin.sock`: the worker's admin stats socket (when the default main config is used),
 /// - `master.sock`: the master CLI,
 /// - `haproxy.log`: HAProxy's stdout and stderr, appended (2.6 reports failed reloads only
@@ -63,10 +118,20 @@ pub struct ManagedHaproxy {
 }
 
 impl ManagedHaproxy {
-    /// Prepares `dir` (created if needed), validates the config, starts
+    /// [`Self::start_with`] the default [`MainOptions`].
+    pub async fn start(dir: &Path, haproxy_bin: &Path) -> Result<ManagedHaproxy> {
+        Self::start_with(dir, haproxy_bin, &MainOptions::default()).await
+    }
+
+    /// Prepares `dir` (created if needed), writes the main config unless it is the operator's
+    /// own, validates the config, starts
     /// `haproxy -W -S master.sock,mode,600 -f haproxy.cfg -f managed.cfg` and waits until the
     /// admin socket and the master CLI answer.
-    pub async fn start(dir: &Path, haproxy_bin: &Path) -> Result<ManagedHaproxy> {
+    pub async fn start_with(
+        dir: &Path,
+        haproxy_bin: &Path,
+        opts: &MainOptions,
+    ) -> Result<ManagedHaproxy> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(file_error("create directory", dir))?;
@@ -76,14 +141,18 @@ impl ManagedHaproxy {
             .map_err(file_error("resolve", dir))?;
         check_path(&dir)?;
         let main = dir.join("haproxy.cfg");
-        if !tokio::fs::try_exists(&main)
-            .await
-            .map_err(file_error("look for", &main))?
-        {
-            let text = MAIN_CONFIG.replace("@DIR@", &dir.display().to_string());
-            tokio::fs::write(&main, text)
-                .await
-                .map_err(file_error("write", &main))?;
+        let ours = match tokio::fs::read_to_string(&main).await {
+            Ok(text) => text.starts_with(MAIN_HEADER),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(file_error("read", &main)(e)),
+        };
+        if ours {
+            write_atomic(&main, &main_config(&dir, opts)).await?;
+        } else {
+            tracing::info!(
+                path = %main.display(),
+                "the main config is the operator's own: hard-stop-after and the server-state-file lines are up to it"
+            );
         }
         let managed = dir.join("managed.cfg");
         if !tokio::fs::try_exists(&managed)
@@ -132,6 +201,9 @@ impl ManagedHaproxy {
     }
 
     async fn spawn(&mut self) -> Result<()> {
+        // A fresh start has no old worker to take the servers' state from: what a file holds
+        // (an agent stopped between saving and clearing it) is out of date.
+        self.server_state_file().clear().await;
         let files = self.config_files();
         files.validate(&files.managed).await?;
         let log_path = self.log_path();
@@ -241,6 +313,14 @@ impl ManagedHaproxy {
             main: self.dir.join("haproxy.cfg"),
             managed: self.dir.join("managed.cfg"),
         }
+    }
+
+    /// The `server-state-file` the main config names, asked of the admin socket.
+    pub fn server_state_file(&self) -> ServerStateFile {
+        ServerStateFile::new(
+            self.dir.join("server-state"),
+            Endpoint::Unix(self.admin_socket()),
+        )
     }
 
     pub fn reloader(&self) -> Reloader {
@@ -380,6 +460,21 @@ fn signal(pid: u32, sig: Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn main_config_renders_its_settings() {
+        let dir = Path::new("/var/lib/lbagent/haproxy");
+        let text = main_config(dir, &MainOptions::default());
+        assert!(text.starts_with(MAIN_HEADER));
+        assert!(text.contains("\n    hard-stop-after 1800s\n"), "{text}");
+        assert!(text.contains("\n    server-state-file /var/lib/lbagent/haproxy/server-state\n"));
+        assert!(text.contains("\n    load-server-state-from-file global\n"));
+        assert!(!text.contains('@'), "a placeholder left: {text}");
+        let opts = MainOptions {
+            hard_stop_after: Duration::from_millis(1500),
+        };
+        assert!(main_config(dir, &opts).contains("\n    hard-stop-after 1500ms\n"));
+    }
 
     #[test]
     fn paths_checked() {
