@@ -49,7 +49,15 @@ pub struct Api {
 type Reply = Response<Full<Bytes>>;
 
 fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    serialized_reply(status, &body)
+}
+
+/// A JSON answer written straight from `body`: no `Value` tree in between, which at 10,000
+/// servers is most of the time of `GET /v1/frontends`.
+fn serialized_reply(status: StatusCode, body: &impl serde::Serialize) -> Reply {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -405,7 +413,7 @@ impl Api {
 
         match route {
             Route::Frontends => match self.agent.view().await {
-                Some(v) => json_reply(StatusCode::OK, serde_json::to_value(v).unwrap_or_default()),
+                Some(v) => serialized_reply(StatusCode::OK, &v),
                 None => error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",

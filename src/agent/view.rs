@@ -119,3 +119,60 @@ fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
         frontends,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mode, NodeName, ServerSpec, ServerState};
+    use crate::runtime::parse::parse_show_stat;
+
+    #[test]
+    fn joins_each_server_with_its_own_row_only() {
+        let mut desired = DesiredState::default();
+        for node in ["node-a", "node-b"] {
+            desired
+                .apply(&Change::PutServer {
+                    frontend_port: 443,
+                    node: NodeName::new(node).unwrap(),
+                    mode: Mode::Tcp,
+                    spec: ServerSpec {
+                        node_ip: "10.0.0.1".parse().unwrap(),
+                        node_port: 30443,
+                        state: ServerState::Ready,
+                        service: None,
+                        weight: None,
+                    },
+                })
+                .unwrap();
+        }
+        // The operator's backend has a server called node-b too; HAProxy lacks our node-b.
+        let rows = parse_show_stat(
+            "# pxname,svname,status,check_status,addr,type\n\
+             fe_443,FRONTEND,OPEN,,,0\n\
+             be_443,node-a,UP,L4OK,10.0.0.1:30443,2\n\
+             be_443,BACKEND,UP,,,1\n\
+             ops,node-b,DOWN,L4CON,192.0.2.1:80,2\n",
+        )
+        .unwrap();
+        let v = build(&desired, &rows, true);
+        assert_eq!(v.haproxy, "up");
+        let fe = &v.frontends[0];
+        assert_eq!(fe.haproxy_status.as_deref(), Some("OPEN"));
+        let a = fe.servers[0].haproxy.as_ref().unwrap();
+        assert_eq!(
+            (
+                a.status.as_str(),
+                a.check_status.as_deref(),
+                a.addr.as_deref()
+            ),
+            ("UP", Some("L4OK"), Some("10.0.0.1:30443"))
+        );
+        assert!(fe.servers[1].haproxy.is_none(), "{:?}", fe.servers[1]);
+        let down = build(&desired, &[], false);
+        assert_eq!(down.haproxy, "down");
+        assert!(down.frontends[0]
+            .servers
+            .iter()
+            .all(|s| s.haproxy.is_none()));
+    }
+}
