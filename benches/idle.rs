@@ -2,8 +2,9 @@
 //!
 //! - **idle CPU**: the agent's and HAProxy's CPU over a window with no requests, the agent at
 //!   its defaults (a `show info` look every 2 s, the full comparison every 15 s); the baseline
-//!   is the same HAProxy over the same window once the agent is stopped (`--keep-haproxy`), so
-//!   nobody polls it. The difference is what the polling costs HAProxy.
+//!   is the same HAProxy over windows of the same length while the agent is frozen (SIGSTOP),
+//!   so nobody polls it. Polled and unpolled windows alternate, three of each, so a drift of
+//!   the machine's load falls on both. The difference is what the polling costs HAProxy.
 //! - **`GET /v1/frontends`** end to end (signed request, JSON of every server): read from a
 //!   `show stat` older than the reconcile interval (a cold read: the request reads it) and from a
 //!   shared one (warm); the baseline is the same `show stat` read and parsed straight from the
@@ -113,7 +114,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let measuring = util::measuring();
     let (frontends, per_frontend) = if measuring { (10, 1000) } else { (2, 100) };
-    let window = Duration::from_secs(if measuring { 45 } else { 1 });
+    let window = Duration::from_secs(if measuring { 30 } else { 1 });
+    let pairs = if measuring { 3 } else { 1 };
     let reconcile = Duration::from_secs(2);
     let mut agent = Agent::managed_with(Options {
         extra: [
@@ -127,7 +129,6 @@ fn main() {
             // Idle: nobody renews, and nothing may expire meanwhile.
             "--lease",
             "0",
-            "--keep-haproxy",
         ]
         .map(String::from)
         .to_vec(),
@@ -172,17 +173,25 @@ fn main() {
         v
     });
 
-    // Idle CPU with the agent polling, then of the same HAProxy with nobody polling it.
+    // Idle CPU with the agent polling, and of the same HAProxy while the agent is frozen.
     let haproxy = agent.haproxy_pids();
     let agent_pid = [agent.pid()];
-    let both_before = (cpu_seconds(&agent_pid), cpu_seconds(&haproxy));
-    std::thread::sleep(window);
-    let agent_cpu = (cpu_seconds(&agent_pid) - both_before.0) / window.as_secs_f64() * 100.0;
-    let polled = (cpu_seconds(&haproxy) - both_before.1) / window.as_secs_f64() * 100.0;
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    let (mut agent_cpu, mut polled, mut unpolled) = (0.0, 0.0, 0.0);
+    for _ in 0..pairs {
+        let before = (cpu_seconds(&agent_pid), cpu_seconds(&haproxy));
+        std::thread::sleep(window);
+        agent_cpu += (cpu_seconds(&agent_pid) - before.0) / window.as_secs_f64() * 100.0;
+        polled += (cpu_seconds(&haproxy) - before.1) / window.as_secs_f64() * 100.0;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        unpolled += cpu_percent(&haproxy, window);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    }
+    let n = pairs as f64;
+    let (agent_cpu, polled, unpolled) = (agent_cpu / n, polled / n, unpolled / n);
+    // Still working after the freezes.
+    assert_eq!(agent.get("/healthz").status, 200);
     agent.stop();
-    let haproxy_left = agent.haproxy_pids();
-    assert!(!haproxy_left.is_empty(), "--keep-haproxy left no HAProxy");
-    let unpolled = cpu_percent(&haproxy_left, window);
 
     if !measuring {
         return;
@@ -194,7 +203,7 @@ fn main() {
     );
     let worst = |v: &[Duration]| v.iter().copied().max().unwrap_or_default();
     println!(
-        "\nlbagent at {servers} servers, idle ({frontends} frontends; filled in {:.1} s; windows of {window:?})",
+        "\nlbagent at {servers} servers, idle ({frontends} frontends; filled in {:.1} s; CPU: the mean of {pairs} windows of {window:?} each)",
         filled.as_secs_f64()
     );
     println!("| measure | lbagent | baseline | ratio | target |");
