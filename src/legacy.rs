@@ -32,20 +32,16 @@ pub fn node_for(ip: &IpAddr) -> NodeName {
     NodeName::new(&name).expect("digits, hex, '-' and a letter prefix, at most 43 characters")
 }
 
-/// A number given as a JSON number or a string ("443").
+/// A port given as a JSON number or a string ("443"), through the one port check.
 fn port_field(body: &Value, field: &'static str) -> Result<u16, String> {
     let v = body
         .get(field)
         .ok_or_else(|| format!("missing field `{field}`"))?;
-    let n = match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
+    let checked = match v {
+        Value::String(s) => crate::runtime::validate::port(field, s),
+        other => crate::runtime::validate::port(field, other),
     };
-    match n {
-        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(format!("{field} {v} must be a port from 1 to 65535")),
-    }
+    checked.map_err(|e| e.to_string())
 }
 
 fn string_field<'a>(body: &'a Value, field: &'static str) -> Result<&'a str, String> {

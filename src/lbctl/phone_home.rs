@@ -23,10 +23,10 @@ pub struct PhoneHomeArgs {
     #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
     pub agent: String,
     /// The frontend port on the load balancer.
-    #[arg(long)]
+    #[arg(long, value_parser = port_flag)]
     pub frontend_port: u16,
     /// The port on the node (a NodePort).
-    #[arg(long)]
+    #[arg(long, value_parser = port_flag)]
     pub node_port: u16,
     /// The node's name (the server's name in HAProxy).
     #[arg(long, env = "NODE_NAME")]
@@ -88,6 +88,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be between 10ms and 24h"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A port flag, through the same check the agent applies.
+fn port_flag(text: &str) -> Result<u16, String> {
+    crate::runtime::validate::port("port", text).map_err(|e| e.to_string())
 }
 
 /// Where the node IP comes from.
