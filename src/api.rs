@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::auth::{AuthHeaders, Verifier};
 use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
-use crate::model::{backend_name, Change, Conflict, Mode, NodeName, ServerSpec, ServerState};
+use crate::model::{
+    backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -175,15 +177,7 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
         Some(w) => return Err(BadRequest(format!("weight {w} must be from 0 to 256"))),
     };
     if let Some(s) = &b.service {
-        let ok = !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !ok {
-            return Err(BadRequest(format!(
-                "service {s:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
-            )));
-        }
+        check_service_label("service", s).map_err(|e| BadRequest(e.message))?;
     }
     Ok(Change::PutServer {
         frontend_port,

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use crate::model::{Change, Mode, NodeName, ServerSpec, ServerState};
+use crate::model::{check_service_label, Change, Mode, NodeName, ServerSpec, ServerState};
 
 /// The header the old sidecars send.
 pub const TOKEN_HEADER: &str = "X-Funkypenguin-Token";
@@ -71,16 +71,7 @@ pub fn parse(body: &[u8]) -> Result<Change, String> {
         return Err(format!("dst-ip {node_ip} cannot be a server address"));
     }
     let name = string_field(&body, "name")?;
-    let service_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !service_ok {
-        return Err(format!(
-            "name {name:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
-        ));
-    }
+    check_service_label("name", name).map_err(|e| e.message)?;
     let node = node_for(&node_ip);
     match string_field(&body, "action")? {
         "add" => Ok(Change::PutServer {

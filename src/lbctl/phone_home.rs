@@ -15,7 +15,7 @@ use std::time::Duration;
 use hyper::Method;
 
 use super::agent_client::{signed_request, SigningKey};
-use crate::model::NodeName;
+use crate::model::{check_service_label, NodeName};
 
 #[derive(clap::Args, Debug)]
 pub struct PhoneHomeArgs {
@@ -260,6 +260,13 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         ExitCode::from(2)
     };
     if let Err(e) = NodeName::new(&args.node) {
+        return usage(e.message);
+    }
+    if let Some(Err(e)) = args
+        .service
+        .as_deref()
+        .map(|s| check_service_label("--service", s))
+    {
         return usage(e.message);
     }
     let key = match (&args.key_file, std::env::var("LBAGENT_KEY")) {
