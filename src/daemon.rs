@@ -208,6 +208,9 @@ pub fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A legacy token file larger than this is not one (the old tokens are a few dozen bytes).
+const MAX_LEGACY_TOKEN_FILE: u64 = 4096;
+
 fn parse_list<T: std::str::FromStr<Err = String>>(flag: &str, v: &str) -> Result<T, BoxError> {
     v.parse::<T>().map_err(|e| format!("--{flag}: {e}").into())
 }
@@ -465,20 +468,8 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
 
 /// Reads the legacy token, refusing a file others can read (like the keys file).
 fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "--legacy-token-file {} has mode {mode:03o}: group or others can read it; run chmod 600 {}",
-            path.display(),
-            path.display()
-        )
-        .into());
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
+    let text = crate::secret_file::read(path, MAX_LEGACY_TOKEN_FILE)
+        .map_err(|e| format!("--legacy-token-file {e}"))?;
     let token = text.trim();
     if token.len() < 8 {
         return Err(format!(
@@ -522,4 +513,38 @@ fn duration_setting(name: &str, value: Option<&str>, default: &str) -> Result<Du
         return Ok(Duration::ZERO);
     }
     crate::lbctl::phone_home::parse_duration(text).map_err(|e| format!("--{name} {text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("legacy-token");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn legacy_token_file_is_a_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = token_file(dir.path(), "old-shared-token\n", 0o600);
+        assert_eq!(read_legacy_token(&p).unwrap(), b"old-shared-token");
+
+        let p = token_file(dir.path(), "old-shared-token\n", 0o644);
+        let e = read_legacy_token(&p).unwrap_err().to_string();
+        let shown = p.display();
+        assert!(
+            e.starts_with(&format!("--legacy-token-file {shown} has mode 0644")),
+            "{e}"
+        );
+        assert!(e.contains(&format!("chmod 600 {shown}")), "{e}");
+        assert!(!e.contains("old-shared-token"), "{e}");
+
+        let p = token_file(dir.path(), "short\n", 0o600);
+        let e = read_legacy_token(&p).unwrap_err().to_string();
+        assert!(e.contains("shorter than 8"), "{e}");
+    }
 }
