@@ -25,7 +25,7 @@
 //!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads that hand the servers'
 //!   state to the new worker, the managed process.
 //! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals;
-//!   [`clock`]: Unix seconds, for every timestamp.
+//!   [`clock`]: Unix seconds for every timestamp, and the one duration parser of every flag.
 //! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.
 //! - `src/bin/`: thin mains for `lbagent` and `lbctl`.
 
