@@ -5,7 +5,10 @@
 //!
 //! `cargo bench --bench agent` (the figures and targets are in docs/performance.md).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 mod util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,12 +76,8 @@ fn start_agent() -> Agent {
             "5",
         ])
         // The HAProxy under test, as for the integration tests (`LBAGENT_TEST_HAPROXY`).
-        .args(
-            std::env::var_os("LBAGENT_TEST_HAPROXY")
-                .filter(|p| !p.is_empty())
-                .map(|p| vec![std::ffi::OsString::from("--haproxy-bin"), p])
-                .unwrap_or_default(),
-        )
+        .arg("--haproxy-bin")
+        .arg(common::haproxy_bin())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::auth::{AuthHeaders, Verifier};
 use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
-use crate::model::{backend_name, Change, Conflict, Mode, NodeName, ServerSpec, ServerState};
+use crate::model::{
+    backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -149,13 +151,9 @@ impl From<BadRequest> for Reply {
     }
 }
 
-fn parse_port(field: &str, raw: &str) -> Result<u16, BadRequest> {
-    match raw.parse::<u32>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(BadRequest(format!(
-            "{field} {raw:?} must be a port from 1 to 65535"
-        ))),
-    }
+/// A port from the request: the one port check, as a 400 naming the field.
+fn checked_port(field: &'static str, value: impl std::fmt::Display) -> Result<u16, BadRequest> {
+    crate::runtime::validate::port(field, value).map_err(|e| BadRequest(e.to_string()))
 }
 
 fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, BadRequest> {
@@ -172,30 +170,14 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
             "node_ip {node_ip} cannot be a server address"
         )));
     }
-    let node_port = u16::try_from(b.node_port)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| {
-            BadRequest(format!(
-                "node_port {} must be a port from 1 to 65535",
-                b.node_port
-            ))
-        })?;
+    let node_port = checked_port("node_port", b.node_port)?;
     let weight = match b.weight {
         None => None,
         Some(w) if (0..=256).contains(&w) => Some(w as u16),
         Some(w) => return Err(BadRequest(format!("weight {w} must be from 0 to 256"))),
     };
     if let Some(s) = &b.service {
-        let ok = !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !ok {
-            return Err(BadRequest(format!(
-                "service {s:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
-            )));
-        }
+        check_service_label("service", s).map_err(|e| BadRequest(e.message))?;
     }
     Ok(Change::PutServer {
         frontend_port,
@@ -421,7 +403,7 @@ impl Api {
                 ),
             },
             Route::Frontend(port) => {
-                let port = match parse_port("frontend_port", port) {
+                let port = match checked_port("frontend_port", port) {
                     Ok(p) => p,
                     Err(r) => return r.into(),
                 };
@@ -435,7 +417,7 @@ impl Api {
                 .await
             }
             Route::Server(port, node) => {
-                let port = match parse_port("frontend_port", port) {
+                let port = match checked_port("frontend_port", port) {
                     Ok(p) => p,
                     Err(r) => return r.into(),
                 };
@@ -689,9 +671,14 @@ mod tests {
 
     #[test]
     fn ports_in_paths() {
-        assert_eq!(parse_port("frontend_port", "443").unwrap(), 443);
+        assert_eq!(checked_port("frontend_port", "443").unwrap(), 443);
         for bad in ["0", "65536", "-1", "x", ""] {
-            assert!(parse_port("frontend_port", bad).is_err(), "{bad}");
+            let e = checked_port("frontend_port", bad).unwrap_err();
+            assert!(
+                e.0.contains("frontend_port") && e.0.contains(bad),
+                "{bad}: {}",
+                e.0
+            );
         }
     }
 }

@@ -24,15 +24,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
+
+use crate::secret_file::SecretFileError;
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -74,24 +76,17 @@ pub struct Keys {
 /// Why a set of keys or a keys file was refused. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    /// Reading, creating or writing the keys file failed.
+    /// Creating or writing the keys file failed.
     #[error("keys file {}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    /// The keys file is accessible to group or others.
-    #[error(
-        "keys file {} has mode {mode:04o}: it must not be readable or writable by group or \
-         others; run `chmod 600 {}`",
-        path.display(),
-        path.display()
-    )]
-    Permissions { path: PathBuf, mode: u32 },
-    /// The keys file is not a regular file, or is too large to be one.
-    #[error("keys file {}: {message}", path.display())]
-    NotAKeysFile { path: PathBuf, message: String },
+    /// The keys file cannot be opened or read, is not a regular file, is too large to be one,
+    /// or group or others may read or write it.
+    #[error("keys file {0}")]
+    File(#[from] SecretFileError),
     /// The keys file is not valid TOML (the message never quotes the file's text).
     #[error("keys file {}: malformed TOML{}: {message}", path.display(),
         line.map(|l| format!(" at line {l}")).unwrap_or_default())]
@@ -135,39 +130,7 @@ impl Keys {
     /// Reads and validates a keys file, refusing it if group or others may read or write it.
     /// Call it again to reload (see [`Verifier::reload`]).
     pub fn load(path: &Path) -> Result<Keys, KeysError> {
-        let io_err = |source| KeysError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        // Check the opened file itself, not the path, so it cannot be swapped in between.
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(KeysError::NotAKeysFile {
-                path: path.to_path_buf(),
-                message: "not a regular file".into(),
-            });
-        }
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeysError::Permissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        if meta.len() > MAX_KEYS_FILE {
-            return Err(KeysError::NotAKeysFile {
-                path: path.to_path_buf(),
-                message: format!(
-                    "{} bytes, more than the {MAX_KEYS_FILE} allowed",
-                    meta.len()
-                ),
-            });
-        }
-        let mut text = String::new();
-        file.take(MAX_KEYS_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(io_err)?;
+        let text = crate::secret_file::read(path, MAX_KEYS_FILE)?;
         Keys::parse(&text).map_err(|e| match e {
             KeysError::Malformed { line, message, .. } => KeysError::Malformed {
                 path: path.to_path_buf(),
@@ -1295,7 +1258,10 @@ mod tests {
         for mode in [0o640, 0o604, 0o660, 0o602, 0o620, 0o644] {
             let path = write_keys(&dir, GOOD_FILE, mode);
             let err = Keys::load(&path).unwrap_err();
-            assert!(matches!(err, KeysError::Permissions { .. }), "{err}");
+            assert!(
+                matches!(err, KeysError::File(SecretFileError::OpenToOthers { .. })),
+                "{err}"
+            );
             let msg = err.to_string();
             assert!(
                 msg.contains(&format!("chmod 600 {}", path.display())),
@@ -1373,12 +1339,12 @@ mod tests {
 
         // A missing file.
         let err = Keys::load(&dir.path().join("absent.toml")).unwrap_err();
-        assert!(matches!(err, KeysError::Io { .. }));
+        assert!(matches!(err, KeysError::File(SecretFileError::Io { .. })));
         assert!(err.to_string().contains("absent.toml"));
         // A directory.
         assert!(matches!(
             Keys::load(dir.path()).unwrap_err(),
-            KeysError::NotAKeysFile { .. }
+            KeysError::File(SecretFileError::NotRegular { .. })
         ));
     }
 
@@ -1476,7 +1442,7 @@ mod tests {
         write_keys(&dir, GOOD_FILE, 0o644);
         assert!(matches!(
             v.reload(&path),
-            Err(KeysError::Permissions { .. })
+            Err(KeysError::File(SecretFileError::OpenToOthers { .. }))
         ));
         let r = Req::signed(Some("ci-2024.1"), SECRET2, NOW, "nonce-000000000003");
         assert!(check(&v, &r, NOW).is_ok());

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentParts};
 use crate::api::{self, Api};
-use crate::auth::{Keys, Verifier, DEFAULT_KEY_ID};
+use crate::auth::{Keys, Verifier, DEFAULT_KEY_ID, DEFAULT_WINDOW};
+use crate::clock::DurationSetting;
 use crate::haproxy::{
     ConfigFiles, MainOptions, ManagedHaproxy, Reloader, ServerStateFile, DEFAULT_HARD_STOP_AFTER,
 };
@@ -83,25 +84,29 @@ pub struct Settings {
     /// Most servers one frontend may hold [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_servers_per_frontend: Option<usize>,
-    /// Accepted clock difference for signed requests, in seconds [default: 300].
-    #[arg(long, value_name = "SECONDS")]
-    pub auth_window: Option<u64>,
-    /// Seconds between looks at HAProxy: a restart or reload (`show info`), lease expiry,
-    /// draining servers [default: 2].
-    #[arg(long, value_name = "SECONDS")]
-    pub reconcile_interval: Option<f64>,
-    /// How often HAProxy's servers are compared in full with the desired state, repairing
-    /// drift (restarts and reloads are noticed every reconcile interval) [default: 15s].
+    // Durations are `DurationSetting`s: `90s`, `1m30s`, `500ms`, or a bare number of seconds,
+    // from a flag or the file (a string or a number); each is resolved, with its range, below.
+    /// Accepted clock difference for signed requests, whole seconds from 1s to 1d
+    /// [default: 300s].
     #[arg(long, value_name = "DURATION")]
-    pub drift_check_interval: Option<String>,
+    pub auth_window: Option<DurationSetting>,
+    /// How often HAProxy is looked at: a restart or reload (`show info`), lease expiry,
+    /// draining servers; 100ms to 1h [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub reconcile_interval: Option<DurationSetting>,
+    /// How often HAProxy's servers are compared in full with the desired state, repairing
+    /// drift (restarts and reloads are noticed every reconcile interval); 100ms to 1d
+    /// [default: 15s].
+    #[arg(long, value_name = "DURATION")]
+    pub drift_check_interval: Option<DurationSetting>,
     /// How long a registration lives without a renewing PUT (a sidecar's heartbeat), e.g.
     /// `90s`; `0` keeps registrations until deleted [default: 90s, three sidecar intervals].
     #[arg(long, value_name = "DURATION")]
-    pub lease: Option<String>,
+    pub lease: Option<DurationSetting>,
     /// How long a deleted server keeps its open connections before they are shut
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
-    pub drain_timeout: Option<String>,
+    pub drain_timeout: Option<DurationSetting>,
     /// Turn `/metrics` off.
     #[arg(long)]
     #[serde(default)]
@@ -132,7 +137,7 @@ pub struct Settings {
     /// reload, e.g. 30m, 1h, 90s [default: 30m]. Attached mode: set `hard-stop-after` in
     /// HAProxy's global section.
     #[arg(long, value_name = "DURATION")]
-    pub hard_stop_after: Option<String>,
+    pub hard_stop_after: Option<DurationSetting>,
 }
 
 impl Settings {
@@ -208,27 +213,11 @@ pub fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A legacy token file larger than this is not one (the old tokens are a few dozen bytes).
+const MAX_LEGACY_TOKEN_FILE: u64 = 4096;
+
 fn parse_list<T: std::str::FromStr<Err = String>>(flag: &str, v: &str) -> Result<T, BoxError> {
     v.parse::<T>().map_err(|e| format!("--{flag}: {e}").into())
-}
-
-/// A duration flag (`30m`, `1h30m`, `90s`).
-fn parse_duration(flag: &str, v: &str) -> Result<Duration, BoxError> {
-    humantime::parse_duration(v)
-        .map_err(|e| format!("--{flag} {v:?}: {e} (write it like 30m, 1h or 90s)").into())
-}
-
-/// `--hard-stop-after`: from 1 s up to the 24 days HAProxy's timers hold.
-fn hard_stop_after(v: &str) -> Result<Duration, BoxError> {
-    let d = parse_duration("hard-stop-after", v)?;
-    let max = Duration::from_secs(24 * 24 * 3600);
-    if d < Duration::from_secs(1) || d > max {
-        return Err(format!(
-            "--hard-stop-after {v:?}: must be from 1s to 24 days (HAProxy's timers hold no more)"
-        )
-        .into());
-    }
-    Ok(d)
 }
 
 /// Reads settings, starts everything, and runs until SIGTERM or SIGINT.
@@ -243,6 +232,8 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         }
         None => cli,
     };
+    // Every value is checked before anything is created or started.
+    let durations = Durations::resolve(&settings)?;
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9900)));
@@ -304,10 +295,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             .into());
         }
         Some(MainOptions {
-            hard_stop_after: match &settings.hard_stop_after {
-                Some(v) => hard_stop_after(v)?,
-                None => DEFAULT_HARD_STOP_AFTER,
-            },
+            hard_stop_after: durations.hard_stop_after,
         })
     };
     let keys_path = match (&settings.keys_file, attached) {
@@ -325,8 +313,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     } else {
         Keys::load(&keys_path)?
     };
-    let window = Duration::from_secs(settings.auth_window.unwrap_or(300));
-    let verifier = Verifier::new(keys, window);
+    let verifier = Verifier::new(keys, durations.auth_window);
     verifier.refuse_signed_before(crate::clock::unix_seconds());
 
     let legacy_token = match &settings.legacy_token_file {
@@ -413,23 +400,14 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             frontend_bind: settings.frontend_bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
         },
         managed,
-        reconcile_every: Duration::from_secs_f64(
-            settings
-                .reconcile_interval
-                .unwrap_or(2.0)
-                .clamp(0.1, 3600.0),
-        ),
-        drift_check_every: duration_setting(
-            "drift-check-interval",
-            settings.drift_check_interval.as_deref(),
-            "15s",
-        )?,
+        reconcile_every: durations.reconcile_interval,
+        drift_check_every: durations.drift_check_interval,
         reload_deadline: Duration::from_secs(15),
         haproxy_log,
         keep_haproxy: settings.keep_haproxy,
         host_checks: !settings.no_host_checks,
-        lease: duration_setting("lease", settings.lease.as_deref(), "90s")?,
-        drain_timeout: duration_setting("drain-timeout", settings.drain_timeout.as_deref(), "60s")?,
+        lease: durations.lease,
+        drain_timeout: durations.drain_timeout,
         server_state,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
@@ -463,22 +441,54 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The duration settings, resolved: each the flag's (or the file's) value or its default,
+/// checked against its range.
+#[derive(Debug, PartialEq, Eq)]
+struct Durations {
+    auth_window: Duration,
+    reconcile_interval: Duration,
+    drift_check_interval: Duration,
+    lease: Duration,
+    drain_timeout: Duration,
+    hard_stop_after: Duration,
+}
+
+impl Durations {
+    fn resolve(s: &Settings) -> Result<Durations, String> {
+        let secs = Duration::from_secs;
+        let or =
+            |v: Option<DurationSetting>, default: Duration| v.unwrap_or(DurationSetting(default));
+        let auth_window = or(s.auth_window, DEFAULT_WINDOW);
+        let resolved = Durations {
+            auth_window: auth_window.within("--auth-window", secs(1)..=secs(86_400))?,
+            reconcile_interval: or(s.reconcile_interval, secs(2)).within(
+                "--reconcile-interval",
+                Duration::from_millis(100)..=secs(3600),
+            )?,
+            drift_check_interval: or(s.drift_check_interval, secs(15)).within(
+                "--drift-check-interval",
+                Duration::from_millis(100)..=secs(86_400),
+            )?,
+            // 0 turns leases off.
+            lease: or(s.lease, secs(90)).0,
+            drain_timeout: or(s.drain_timeout, secs(60)).0,
+            // HAProxy's timers hold no more than 24 days.
+            hard_stop_after: or(s.hard_stop_after, DEFAULT_HARD_STOP_AFTER)
+                .within("--hard-stop-after", secs(1)..=secs(24 * 24 * 3600))?,
+        };
+        if resolved.auth_window.subsec_nanos() != 0 {
+            return Err(format!(
+                "--auth-window {auth_window} must be whole seconds: request timestamps are"
+            ));
+        }
+        Ok(resolved)
+    }
+}
+
 /// Reads the legacy token, refusing a file others can read (like the keys file).
 fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "--legacy-token-file {} has mode {mode:03o}: group or others can read it; run chmod 600 {}",
-            path.display(),
-            path.display()
-        )
-        .into());
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--legacy-token-file {}: {e}", path.display()))?;
+    let text = crate::secret_file::read(path, MAX_LEGACY_TOKEN_FILE)
+        .map_err(|e| format!("--legacy-token-file {e}"))?;
     let token = text.trim();
     if token.len() < 8 {
         return Err(format!(
@@ -516,10 +526,171 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
     }
 }
 
-fn duration_setting(name: &str, value: Option<&str>, default: &str) -> Result<Duration, String> {
-    let text = value.unwrap_or(default);
-    if text.trim() == "0" {
-        return Ok(Duration::ZERO);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("legacy-token");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
     }
-    crate::lbctl::phone_home::parse_duration(text).map_err(|e| format!("--{name} {text:?}: {e}"))
+
+    fn resolve(args: &[&str]) -> Result<Durations, String> {
+        let cli = Settings::try_parse_from(std::iter::once("lbagent").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Durations::resolve(&cli)
+    }
+
+    #[test]
+    fn duration_flags_take_humantime_and_bare_seconds() {
+        let d = resolve(&[
+            "--auth-window",
+            "90s",
+            "--reconcile-interval",
+            "500ms",
+            "--drift-check-interval",
+            "1m30s",
+            "--lease",
+            "2m",
+            "--drain-timeout",
+            "10s",
+            "--hard-stop-after",
+            "1h",
+        ])
+        .unwrap();
+        let secs = Duration::from_secs;
+        assert_eq!(
+            d,
+            Durations {
+                auth_window: secs(90),
+                reconcile_interval: Duration::from_millis(500),
+                drift_check_interval: secs(90),
+                lease: secs(120),
+                drain_timeout: secs(10),
+                hard_stop_after: secs(3600),
+            }
+        );
+        // Bare numbers are seconds, as the flags were before they took units; 0 is no lease.
+        let d = resolve(&[
+            "--auth-window",
+            "300",
+            "--reconcile-interval",
+            "0.5",
+            "--lease",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(d.auth_window, secs(300));
+        assert_eq!(d.reconcile_interval, Duration::from_millis(500));
+        assert_eq!(d.lease, Duration::ZERO);
+        // Defaults, and the help text says them.
+        assert_eq!(
+            resolve(&[]).unwrap(),
+            Durations {
+                auth_window: secs(300),
+                reconcile_interval: secs(2),
+                drift_check_interval: secs(15),
+                lease: secs(90),
+                drain_timeout: secs(60),
+                hard_stop_after: secs(30 * 60),
+            }
+        );
+        let help = <Settings as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for default in ["300s", "2s", "15s", "90s", "60s"] {
+            assert!(
+                help.contains(&format!("[default: {default}")),
+                "{default}: {help}"
+            );
+        }
+        assert_eq!("300s".parse::<DurationSetting>().unwrap().0, DEFAULT_WINDOW);
+
+        // Bad text: clap names the flag and quotes the text.
+        for flag in [
+            "--auth-window",
+            "--reconcile-interval",
+            "--drift-check-interval",
+            "--lease",
+            "--drain-timeout",
+            "--hard-stop-after",
+        ] {
+            let e = resolve(&[flag, "5x"]).unwrap_err();
+            assert!(
+                e.contains(flag) && e.contains("\"5x\" is not a duration"),
+                "{e}"
+            );
+        }
+        // Out of range, or not whole seconds: the setting is named.
+        let e = resolve(&["--reconcile-interval", "10ms"]).unwrap_err();
+        assert!(
+            e.starts_with("--reconcile-interval 10ms is out of range"),
+            "{e}"
+        );
+        let e = resolve(&["--drift-check-interval", "0"]).unwrap_err();
+        assert!(
+            e.starts_with("--drift-check-interval 0s is out of range"),
+            "{e}"
+        );
+        let e = resolve(&["--auth-window", "0"]).unwrap_err();
+        assert!(e.starts_with("--auth-window 0s is out of range"), "{e}");
+        let e = resolve(&["--hard-stop-after", "25d"]).unwrap_err();
+        assert!(
+            e.starts_with("--hard-stop-after 25days is out of range"),
+            "{e}"
+        );
+        let e = resolve(&["--auth-window", "1.5s"]).unwrap_err();
+        assert!(e.contains("whole seconds"), "{e}");
+    }
+
+    #[test]
+    fn settings_file_durations_as_strings_or_seconds() {
+        let file: Settings = toml::from_str(
+            "auth-window = \"2m\"\nreconcile-interval = 2.5\nlease = \"0\"\ndrain-timeout = 5\n",
+        )
+        .unwrap();
+        let d = Durations::resolve(&file).unwrap();
+        assert_eq!(d.auth_window, Duration::from_secs(120));
+        assert_eq!(d.reconcile_interval, Duration::from_millis(2500));
+        assert_eq!(d.lease, Duration::ZERO);
+        assert_eq!(d.drain_timeout, Duration::from_secs(5));
+        let e = toml::from_str::<Settings>("reconcile-interval = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("reconcile-interval") && e.contains("\"soon\" is not a duration"),
+            "{e}"
+        );
+        // The command line wins over the file.
+        let cli = Settings::try_parse_from(["lbagent", "--auth-window", "1m"]).unwrap();
+        let merged = cli.merge(toml::from_str("auth-window = 300").unwrap());
+        assert_eq!(
+            Durations::resolve(&merged).unwrap().auth_window,
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn legacy_token_file_is_a_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = token_file(dir.path(), "old-shared-token\n", 0o600);
+        assert_eq!(read_legacy_token(&p).unwrap(), b"old-shared-token");
+
+        let p = token_file(dir.path(), "old-shared-token\n", 0o644);
+        let e = read_legacy_token(&p).unwrap_err().to_string();
+        let shown = p.display();
+        assert!(
+            e.starts_with(&format!("--legacy-token-file {shown} has mode 0644")),
+            "{e}"
+        );
+        assert!(e.contains(&format!("chmod 600 {shown}")), "{e}");
+        assert!(!e.contains("old-shared-token"), "{e}");
+
+        let p = token_file(dir.path(), "short\n", 0o600);
+        let e = read_legacy_token(&p).unwrap_err().to_string();
+        assert!(e.contains("shorter than 8"), "{e}");
+    }
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use crate::model::{Change, Mode, NodeName, ServerSpec, ServerState};
+use crate::model::{check_service_label, Change, Mode, NodeName, ServerSpec, ServerState};
 
 /// The header the old sidecars send.
 pub const TOKEN_HEADER: &str = "X-Funkypenguin-Token";
@@ -32,20 +32,16 @@ pub fn node_for(ip: &IpAddr) -> NodeName {
     NodeName::new(&name).expect("digits, hex, '-' and a letter prefix, at most 43 characters")
 }
 
-/// A number given as a JSON number or a string ("443").
+/// A port given as a JSON number or a string ("443"), through the one port check.
 fn port_field(body: &Value, field: &'static str) -> Result<u16, String> {
     let v = body
         .get(field)
         .ok_or_else(|| format!("missing field `{field}`"))?;
-    let n = match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
+    let checked = match v {
+        Value::String(s) => crate::runtime::validate::port(field, s),
+        other => crate::runtime::validate::port(field, other),
     };
-    match n {
-        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(format!("{field} {v} must be a port from 1 to 65535")),
-    }
+    checked.map_err(|e| e.to_string())
 }
 
 fn string_field<'a>(body: &'a Value, field: &'static str) -> Result<&'a str, String> {
@@ -75,16 +71,7 @@ pub fn parse(body: &[u8]) -> Result<Change, String> {
         return Err(format!("dst-ip {node_ip} cannot be a server address"));
     }
     let name = string_field(&body, "name")?;
-    let service_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !service_ok {
-        return Err(format!(
-            "name {name:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
-        ));
-    }
+    check_service_label("name", name).map_err(|e| e.message)?;
     let node = node_for(&node_ip);
     match string_field(&body, "action")? {
         "add" => Ok(Change::PutServer {

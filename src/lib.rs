@@ -14,7 +14,8 @@
 //!   ([`runtime::parse`]). Knows nothing of HTTP or of lbagent's state.
 //! - [`api`]: the HTTP API (routes, body limits, validation, JSON answers) on hyper;
 //!   [`auth`]: HMAC request signatures, keys files, the replay window;
-//!   [`legacy`]: the old webhook's endpoint, for migration.
+//!   [`legacy`]: the old webhook's endpoint, for migration; [`secret_file`]: reading the keys
+//!   file and the legacy token, refused when others may read them.
 //! - [`policy`]: which ports and addresses a request may use.
 //! - [`model`]: the desired state and the one way to change it; [`store`]: its durable
 //!   journal and snapshots.
@@ -24,7 +25,7 @@
 //!   the agent owns; [`haproxy`]: HAProxy's files, confirmed reloads that hand the servers'
 //!   state to the new worker, the managed process.
 //! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals;
-//!   [`clock`]: Unix seconds, for every timestamp.
+//!   [`clock`]: Unix seconds for every timestamp, and the one duration parser of every flag.
 //! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.
 //! - `src/bin/`: thin mains for `lbagent` and `lbctl`.
 
@@ -42,4 +43,5 @@ pub mod policy;
 pub mod reconcile;
 pub mod render;
 pub mod runtime;
+pub mod secret_file;
 pub mod store;

@@ -85,6 +85,27 @@ impl fmt::Display for NodeName {
     }
 }
 
+/// Checks a service label (`traefik`, `mqtt`: shown by `lbctl`, never sent to HAProxy) as every
+/// endpoint accepts it: 1–63 characters of `[A-Za-z0-9._-]`. `field` is the name the caller's
+/// input gives it (`service`, the legacy body's `name`), and the message names it.
+pub fn check_service_label(field: &'static str, value: &str) -> Result<(), InvalidValue> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidValue::new(
+            field,
+            format!(
+                "{field} {value:?} must be 1 to 63 characters of letters, digits, '.', '_' and '-'"
+            ),
+        ))
+    }
+}
+
 /// The proxy mode of a frontend and its backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -399,6 +420,21 @@ mod tests {
             node: NodeName::new(node).unwrap(),
             mode,
             spec: s,
+        }
+    }
+
+    #[test]
+    fn service_labels() {
+        for ok in ["traefik", "a", "mqtt-1.b_c", &"x".repeat(63), "-x"] {
+            assert!(check_service_label("service", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a;b", "a\nb", "é", "a/b", &"x".repeat(64)] {
+            let e = check_service_label("name", bad).unwrap_err();
+            assert_eq!(e.field, "name");
+            assert!(
+                e.message.starts_with(&format!("name {bad:?} must be")),
+                "{e}"
+            );
         }
     }
 

@@ -61,12 +61,7 @@ impl PortList {
 impl FromStr for PortList {
     type Err = String;
     fn from_str(s: &str) -> Result<PortList, String> {
-        let port = |t: &str| -> Result<u16, String> {
-            match t.trim().parse::<u16>() {
-                Ok(p) if p > 0 => Ok(p),
-                _ => Err(format!("{t:?} is not a port from 1 to 65535")),
-            }
-        };
+        let port = |t: &str| crate::runtime::validate::port("port", t).map_err(|e| e.to_string());
         let mut ranges = Vec::new();
         for item in s.split(',') {
             let item = item.trim();

@@ -183,6 +183,26 @@ fn once_registers_and_exits_and_bad_settings_exit_2() {
     let bad = base("bad;name").output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("';'"));
+    // A label the agent would refuse, and port 0: refused at start, by the agent's own checks.
+    let label = base("node-1").args(["--service", "a b"]).output().unwrap();
+    assert_eq!(label.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&label.stderr);
+    assert!(said.contains("--service \"a b\" must be"), "{said}");
+    let zero = lbctl()
+        .args([
+            "phone-home",
+            "--once",
+            "--frontend-port",
+            "0",
+            "--node-port",
+            "30000",
+        ])
+        .args(["--node", "n", "--node-ip", "127.0.0.2"])
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&zero.stderr);
+    assert!(said.contains("must be a port from 1 to 65535"), "{said}");
 
     // Policy refusal is final: exit 2 at once.
     let refused = lbctl()

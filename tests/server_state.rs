@@ -214,10 +214,16 @@ fn settings_of_the_other_mode_are_refused() {
     );
     refused(
         &["--hard-stop-after", "soon"],
-        "--hard-stop-after \"soon\": ",
+        "'--hard-stop-after <DURATION>': \"soon\" is not a duration",
     );
-    refused(&["--hard-stop-after", "0s"], "must be from 1s to 24 days");
-    refused(&["--hard-stop-after", "30d"], "must be from 1s to 24 days");
+    refused(
+        &["--hard-stop-after", "0s"],
+        "--hard-stop-after 0s is out of range: it must be from 1s to 24days",
+    );
+    refused(
+        &["--hard-stop-after", "30d"],
+        "--hard-stop-after 30days is out of range",
+    );
     let attached = [
         "--socket",
         "/nonexistent/admin.sock",

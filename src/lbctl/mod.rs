@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::clock::DurationSetting;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
 use show::{render_info, render_table, Colour, Overview};
 
@@ -72,9 +73,9 @@ pub struct StateArgs {
     /// Print the agent's JSON as it is.
     #[arg(long)]
     pub json: bool,
-    /// Deadline, in seconds.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
-    pub timeout: f64,
+    /// Deadline: `10s`, `500ms`, or a bare number of seconds.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub timeout: DurationSetting,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,12 +97,12 @@ pub struct ShowArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Redraw every SECONDS until interrupted.
-    #[arg(long, value_name = "SECONDS")]
-    pub watch: Option<f64>,
-    /// Deadline for each socket call, in seconds.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-    pub timeout: f64,
+    /// Redraw every DURATION until interrupted: `2s`, `500ms`, or a bare number of seconds.
+    #[arg(long, value_name = "DURATION")]
+    pub watch: Option<DurationSetting>,
+    /// Deadline for each socket call: `5s`, `500ms`, or a bare number of seconds.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub timeout: DurationSetting,
 }
 
 /// Runs `lbctl` with the process arguments: errors become one line on stderr and exit code 1.
@@ -137,22 +138,19 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
-    if v.is_finite() && v > 0.0 && v < 1e9 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(format!(
-            "{flag} must be a positive number of seconds, got {v}"
-        ))
-    }
-}
+/// The range of `--timeout` and `--watch`: above zero, at most a day.
+const DURATION_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(86_400);
 
 async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
     let options = ClientOptions {
-        timeout: seconds("--timeout", args.timeout)?,
+        timeout: args.timeout.within("--timeout", DURATION_RANGE)?,
         ..ClientOptions::default()
     };
-    let watch = args.watch.map(|w| seconds("--watch", w)).transpose()?;
+    let watch = args
+        .watch
+        .map(|w| w.within("--watch", DURATION_RANGE))
+        .transpose()?;
     let mut client = RuntimeClient::new(Endpoint::parse(&args.socket), options);
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
@@ -208,7 +206,7 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
 async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let key = agent_client::SigningKey::from_file(&args.key_file, args.key_id.as_deref())
         .map_err(|e| e.to_string())?;
-    let timeout = seconds("--timeout", args.timeout)?;
+    let timeout = args.timeout.within("--timeout", DURATION_RANGE)?;
     let (status, body) = agent_client::signed_request(
         &args.agent,
         &key,
@@ -248,4 +246,45 @@ fn run_sign(args: SignArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("{name}: {value}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_flags_take_humantime_and_bare_seconds() {
+        let show = |extra: &[&str]| {
+            let base = ["lbctl", "show"];
+            match Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.command) {
+                Ok(Commands::Show(a)) => Ok(a),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let a = show(&[]).unwrap();
+        assert_eq!((a.timeout.0, a.watch), (Duration::from_secs(5), None));
+        let a = show(&["--timeout", "0.3", "--watch", "2"]).unwrap();
+        assert_eq!(a.timeout.0, Duration::from_millis(300));
+        assert_eq!(a.watch.map(|w| w.0), Some(Duration::from_secs(2)));
+        let a = show(&["--timeout", "1m", "--watch", "500ms"]).unwrap();
+        assert_eq!(a.timeout.0, Duration::from_secs(60));
+        assert_eq!(a.watch.map(|w| w.0), Some(Duration::from_millis(500)));
+        let e = show(&["--watch", "often"]).unwrap_err();
+        assert!(
+            e.contains("--watch") && e.contains("\"often\" is not a duration"),
+            "{e}"
+        );
+        let zero = show(&["--timeout", "0"]).unwrap().timeout;
+        let e = zero.within("--timeout", DURATION_RANGE).unwrap_err();
+        assert!(e.starts_with("--timeout 0s is out of range"), "{e}");
+
+        match Cli::try_parse_from(["lbctl", "state", "--key-file", "k"])
+            .unwrap()
+            .command
+        {
+            Commands::State(a) => assert_eq!(a.timeout.0, Duration::from_secs(10)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use hyper::Method;
 
 use super::agent_client::{signed_request, SigningKey};
-use crate::model::NodeName;
+use crate::clock::DurationSetting;
+use crate::model::{check_service_label, NodeName};
 
 #[derive(clap::Args, Debug)]
 pub struct PhoneHomeArgs {
@@ -23,10 +24,10 @@ pub struct PhoneHomeArgs {
     #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
     pub agent: String,
     /// The frontend port on the load balancer.
-    #[arg(long)]
+    #[arg(long, value_parser = port_flag)]
     pub frontend_port: u16,
     /// The port on the node (a NodePort).
-    #[arg(long)]
+    #[arg(long, value_parser = port_flag)]
     pub node_port: u16,
     /// The node's name (the server's name in HAProxy).
     #[arg(long, env = "NODE_NAME")]
@@ -56,38 +57,25 @@ pub struct PhoneHomeArgs {
     /// Weight, 0–256.
     #[arg(long)]
     pub weight: Option<u16>,
-    /// How often to re-send: `30s`, `500ms`, `1m` (±10 % jitter).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub interval: Duration,
+    /// How often to re-send, 10ms to 1d: `30s`, `500ms`, `1m`, or a bare number of seconds
+    /// (±10 % jitter).
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub interval: DurationSetting,
     /// Register once and exit (for init containers).
     #[arg(long)]
     pub once: bool,
-    /// Deadline for each request.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// Deadline for each request, 10ms to 1d.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub timeout: DurationSetting,
 }
 
-/// `500ms`, `30s`, `1m`, `2h`, or bare seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s or 1m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !(0.01..=86_400.0).contains(&secs) {
-        return Err(format!("{s:?} must be between 10ms and 24h"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+/// The range of `--interval` and `--timeout`.
+const DURATION_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(86_400);
+
+/// A port flag, through the same check the agent applies.
+fn port_flag(text: &str) -> Result<u16, String> {
+    crate::runtime::validate::port("port", text).map_err(|e| e.to_string())
 }
 
 /// Where the node IP comes from.
@@ -192,6 +180,8 @@ struct PhoneHome {
     key: SigningKey,
     source: IpSource,
     path: String,
+    interval: Duration,
+    timeout: Duration,
 }
 
 impl PhoneHome {
@@ -215,7 +205,7 @@ impl PhoneHome {
             Method::PUT,
             &self.path,
             body,
-            self.args.timeout,
+            self.timeout,
         )
         .await
         {
@@ -237,7 +227,7 @@ impl PhoneHome {
             Method::DELETE,
             &self.path,
             Vec::new(),
-            self.args.timeout,
+            self.timeout,
         )
         .await
         {
@@ -255,6 +245,13 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         ExitCode::from(2)
     };
     if let Err(e) = NodeName::new(&args.node) {
+        return usage(e.message);
+    }
+    if let Some(Err(e)) = args
+        .service
+        .as_deref()
+        .map(|s| check_service_label("--service", s))
+    {
         return usage(e.message);
     }
     let key = match (&args.key_file, std::env::var("LBAGENT_KEY")) {
@@ -283,12 +280,22 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
             return usage("no node IP: give --node-ip, set NODE_IP, or --node-ip-from".into())
         }
     };
+    let interval = match args.interval.within("--interval", DURATION_RANGE) {
+        Ok(d) => d,
+        Err(e) => return usage(e),
+    };
+    let timeout = match args.timeout.within("--timeout", DURATION_RANGE) {
+        Ok(d) => d,
+        Err(e) => return usage(e),
+    };
     let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
     let ph = PhoneHome {
         args,
         key,
         source,
         path,
+        interval,
+        timeout,
     };
 
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -296,7 +303,6 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         Err(e) => return usage(format!("cannot watch SIGTERM: {e}")),
     };
     let max_backoff = ph
-        .args
         .interval
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let give_up_once = Instant::now() + Duration::from_secs(120);
@@ -304,7 +310,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
     let mut registered: Option<IpAddr> = None;
     let mut last_error: Option<String> = None;
     loop {
-        let attempt = match ph.source.resolve(ph.args.timeout).await {
+        let attempt = match ph.source.resolve(ph.timeout).await {
             Err(e) => Sent::Retry(format!("node IP: {e}")),
             Ok(ip) => match ph.put(ip).await {
                 Sent::Ok(answer) => {
@@ -330,7 +336,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                 if ph.args.once {
                     return ExitCode::SUCCESS;
                 }
-                jittered(ph.args.interval)
+                jittered(ph.interval)
             }
             Sent::Refused(e) => {
                 log(&e);
@@ -374,13 +380,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        for bad in ["", "x", "5d", "0s", "-1s", "1ms"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+    fn duration_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: PhoneHomeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let base = [
+                "lbctl",
+                "--frontend-port",
+                "443",
+                "--node-port",
+                "30443",
+                "--node",
+                "n",
+            ];
+            Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+        };
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            (a.interval.0, a.timeout.0),
+            (Duration::from_secs(30), Duration::from_secs(10))
+        );
+        let a = parse(&["--interval", "500ms", "--timeout", "20"]).unwrap();
+        assert_eq!(a.interval.0, Duration::from_millis(500));
+        assert_eq!(a.timeout.0, Duration::from_secs(20));
+        let e = parse(&["--interval", "5x"]).err().unwrap().to_string();
+        assert!(
+            e.contains("--interval") && e.contains("\"5x\" is not a duration"),
+            "{e}"
+        );
+        for bad in ["0s", "1ms", "2d"] {
+            let a = parse(&["--interval", bad]).unwrap();
+            let e = a.interval.within("--interval", DURATION_RANGE).unwrap_err();
+            assert!(
+                e.starts_with("--interval ") && e.contains("out of range"),
+                "{e}"
+            );
         }
     }
 

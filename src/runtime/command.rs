@@ -105,7 +105,7 @@ impl Command {
         if let Some(w) = options.weight {
             validate::weight(u32::from(w))?;
         }
-        validate::port("port", u32::from(port))?;
+        validate::port("port", port)?;
         Ok(Command::AddServer {
             server,
             addr,

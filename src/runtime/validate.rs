@@ -102,13 +102,17 @@ impl fmt::Display for ServerRef {
     }
 }
 
-/// A TCP port, 1–65535.
-pub fn port(field: &'static str, value: u32) -> Result<u16> {
-    match u16::try_from(value) {
+/// A TCP port, 1–65535: the one check of a port from outside, in whatever form it came (a URL
+/// path segment, a JSON number or string, a flag, an item of a port list). `value` is read
+/// through its text, so `443`, `"443"` and `443u32` mean the same and every refusal reads
+/// `invalid FIELD "VALUE": must be a port from 1 to 65535`.
+pub fn port(field: &'static str, value: impl fmt::Display) -> Result<u16> {
+    let text = value.to_string();
+    match text.trim().parse::<u16>() {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(Error::InvalidArgument {
             field,
-            value: value.to_string(),
+            value: text,
             reason: "must be a port from 1 to 65535",
         }),
     }
@@ -176,6 +180,16 @@ mod tests {
         assert!(port("port", 0).is_err());
         assert!(port("port", 65536).is_err());
         assert_eq!(port("port", 443).unwrap(), 443);
+        assert_eq!(port("port", " 443 ").unwrap(), 443);
+        for bad in ["0", "65536", "-1", "x", "", "4.5", "1e3"] {
+            let e = port("frontend_port", bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("invalid frontend_port {bad:?}: must be a port from 1 to 65535")
+            );
+        }
+        assert!(port("port", -1i64).is_err());
+        assert!(port("port", u64::MAX).is_err());
         assert!(weight(257).is_err());
         assert_eq!(weight(256).unwrap(), 256);
         assert!(ip("203.0.113.7").is_ok());

@@ -1,0 +1,168 @@
+//! Files that hold secrets (the API keys file, the legacy token): opened once and checked
+//! through that open handle (`fstat`, never the path again), so the file that is read is the
+//! file that was checked, and refused when group or others may read or write it.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Why a secret file was refused. Never contains the file's text.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// Opening or reading failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory, a device, a FIFO...
+    #[error("{}: not a regular file", path.display())]
+    NotRegular { path: PathBuf },
+    /// Larger than any secret file of its kind can be.
+    #[error("{}: {len} bytes, more than the {max} allowed", path.display())]
+    TooLarge { path: PathBuf, len: u64, max: u64 },
+    /// Group or others may read or write it.
+    #[error(
+        "{} has mode {mode:04o}: group or others may read or write it; run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    OpenToOthers { path: PathBuf, mode: u32 },
+}
+
+/// Reads a secret file of at most `max_len` bytes, refusing one that is not a regular file or
+/// that group or others may read or write.
+pub fn read(path: &Path, max_len: u64) -> Result<String, SecretFileError> {
+    let io_err = |source| SecretFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    check(&file, path, max_len)?;
+    let mut text = String::new();
+    // Bounded even if the file grows after the check.
+    file.take(max_len + 1)
+        .read_to_string(&mut text)
+        .map_err(io_err)?;
+    if text.len() as u64 > max_len {
+        return Err(SecretFileError::TooLarge {
+            path: path.to_path_buf(),
+            len: text.len() as u64,
+            max: max_len,
+        });
+    }
+    Ok(text)
+}
+
+/// Checks an opened secret file by its own metadata: a regular file, at most `max_len` bytes,
+/// no permission bit for group or others. `path` only names it in errors.
+fn check(file: &File, path: &Path, max_len: u64) -> Result<(), SecretFileError> {
+    let meta = file.metadata().map_err(|source| SecretFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(SecretFileError::NotRegular {
+            path: path.to_path_buf(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(SecretFileError::OpenToOthers {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if meta.len() > max_len {
+        return Err(SecretFileError::TooLarge {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            max: max_len,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn private_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o600, 0o400, 0o700] {
+            let p = write(dir.path(), "s", "secret\n", mode);
+            assert_eq!(read(&p, 64).unwrap(), "secret\n");
+        }
+    }
+
+    #[test]
+    fn files_open_to_others_are_refused_naming_path_mode_and_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o602, 0o620, 0o644, 0o610, 0o601] {
+            let p = write(dir.path(), "s", "secret\n", mode);
+            let e = read(&p, 64).unwrap_err();
+            assert!(matches!(e, SecretFileError::OpenToOthers { .. }), "{e}");
+            let shown = p.display();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{shown} has mode {mode:04o}: group or others may read or write it; run `chmod 600 {shown}`"
+                )
+            );
+            assert!(!e.to_string().contains("secret\n"));
+        }
+    }
+
+    #[test]
+    fn the_open_file_is_checked_not_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = write(dir.path(), "s", "mine", 0o600);
+        let file = File::open(&private).unwrap();
+        // The path now names another, world-readable file; the handle still is the checked one.
+        let other = write(dir.path(), "other", "theirs", 0o644);
+        fs::rename(&other, &private).unwrap();
+        assert!(check(&file, &private, 64).is_ok());
+        assert!(matches!(
+            check(&File::open(&private).unwrap(), &private, 64),
+            Err(SecretFileError::OpenToOthers { mode: 0o644, .. })
+        ));
+    }
+
+    #[test]
+    fn other_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            read(&dir.path().join("absent"), 64),
+            Err(SecretFileError::Io { .. })
+        ));
+        assert!(matches!(
+            read(dir.path(), 64),
+            Err(SecretFileError::NotRegular { .. })
+        ));
+        let big = write(dir.path(), "big", &"x".repeat(65), 0o600);
+        let e = read(&big, 64).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SecretFileError::TooLarge {
+                    len: 65,
+                    max: 64,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}
