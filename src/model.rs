@@ -382,6 +382,28 @@ impl DesiredState {
     }
 }
 
+/// For unit tests: a state with `servers` (node, ip, port, state, weight) on tcp frontend 443.
+#[cfg(test)]
+pub(crate) fn state_of(servers: &[(&str, &str, u16, ServerState, Option<u16>)]) -> DesiredState {
+    let mut st = DesiredState::default();
+    for (node, ip, port, state, weight) in servers {
+        st.apply(&Change::PutServer {
+            frontend_port: 443,
+            node: NodeName::new(node).unwrap(),
+            mode: Mode::Tcp,
+            spec: ServerSpec {
+                node_ip: ip.parse().unwrap(),
+                node_port: *port,
+                state: *state,
+                service: None,
+                weight: *weight,
+            },
+        })
+        .unwrap();
+    }
+    st
+}
+
 /// `fe_<port>`
 pub fn frontend_name(port: u16) -> Name {
     Name::new("frontend name", &format!("fe_{port}")).expect("fe_<digits> is a valid name")

@@ -201,27 +201,10 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Change, Mode, NodeName};
     use crate::runtime::parse::{AdminFlags, OperState};
 
     fn desired(servers: &[(&str, &str, u16, ServerState, Option<u16>)]) -> DesiredState {
-        let mut st = DesiredState::default();
-        for (node, ip, port, state, weight) in servers {
-            st.apply(&Change::PutServer {
-                frontend_port: 443,
-                node: NodeName::new(node).unwrap(),
-                mode: Mode::Tcp,
-                spec: ServerSpec {
-                    node_ip: ip.parse().unwrap(),
-                    node_port: *port,
-                    state: *state,
-                    service: None,
-                    weight: *weight,
-                },
-            })
-            .unwrap();
-        }
-        st
+        crate::model::state_of(servers)
     }
 
     fn observed(server: &str, addr: &str, port: u16, admin: u32, weight: u32) -> ObservedServer {

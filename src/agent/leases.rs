@@ -156,26 +156,14 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Change, Mode, ServerSpec, ServerState};
+    use crate::model::ServerState;
 
     fn state(nodes: &[&str]) -> DesiredState {
-        let mut st = DesiredState::default();
-        for node in nodes {
-            st.apply(&Change::PutServer {
-                frontend_port: 443,
-                node: NodeName::new(node).unwrap(),
-                mode: Mode::Tcp,
-                spec: ServerSpec {
-                    node_ip: "10.0.0.1".parse().unwrap(),
-                    node_port: 30443,
-                    state: ServerState::Ready,
-                    service: None,
-                    weight: None,
-                },
-            })
-            .unwrap();
-        }
-        st
+        let servers: Vec<_> = nodes
+            .iter()
+            .map(|n| (*n, "10.0.0.1", 30443, ServerState::Ready, None))
+            .collect();
+        crate::model::state_of(&servers)
     }
 
     fn nodes(v: &Verdict) -> Vec<&str> {

@@ -123,28 +123,15 @@ fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Mode, NodeName, ServerSpec, ServerState};
+    use crate::model::ServerState;
     use crate::runtime::parse::parse_show_stat;
 
     #[test]
     fn joins_each_server_with_its_own_row_only() {
-        let mut desired = DesiredState::default();
-        for node in ["node-a", "node-b"] {
-            desired
-                .apply(&Change::PutServer {
-                    frontend_port: 443,
-                    node: NodeName::new(node).unwrap(),
-                    mode: Mode::Tcp,
-                    spec: ServerSpec {
-                        node_ip: "10.0.0.1".parse().unwrap(),
-                        node_port: 30443,
-                        state: ServerState::Ready,
-                        service: None,
-                        weight: None,
-                    },
-                })
-                .unwrap();
-        }
+        let desired = crate::model::state_of(&[
+            ("node-a", "10.0.0.1", 30443, ServerState::Ready, None),
+            ("node-b", "10.0.0.1", 30443, ServerState::Ready, None),
+        ]);
         // The operator's backend has a server called node-b too; HAProxy lacks our node-b.
         let rows = parse_show_stat(
             "# pxname,svname,status,check_status,addr,type\n\
