@@ -516,3 +516,52 @@ async fn recorded_handshakes_give_the_prompt() {
         }
     }
 }
+
+/// `show servers state` alone gives what `show stat` says of each server (its status summed up,
+/// its check status): checked on every server of every version's captures, which hold UP, DOWN,
+/// MAINT (also inherited through `track`), DRAIN, NOLB, no check, checks in progress and
+/// servers going up or down.
+#[test]
+fn servers_state_tells_what_show_stat_says_of_each_server() {
+    for (dir, suffix) in versions()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), ""), (d, "-after-changes")])
+    {
+        let stat = parse_show_stat(&read(&dir.join(format!("show-stat{suffix}.txt")))).unwrap();
+        let state =
+            parse_servers_state(&read(&dir.join(format!("show-servers-state{suffix}.txt"))))
+                .unwrap();
+        let mut compared = 0;
+        for s in &state {
+            let Some(row) = stat
+                .iter()
+                .find(|r| r.proxy == s.backend && r.name == s.server)
+            else {
+                continue;
+            };
+            let want = row.status.as_ref().map(|st| st.summary().to_string());
+            assert_eq!(
+                Some(s.status_summary().to_string()),
+                want,
+                "{}: {}/{} {s:?}",
+                name_of(&dir),
+                s.backend,
+                s.server
+            );
+            assert_eq!(
+                s.check_status_name(),
+                row.check_status.clone().filter(|c| !c.is_empty()),
+                "{}: {}/{} {s:?}",
+                name_of(&dir),
+                s.backend,
+                s.server
+            );
+            compared += 1;
+        }
+        assert!(
+            compared >= 5,
+            "{}{suffix}: only {compared} servers",
+            name_of(&dir)
+        );
+    }
+}

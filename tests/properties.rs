@@ -900,6 +900,7 @@ fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         Just(Command::ShowInfo),
         Just(Command::ShowStat),
+        Just(Command::ShowStatFrontends),
         proptest::option::of(name()).prop_map(Command::ShowServersState),
         Just(Command::ShowBackend),
         (server_ref(), ip(), 1..=u16::MAX, options())
@@ -925,6 +926,7 @@ fn command() -> impl Strategy<Value = Command> {
 fn word_count(c: &Command) -> usize {
     match c {
         Command::ShowInfo | Command::ShowStat | Command::ShowBackend | Command::ShowProc => 2,
+        Command::ShowStatFrontends => 5,
         Command::ShowServersState(b) => 3 + usize::from(b.is_some()),
         Command::AddServer { options, .. } => {
             4 + usize::from(options.check)

@@ -1,20 +1,30 @@
 //! The read model of `GET /v1/frontends`: the desired state the owner last published, joined
-//! with HAProxy's `show stat` read on a connection of the reader's own. A read never waits
-//! behind the owner (a reload can take seconds) and never delays a change; `show stat` is
-//! read at most once per reconcile interval however many ask, and not at all when nobody does.
+//! with what HAProxy reports, read on a connection of the reader's own: `show servers state`
+//! for the servers and the frontends' `show stat` rows (the whole `show stat` is about four
+//! times the bytes and HAProxy's time at 10,000 servers, for the same status and check). A read
+//! never waits behind the owner (a reload can take seconds) and never delays a change; HAProxy
+//! is asked at most once per reconcile interval however many read, and not at all when nobody
+//! does.
 
 use std::collections::HashMap;
 
 use super::*;
+use crate::runtime::parse::ServerState as ObservedServer;
 
-/// HAProxy's last `show stat`, shared by every reader for up to `max_age`.
+/// What HAProxy last reported, shared by every reader for up to `max_age`.
 pub(super) struct Observer {
     max_age: Duration,
     cache: Mutex<StatCache>,
 }
 
-/// One `show stat`, or why it could not be read.
-type StatRead = Result<Arc<Vec<StatRow>>, String>;
+/// HAProxy's servers and frontends.
+struct Observed {
+    servers: Vec<ObservedServer>,
+    frontends: Vec<StatRow>,
+}
+
+/// What HAProxy reported, or why it could not be read.
+type StatRead = Result<Arc<Observed>, String>;
 
 struct StatCache {
     client: RuntimeClient,
@@ -30,7 +40,7 @@ impl Observer {
         }
     }
 
-    /// The newest `show stat` no older than `max_age`, read now if there is none; concurrent
+    /// The newest report no older than `max_age`, read now if there is none; concurrent
     /// readers share one read.
     async fn stat(&self) -> StatRead {
         let mut cache = self.cache.lock().await;
@@ -41,12 +51,15 @@ impl Observer {
         }
         // A fresh connection each time: after a reload, an old one talks to the old worker.
         cache.client.disconnect();
-        let rows = cache
-            .client
-            .show_stat()
-            .await
-            .map(Arc::new)
-            .map_err(|e| e.to_string());
+        let rows = match cache.client.show_servers_state(None).await {
+            Ok(servers) => cache
+                .client
+                .show_stat_frontends()
+                .await
+                .map(|frontends| Arc::new(Observed { servers, frontends })),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| e.to_string());
         cache.client.disconnect();
         cache.last = Some((Instant::now(), rows.clone()));
         rows
@@ -55,20 +68,38 @@ impl Observer {
     /// The read model: `desired`, with what HAProxy reports of each frontend and server.
     pub(super) async fn view(&self, desired: &DesiredState) -> StateView {
         match self.stat().await {
-            Ok(rows) => build(desired, &rows, true),
-            Err(_) => build(desired, &[], false),
+            Ok(o) => build(desired, &o.servers, &o.frontends, true),
+            Err(_) => build(desired, &[], &[], false),
         }
     }
 }
 
-/// Joins the desired state with `show stat` rows (looked up by proxy and name: one pass over
-/// the rows, not one per server).
-fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
-    let by_name: HashMap<(&str, &str), &StatRow> = rows
+/// A server as HAProxy reports it, in `show stat`'s words.
+fn observed_view(s: &ObservedServer) -> ObservedView {
+    ObservedView {
+        status: s.status_summary().to_string(),
+        check_status: s.check_status_name(),
+        addr: s.addr.as_ref().map(|a| match (a.contains(':'), s.port) {
+            (false, Some(p)) => format!("{a}:{p}"),
+            (true, Some(p)) => format!("[{a}]:{p}"),
+            (_, None) => a.clone(),
+        }),
+    }
+}
+
+/// Joins the desired state with HAProxy's rows (looked up by name: one pass over the rows, not
+/// one per server).
+fn build(
+    desired: &DesiredState,
+    servers: &[ObservedServer],
+    frontends: &[StatRow],
+    up: bool,
+) -> StateView {
+    let by_name: HashMap<(&str, &str), &ObservedServer> = servers
         .iter()
-        .map(|r| ((r.proxy.as_str(), r.name.as_str()), r))
+        .map(|s| ((s.backend.as_str(), s.server.as_str()), s))
         .collect();
-    let frontends_up: HashMap<&str, &StatRow> = rows
+    let frontends_up: HashMap<&str, &StatRow> = frontends
         .iter()
         .filter(|r| r.kind == ProxyKind::Frontend)
         .map(|r| (r.proxy.as_str(), r))
@@ -96,17 +127,9 @@ fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
                         state: spec.state,
                         service: spec.service.clone(),
                         weight: spec.weight,
-                        haproxy: by_name.get(&(be_name.as_str(), node.as_str())).map(|r| {
-                            ObservedView {
-                                status: r
-                                    .status
-                                    .as_ref()
-                                    .map(|s| s.summary().to_string())
-                                    .unwrap_or_default(),
-                                check_status: r.check_status.clone(),
-                                addr: r.addr.clone(),
-                            }
-                        }),
+                        haproxy: by_name
+                            .get(&(be_name.as_str(), node.as_str()))
+                            .map(|s| observed_view(s)),
                     })
                     .collect(),
                 backend: be_name,
@@ -124,7 +147,7 @@ fn build(desired: &DesiredState, rows: &[StatRow], up: bool) -> StateView {
 mod tests {
     use super::*;
     use crate::model::ServerState;
-    use crate::runtime::parse::parse_show_stat;
+    use crate::runtime::parse::{parse_servers_state, parse_show_stat};
 
     #[test]
     fn joins_each_server_with_its_own_row_only() {
@@ -133,15 +156,18 @@ mod tests {
             ("node-b", "10.0.0.1", 30443, ServerState::Ready, None),
         ]);
         // The operator's backend has a server called node-b too; HAProxy lacks our node-b.
-        let rows = parse_show_stat(
+        let frontends = parse_show_stat(
             "# pxname,svname,status,check_status,addr,type\n\
-             fe_443,FRONTEND,OPEN,,,0\n\
-             be_443,node-a,UP,L4OK,10.0.0.1:30443,2\n\
-             be_443,BACKEND,UP,,,1\n\
-             ops,node-b,DOWN,L4CON,192.0.2.1:80,2\n",
+             fe_443,FRONTEND,OPEN,,,0\n",
         )
         .unwrap();
-        let v = build(&desired, &rows, true);
+        let servers = parse_servers_state(
+            "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n\
+             3 be_443 1 node-a 10.0.0.1 2 0 1 1 5 6 3 4 6 0 0 0 - 30443 - 0 0 - - 0\n\
+             4 ops 1 node-b 192.0.2.1 0 0 1 1 5 8 2 0 6 0 0 0 - 80 - 0 0 - - 0\n",
+        )
+        .unwrap();
+        let v = build(&desired, &servers, &frontends, true);
         assert_eq!(v.haproxy, "up");
         let fe = &v.frontends[0];
         assert_eq!(fe.haproxy_status.as_deref(), Some("OPEN"));
@@ -155,7 +181,7 @@ mod tests {
             ("UP", Some("L4OK"), Some("10.0.0.1:30443"))
         );
         assert!(fe.servers[1].haproxy.is_none(), "{:?}", fe.servers[1]);
-        let down = build(&desired, &[], false);
+        let down = build(&desired, &[], &[], false);
         assert_eq!(down.haproxy, "down");
         assert!(down.frontends[0]
             .servers

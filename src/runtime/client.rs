@@ -291,6 +291,12 @@ impl RuntimeClient {
         self.query(Command::ShowStat, parse_show_stat).await
     }
 
+    /// `show stat` of the frontends only: a line each, whatever the number of servers.
+    pub async fn show_stat_frontends(&mut self) -> Result<Vec<StatRow>> {
+        self.query(Command::ShowStatFrontends, parse_show_stat)
+            .await
+    }
+
     pub async fn show_servers_state(&mut self, backend: Option<&Name>) -> Result<Vec<ServerState>> {
         self.query(
             Command::ShowServersState(backend.cloned()),

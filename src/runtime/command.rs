@@ -65,6 +65,8 @@ pub struct AddServerOptions {
 pub enum Command {
     ShowInfo,
     ShowStat,
+    /// `show stat -1 1 -1`: the frontends' rows only.
+    ShowStatFrontends,
     ShowServersState(Option<Name>),
     ShowBackend,
     AddServer {
@@ -133,7 +135,7 @@ impl Command {
     pub fn answer_header(&self) -> Option<&'static str> {
         match self {
             Command::ShowInfo => Some("Name: "),
-            Command::ShowStat => Some("# pxname,"),
+            Command::ShowStat | Command::ShowStatFrontends => Some("# pxname,"),
             Command::ShowServersState(_) => Some("1\n# be_id "),
             Command::ShowBackend => Some("# name\n"),
             Command::ShowProc => Some("#<PID>"),
@@ -162,6 +164,7 @@ impl fmt::Display for Command {
         match self {
             Command::ShowInfo => f.write_str("show info"),
             Command::ShowStat => f.write_str("show stat"),
+            Command::ShowStatFrontends => f.write_str("show stat -1 1 -1"),
             Command::ShowServersState(None) => f.write_str("show servers state"),
             Command::ShowServersState(Some(b)) => write!(f, "show servers state {b}"),
             Command::ShowBackend => f.write_str("show backend"),

@@ -103,6 +103,53 @@ pub struct ServerState {
     pub check_port: Option<u16>,
 }
 
+/// `srv_check_state` bits (HAProxy's `CHK_ST_*`).
+const CHECK_IN_PROGRESS: u32 = 0x01;
+const CHECK_ENABLED: u32 = 0x04;
+const CHECK_PAUSED: u32 = 0x08;
+
+/// `srv_check_status` codes (HAProxy's `HCHK_STATUS_*`, the same from 2.6 to 3.2) as `show
+/// stat` names them.
+const CHECK_STATUS_NAMES: [&str; 21] = [
+    "UNK", "INI", "", "CHECKED", "HANA", "SOCKERR", "L4OK", "L4TOUT", "L4CON", "L6OK", "L6TOUT",
+    "L6RSP", "L7TOUT", "L7RSP", "", "L7OK", "L7OKC", "L7STS", "PROCERR", "PROCTOUT", "PROCOK",
+];
+
+impl ServerState {
+    /// What `show stat`'s `status` column would sum up to ([`super::Status::summary`]): MAINT,
+    /// DOWN, DRAIN, NOLB or UP. From this row alone, so a reader can skip `show stat`, which
+    /// at 10,000 servers is about four times the bytes and HAProxy's time.
+    pub fn status_summary(&self) -> &'static str {
+        if self.admin.in_maintenance() {
+            "MAINT"
+        } else if self.oper_state == Some(OperState::Stopped) {
+            "DOWN"
+        } else if self.admin.draining() {
+            "DRAIN"
+        } else if self.oper_state == Some(OperState::Stopping) {
+            "NOLB"
+        } else {
+            "UP"
+        }
+    }
+
+    /// `show stat`'s `check_status` column: the last check's result (`L4OK`, `L4CON`...), with
+    /// `* ` while a check runs; `None` for a server without checks, or with them disabled
+    /// (a new dynamic server before `enable health`) or paused (maintenance).
+    pub fn check_status_name(&self) -> Option<String> {
+        let state = self.check_state?;
+        if state & CHECK_ENABLED == 0 || state & CHECK_PAUSED != 0 {
+            return None;
+        }
+        let name = CHECK_STATUS_NAMES.get(self.check_status? as usize)?;
+        Some(if state & CHECK_IN_PROGRESS != 0 {
+            format!("* {name}")
+        } else {
+            name.to_string()
+        })
+    }
+}
+
 fn format_version(i: &str) -> IResult<&str, &str> {
     all_consuming(delimited(
         space0,
