@@ -135,6 +135,9 @@ struct PutServerBody {
     service: Option<String>,
     #[serde(default)]
     weight: Option<i64>,
+    /// `false`: this registration is not renewed, and never expires by lease.
+    #[serde(default)]
+    lease: Option<bool>,
 }
 
 fn bad_request(message: impl Into<String>) -> Reply {
@@ -189,6 +192,7 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
             state: b.state.unwrap_or_default(),
             service: b.service,
             weight,
+            lease: b.lease.unwrap_or(true),
         },
     })
 }

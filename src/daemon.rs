@@ -359,6 +359,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             .clone()
             .map(|p| ServerStateFile::new(p, socket.clone()));
         if let Some(f) = &server_state {
+            check_server_state_path(f.path(), &files)?;
             // What it holds is from before this start (a reload command's, or an agent stopped
             // mid-reload); and a file that is there keeps HAProxy 2.6 from warning at starts.
             f.clear().await;
@@ -469,9 +470,14 @@ impl Durations {
                 "--drift-check-interval",
                 Duration::from_millis(100)..=secs(86_400),
             )?,
-            // 0 turns leases off.
-            lease: or(s.lease, secs(90)).0,
-            drain_timeout: or(s.drain_timeout, secs(60)).0,
+            // 0 turns leases off. Bounded so the lease clocks' arithmetic cannot overflow;
+            // keep it at two or more sidecar intervals (docs/operations.md).
+            lease: match or(s.lease, secs(90)) {
+                DurationSetting(d) if d.is_zero() => d,
+                l => l.within("--lease", secs(1)..=secs(30 * 86_400))?,
+            },
+            drain_timeout: or(s.drain_timeout, secs(60))
+                .within("--drain-timeout", Duration::ZERO..=secs(86_400))?,
             // HAProxy's timers hold no more than 24 days.
             hard_stop_after: or(s.hard_stop_after, DEFAULT_HARD_STOP_AFTER)
                 .within("--hard-stop-after", secs(1)..=secs(24 * 24 * 3600))?,
@@ -526,10 +532,64 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
     }
 }
 
+/// Refuses a `--server-state-file` that would overwrite something else: one of HAProxy's
+/// config files, or a file that is not a servers' state (its first line is the format, `1`).
+fn check_server_state_path(path: &Path, files: &ConfigFiles) -> Result<(), String> {
+    let same = |other: &Path| {
+        path == other
+            || std::fs::canonicalize(path)
+                .ok()
+                .is_some_and(|p| std::fs::canonicalize(other).ok() == Some(p))
+    };
+    if same(&files.main) || same(&files.managed) {
+        return Err(format!(
+            "--server-state-file {} is one of HAProxy's config files; give the path of HAProxy's \
+             `server-state-file` line",
+            path.display()
+        ));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+            None | Some("1") => Ok(()),
+            Some(first) => Err(format!(
+                "--server-state-file {}: the file is there and is no servers' state (its first \
+                 line is {first:?}, not the format version `1`); the agent would overwrite it",
+                path.display()
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("--server-state-file {}: {e}", path.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_server_state_path_that_would_overwrite_something_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ConfigFiles {
+            haproxy_bin: "haproxy".into(),
+            main: dir.path().join("haproxy.cfg"),
+            managed: dir.path().join("lbagent.cfg"),
+        };
+        std::fs::write(&files.main, "global\n").unwrap();
+        let e = check_server_state_path(&files.main, &files).unwrap_err();
+        assert!(e.contains("one of HAProxy's config files"), "{e}");
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, "global\n").unwrap();
+        let e = check_server_state_path(&other, &files).unwrap_err();
+        assert!(e.contains("is no servers' state"), "{e}");
+        let state = dir.path().join("server-state");
+        assert!(
+            check_server_state_path(&state, &files).is_ok(),
+            "missing is fine"
+        );
+        std::fs::write(&state, "1\n# be_id be_name\n").unwrap();
+        assert!(check_server_state_path(&state, &files).is_ok());
+    }
 
     fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
         let path = dir.join("legacy-token");

@@ -84,6 +84,7 @@ pub fn parse(body: &[u8]) -> Result<Change, String> {
                 state: ServerState::Ready,
                 service: Some(name.to_string()),
                 weight: None,
+                lease: false,
             },
         }),
         "delete" => Ok(Change::DeleteServer {

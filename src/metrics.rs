@@ -37,7 +37,8 @@ pub struct Metrics {
     pub requests_in_flight: Gauge,
     /// Registrations deleted because their lease ran out.
     pub lease_expiries: Counter,
-    /// 1 while more than half of the registrations are overdue and none is expired.
+    /// 1 while more than half of the registrations are late (silent for 2/3 of the lease)
+    /// and none is expired.
     pub lease_expiry_suspended: Gauge,
     /// Deleted servers still in HAProxy until their last connection ends.
     pub servers_draining: Gauge,
@@ -114,7 +115,7 @@ impl Metrics {
         let lease_expiry_suspended = Gauge::default();
         registry.register(
             "lease_expiry_suspended",
-            "1 while more than half of all registrations are overdue at once, so none expires",
+            "1 while more than half of all registrations are late at once (silent for 2/3 of the lease), so none expires",
             lease_expiry_suspended.clone(),
         );
         let servers_draining = Gauge::default();

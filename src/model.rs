@@ -156,6 +156,19 @@ pub struct ServerSpec {
     /// 0–256; `None` leaves HAProxy's default (1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u16>,
+    /// Whether the registration lives only as long as PUTs renew it (`--lease`). False for a
+    /// sidecar that registers once (`lbctl phone-home --once`) and for the old webhook's
+    /// sidecars, which never repeat: those stay until deleted.
+    #[serde(default = "leased", skip_serializing_if = "is_leased")]
+    pub lease: bool,
+}
+
+fn leased() -> bool {
+    true
+}
+
+fn is_leased(lease: &bool) -> bool {
+    *lease
 }
 
 /// A frontend port and the nodes behind it.
@@ -397,6 +410,7 @@ pub(crate) fn state_of(servers: &[(&str, &str, u16, ServerState, Option<u16>)]) 
                 state: *state,
                 service: None,
                 weight: *weight,
+                lease: true,
             },
         })
         .unwrap();
@@ -433,6 +447,7 @@ mod tests {
             state: ServerState::Ready,
             service: None,
             weight: None,
+            lease: true,
         }
     }
 

@@ -112,6 +112,7 @@ mod tests {
             state,
             service: Some("traefik".into()),
             weight,
+            lease: true,
         }
     }
 

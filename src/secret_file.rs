@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why a secret file was refused. Never contains the file's text.
@@ -39,7 +40,13 @@ pub fn read(path: &Path, max_len: u64) -> Result<String, SecretFileError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io_err)?;
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer, before the
+    // check below could refuse it. A regular file reads the same either way.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(io_err)?;
     check(&file, path, max_len)?;
     let mut text = String::new();
     // Bounded even if the file grows after the check.
@@ -90,6 +97,16 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Would block forever in open(2) without O_NONBLOCK; the test would hang, not fail.
+        let e = read(&path, 1024).unwrap_err();
+        assert!(matches!(e, SecretFileError::NotRegular { .. }), "{e}");
+    }
 
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let path = dir.join(name);

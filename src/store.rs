@@ -588,6 +588,7 @@ mod tests {
                 state: ServerState::Ready,
                 service: Some("traefik".into()),
                 weight: None,
+                lease: true,
             },
         }
     }

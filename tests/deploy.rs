@@ -670,13 +670,15 @@ fn attached_mode_with_the_deploy_files() {
         "{managed:?}:\n{file}"
     );
     // The servers' state was saved where the global snippet has HAProxy read it.
-    for log in [&agent_log, &agent_err] {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(
-            !text.contains("could not save the servers' state"),
-            "{text}"
-        );
-    }
+    let logs: String = [&agent_log, &agent_err]
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    assert!(
+        !logs.contains("could not save the servers' state")
+            && logs.contains("saved the servers' state for the new worker"),
+        "{logs}"
+    );
     // The file's policy is in force: an address outside allow-node-cidrs is refused (403, exit 2).
     let out = phone_home("192.0.2.1");
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -43,6 +43,7 @@ fn server(ip: &str, port: u16, state: ServerState, weight: Option<u16>) -> Serve
         state,
         service: None,
         weight,
+        lease: true,
     }
 }
 

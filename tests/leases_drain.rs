@@ -54,7 +54,7 @@ fn heartbeats<'s, 'a: 's>(
 }
 
 /// With `--lease 3s`: a silent registration expires (deleted from the state and from HAProxy)
-/// while renewed ones stay; when more than half go silent at once none expires and
+/// while renewed ones, and one registered with `"lease": false`, stay; when more than half go silent at once none expires and
 /// `lbagent_lease_expiry_suspended` is 1, until enough renewals come back.
 #[test]
 fn silent_registrations_expire_unless_most_go_silent_at_once() {
@@ -76,6 +76,15 @@ fn silent_registrations_expire_unless_most_go_silent_at_once() {
     }
     let mut echoes = echoes.into_iter();
     let e0 = echoes.next().unwrap();
+    // Registered for good (`lbctl phone-home --once`): silent throughout, it never expires and
+    // does not count for the outage guard.
+    let forever = Echo::start("127.0.0.9", "F");
+    agent.put_ok(
+        fe,
+        "node-4",
+        &body(&forever.ip(), forever.port(), json!({"lease": false})),
+        "runtime",
+    );
     std::thread::scope(|s| {
         let (beating, stop) = heartbeats(s, &agent, fe);
         // node-1..3 renew; node-0 stays silent and expires: 1 of 4 overdue.
@@ -98,7 +107,7 @@ fn silent_registrations_expire_unless_most_go_silent_at_once() {
         );
         assert_eq!(
             registered(&agent, fe),
-            ["node-1", "node-2", "node-3"],
+            ["node-1", "node-2", "node-3", "node-4"],
             "renewed registrations stay"
         );
         eventually(SETTLE, "node-0 to leave HAProxy", || {
@@ -121,7 +130,10 @@ fn silent_registrations_expire_unless_most_go_silent_at_once() {
             }
         });
         // The check that suspended expiry saw all three overdue and expired none.
-        assert_eq!(registered(&agent, fe), ["node-1", "node-2", "node-3"]);
+        assert_eq!(
+            registered(&agent, fe),
+            ["node-1", "node-2", "node-3", "node-4"]
+        );
         assert_eq!(agent.metric("lbagent_lease_expiries_total"), 1.0);
         let h = agent.get("/healthz");
         assert_eq!(
@@ -143,12 +155,15 @@ fn silent_registrations_expire_unless_most_go_silent_at_once() {
                 .to_string();
             why.contains("2 of 3").then_some(()).ok_or(format!("{h}"))
         });
-        assert_eq!(registered(&agent, fe), ["node-1", "node-2", "node-3"]);
+        assert_eq!(
+            registered(&agent, fe),
+            ["node-1", "node-2", "node-3", "node-4"]
+        );
         // Two come back: one of three overdue, expiry resumes and node-3 expires.
         beating.lock().unwrap().push(silent.remove(0));
         eventually(SETTLE, "node-3 to expire once renewals are back", || {
             let nodes = registered(&agent, fe);
-            if nodes == ["node-1", "node-2"] {
+            if nodes == ["node-1", "node-2", "node-4"] {
                 Ok(())
             } else {
                 Err(format!("{nodes:?}"))

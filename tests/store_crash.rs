@@ -111,6 +111,7 @@ impl Workload {
                     },
                     service: (self.below(2) == 0).then(|| "traefik".to_string()),
                     weight: (self.below(4) == 0).then(|| self.below(257) as u16),
+                    lease: true,
                 };
                 if current.as_ref() == Some(&spec) {
                     spec.node_port += 1;

@@ -114,7 +114,11 @@ impl Leases {
         let mut overdue = Vec::new();
         for (port, fe) in &state.frontends {
             let clocks = self.renewed.entry(*port).or_default();
-            for node in fe.servers.keys() {
+            for (node, spec) in &fe.servers {
+                // Registered for good (`"lease": false`): neither expires nor counts.
+                if !spec.lease {
+                    continue;
+                }
                 total += 1;
                 let renewed = match clocks.get(node) {
                     Some(at) => *at,

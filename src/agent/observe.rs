@@ -86,6 +86,12 @@ impl Owner {
             // one, and a server a new file still lists is a new server (the comparison
             // below deletes it, draining it again if it already has connections).
             self.draining.clear();
+            // The new worker has read the servers' state: leave the file empty, so a later
+            // restart does not load it stale (after a `--reload-command`, the agent cannot
+            // tell sooner when HAProxy read it).
+            if let Some(f) = &self.server_state {
+                f.clear().await;
+            }
         }
         self.identity = Some(identity);
         let mut observed = match self.client.show_servers_state(None).await {
@@ -387,5 +393,6 @@ fn held_spec(o: &crate::runtime::parse::ServerState) -> Option<crate::model::Ser
         state: crate::model::ServerState::Maint,
         service: None,
         weight: o.user_weight.and_then(|w| u16::try_from(w).ok()),
+        lease: true,
     })
 }

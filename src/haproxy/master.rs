@@ -109,8 +109,8 @@ impl Reloader {
     /// master has dealt with the reload. A failure to save is logged and reloads all the same.
     ///
     /// A [`Reloader::Command`] gives no sign of when HAProxy reads the file (`systemctl
-    /// reload` returns once the signal is sent), so after one the file stays until the next
-    /// reload's save replaces it, or the agent's next start clears it.
+    /// reload` returns once the signal is sent), so after one the file stays until the agent
+    /// sees the new worker (its next look at HAProxy clears it), or the agent's next start.
     pub async fn reload_handing_over(
         &self,
         deadline: Duration,

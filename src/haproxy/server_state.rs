@@ -63,7 +63,7 @@ impl ServerStateFile {
     /// would without one.
     pub async fn save(&self, desired: &DesiredState) {
         match self.try_save(desired).await {
-            Ok(rows) => tracing::debug!(
+            Ok(rows) => tracing::info!(
                 path = %self.path.display(),
                 rows,
                 "saved the servers' state for the new worker"
@@ -234,6 +234,7 @@ mod tests {
                     state: *state,
                     service: None,
                     weight: None,
+                    lease: true,
                 },
             );
         }

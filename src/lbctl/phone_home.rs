@@ -61,7 +61,8 @@ pub struct PhoneHomeArgs {
     /// (±10 % jitter).
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     pub interval: DurationSetting,
-    /// Register once and exit (for init containers).
+    /// Register once and exit (for init containers); the registration asks for no lease, so
+    /// it stays until deleted.
     #[arg(long)]
     pub once: bool,
     /// Deadline for each request, 10ms to 1d.
@@ -197,6 +198,10 @@ impl PhoneHome {
         }
         if let Some(w) = self.args.weight {
             body["weight"] = serde_json::json!(w);
+        }
+        // Registered once, never renewed: it must not expire by the agent's lease.
+        if self.args.once {
+            body["lease"] = serde_json::json!(false);
         }
         let body = body.to_string().into_bytes();
         match signed_request(
