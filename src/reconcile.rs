@@ -45,6 +45,21 @@ fn observed_state(s: &ObservedServer) -> ServerState {
     }
 }
 
+/// Adds a command built by its checked constructor. A spec the checks refuse (a weight over
+/// 256 from a hand-edited store) is logged and sends nothing; the API never accepts one.
+fn push_checked(out: &mut Vec<Command>, command: crate::runtime::Result<Command>) -> bool {
+    match command {
+        Ok(c) => {
+            out.push(c);
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "not sent to HAProxy: the desired state holds a value its checks refuse");
+            false
+        }
+    }
+}
+
 fn state_command(server: ServerRef, state: ServerState) -> Command {
     Command::SetServerState(server, state.admin())
 }
@@ -52,16 +67,17 @@ fn state_command(server: ServerRef, state: ServerState) -> Command {
 /// Commands for a server HAProxy does not have yet. A dynamic server starts in maintenance
 /// with its checks off, so it needs `enable health` and a state.
 fn add_commands(server: ServerRef, spec: &ServerSpec, out: &mut Vec<Command>) {
-    out.push(Command::AddServer {
-        server: server.clone(),
-        addr: spec.node_ip,
-        port: spec.node_port,
-        options: AddServerOptions {
-            check: true,
-            weight: spec.weight,
-            ..AddServerOptions::default()
-        },
-    });
+    let options = AddServerOptions {
+        check: true,
+        weight: spec.weight,
+        ..AddServerOptions::default()
+    };
+    if !push_checked(
+        out,
+        Command::add_server(server.clone(), spec.node_ip, spec.node_port, options),
+    ) {
+        return;
+    }
     out.push(Command::EnableHealth(server.clone()));
     if spec.state != ServerState::Maint {
         out.push(state_command(server, spec.state));
@@ -89,10 +105,10 @@ pub fn commands_for(
     }
     if prev.weight != spec.weight {
         // Back to HAProxy's default when the weight is no longer set.
-        out.push(Command::SetServerWeight(
-            server.clone(),
-            spec.weight.unwrap_or(1),
-        ));
+        push_checked(
+            &mut out,
+            Command::set_weight(server.clone(), u32::from(spec.weight.unwrap_or(1))),
+        );
     }
     if prev.state != spec.state {
         out.push(state_command(server.clone(), spec.state));
@@ -162,8 +178,10 @@ pub fn plan(
                                 "{server} has weight {:?}, wanted {w}",
                                 obs.user_weight
                             ));
-                            plan.commands
-                                .push(Command::SetServerWeight(server.clone(), w));
+                            push_checked(
+                                &mut plan.commands,
+                                Command::set_weight(server.clone(), u32::from(w)),
+                            );
                         }
                     }
                     let now = observed_state(obs);

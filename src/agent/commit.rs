@@ -119,6 +119,7 @@ impl Owner {
         self.metrics.servers.set(self.state.server_count() as i64);
         self.publish_desired();
         let generation = self.state.generation;
+        let mut answers = Vec::with_capacity(accepted.len());
         for (a, range) in accepted.into_iter().zip(ranges) {
             let (applied, refused) = match &replies {
                 _ if a.effect == Effect::Unchanged => (Applied::Unchanged, None),
@@ -128,15 +129,21 @@ impl Owner {
                     Some(why) => (Applied::Pending, Some(why)),
                 },
             };
-            let _ = a.reply.send(Ok(ApplyOk {
+            answers.push((a.reply, applied, refused));
+        }
+        self.metrics
+            .servers_draining
+            .set(self.draining.len() as i64);
+        // Before the answers: a client that reads /healthz right after its answer sees its
+        // change (a drain started or ended).
+        self.publish();
+        for (reply, applied, refused) in answers {
+            let _ = reply.send(Ok(ApplyOk {
                 applied,
                 generation,
                 refused,
             }));
         }
-        self.metrics
-            .servers_draining
-            .set(self.draining.len() as i64);
     }
 
     /// The runtime commands of one change, from what HAProxy has (`previous`) to what it asks.

@@ -151,6 +151,7 @@ impl Owner {
         // New workers start from the file: put runtime-only details (drain) back.
         self.reconcile().await;
         let generation = self.state.generation;
+        self.publish();
         for (_, _, reply) in applied {
             let _ = reply.send(Ok(ApplyOk {
                 applied: Applied::Reload,
