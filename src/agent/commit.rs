@@ -131,9 +131,6 @@ impl Owner {
             };
             answers.push((a.reply, applied, refused));
         }
-        self.metrics
-            .servers_draining
-            .set(self.draining.len() as i64);
         // Before the answers: a client that reads /healthz right after its answer sees its
         // change (a drain started or ended).
         self.publish();

@@ -188,7 +188,7 @@ impl AgentHandle {
     }
 
     /// The desired state as of the last committed change.
-    pub fn desired(&self) -> Arc<DesiredState> {
+    fn desired(&self) -> Arc<DesiredState> {
         self.desired.borrow().clone()
     }
 
@@ -511,8 +511,12 @@ impl Owner {
         self.desired_tx.send_replace(Arc::new(self.state.clone()));
     }
 
-    /// Publishes the health `/healthz` answers with, when it changed.
+    /// Publishes the health `/healthz` answers with, when it changed, and the draining gauge
+    /// beside the list it counts.
     fn publish(&mut self) {
+        self.metrics
+            .servers_draining
+            .set(self.draining.len() as i64);
         let now = self.health();
         self.health_tx.send_if_modified(|h| {
             let changed = *h != now;

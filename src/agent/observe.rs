@@ -41,10 +41,7 @@ impl Owner {
         }
         self.client.disconnect();
         let changed = match self.client.show_info().await {
-            Ok(info) => {
-                let identity = (info.pid().unwrap_or(0), info.start_time().unwrap_or(0));
-                self.identity != Some(identity)
-            }
+            Ok(info) => self.identity != Some(identity_of(&info)),
             Err(_) => true,
         };
         // The connection stays for the next change: it is to the process just looked at.
@@ -76,7 +73,7 @@ impl Owner {
             }
         };
         self.set_up(true);
-        let identity = (info.pid().unwrap_or(0), info.start_time().unwrap_or(0));
+        let identity = identity_of(&info);
         if self.identity.is_some_and(|id| id != identity) {
             tracing::info!(
                 pid = identity.0,
@@ -106,18 +103,16 @@ impl Owner {
         // taken out of maintenance (by hand) is left to the comparison, which puts it back.
         if !self.draining.is_empty() {
             let mut still = std::collections::HashSet::new();
-            for o in &observed {
-                if let Ok(s) = crate::runtime::ServerRef::new(&o.backend, &o.server) {
-                    if o.admin.in_maintenance() && self.draining.contains(&s) {
+            observed.retain(
+                |o| match crate::runtime::ServerRef::new(&o.backend, &o.server) {
+                    Ok(s) if o.admin.in_maintenance() && self.draining.contains(&s) => {
                         still.insert(s);
+                        false
                     }
-                }
-            }
+                    _ => true,
+                },
+            );
             self.draining.retain(|s| still.contains(s));
-            observed.retain(|o| {
-                crate::runtime::ServerRef::new(&o.backend, &o.server)
-                    .map_or(true, |s| !still.contains(&s))
-            });
         }
         let backends: BTreeSet<String> = match self.client.show_backends().await {
             Ok(b) => b.into_iter().collect(),
@@ -253,13 +248,10 @@ impl Owner {
                 }
             }
         }
-        self.metrics
-            .servers_draining
-            .set(self.draining.len() as i64);
     }
 
     /// Deletes the registrations whose lease ran out, the way a DELETE would (they drain),
-    /// unless more than half are overdue at once.
+    /// unless more than half are late at once (see `leases.rs`).
     pub(super) async fn expire_leases(&mut self) {
         if !self.leases.enabled() {
             return;
@@ -382,6 +374,12 @@ impl Owner {
             )
         })
     }
+}
+
+/// Which HAProxy process answers: its pid and start time. Another one means a restart or a
+/// reload, whose new worker has none of the runtime state.
+fn identity_of(info: &crate::runtime::parse::Info) -> (u64, u64) {
+    (info.pid().unwrap_or(0), info.start_time().unwrap_or(0))
 }
 
 /// What HAProxy holds of a server it reports, as a spec in maintenance (how a draining server

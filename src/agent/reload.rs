@@ -179,7 +179,6 @@ impl Owner {
             // draining stays with the old worker, which ends with its last connection (or at
             // `hard-stop-after`).
             self.draining.clear();
-            self.metrics.servers_draining.set(0);
         }
         reloaded.map(|_| ())
     }
