@@ -3,22 +3,15 @@
 //! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
 //! signature verifier's nonce cache.
 
-use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::auth::{AuthHeaders, Verifier};
@@ -33,10 +26,6 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// How long a request body may take to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most connections served at once; more wait in the kernel's accept queue. Sidecars hold one
-/// keep-alive connection each, so this is far above normal use and far below the file limit.
-pub const MAX_CONNECTIONS: usize = 4096;
-
 /// What the HTTP server needs.
 pub struct Api {
     pub agent: AgentHandle,
@@ -47,6 +36,10 @@ pub struct Api {
     /// The old webhook's token: enables `POST /hooks/update-haproxy` (migration only).
     pub legacy_token: Option<Vec<u8>>,
 }
+
+mod serve;
+
+pub use serve::{serve, MAX_CONNECTIONS};
 
 type Reply = Response<Full<Bytes>>;
 
@@ -505,85 +498,6 @@ impl Api {
                 "the agent is shutting down",
             ),
         }
-    }
-}
-
-/// Counts a request in `lbagent_http_requests_in_flight` for as long as it lives, also when
-/// its connection goes away before the answer.
-struct InFlight(prometheus_client::metrics::gauge::Gauge);
-
-impl InFlight {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> InFlight {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Serves the API on `listener` until `shutdown`; then stops accepting, lets in-flight
-/// requests finish (up to `grace`) and returns.
-pub async fn serve(
-    listener: TcpListener,
-    api: Arc<Api>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // Wait for a free slot before accepting, so a flood cannot use up file descriptors
-        // the agent needs for HAProxy's socket, its store and its config files.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: give it a moment instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        stream.set_nodelay(true).ok();
-        let api = api.clone();
-        let service = service_fn(move |req| {
-            let api = api.clone();
-            async move {
-                let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-                Ok::<_, Infallible>(api.handle(req).await)
-            }
-        });
-        let conn = http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections were still open after {grace:?}; closing them");
     }
 }
 
