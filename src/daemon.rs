@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentParts};
 use crate::api::{self, Api};
+use crate::audit::AuditLog;
 use crate::auth::{Keys, Verifier, DEFAULT_KEY_ID, DEFAULT_WINDOW};
 use crate::clock::DurationSetting;
 use crate::haproxy::{
@@ -138,6 +139,10 @@ pub struct Settings {
     /// HAProxy's global section.
     #[arg(long, value_name = "DURATION")]
     pub hard_stop_after: Option<DurationSetting>,
+    /// Appends one JSON line per change request, accepted or refused, to FILE (0600; reopened
+    /// on SIGHUP, for logrotate). Without it the records go to the normal log.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Settings {
@@ -167,7 +172,8 @@ impl Settings {
             drift_check_interval,
             haproxy_bin,
             server_state_file,
-            hard_stop_after
+            hard_stop_after,
+            audit_log
         );
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
@@ -316,6 +322,14 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let verifier = Verifier::new(keys, durations.auth_window);
     verifier.refuse_signed_before(crate::clock::unix_seconds());
 
+    let metrics = Metrics::new();
+    let (audit, audit_writer) = match &settings.audit_log {
+        Some(path) => {
+            let (log, writer) = AuditLog::open(path, metrics.clone())?;
+            (log, Some(writer))
+        }
+        None => (AuditLog::to_log(), None),
+    };
     let legacy_token = match &settings.legacy_token_file {
         Some(path) => Some(read_legacy_token(path)?),
         None => None,
@@ -389,7 +403,6 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let shutdown = CancellationToken::new();
-    let metrics = Metrics::new();
     let parts = AgentParts {
         state,
         store,
@@ -420,6 +433,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         metrics,
         metrics_enabled: !settings.no_metrics,
         legacy_token,
+        audit,
     });
     println!(
         "lbagent: listening on http://{} (keys: {})",
@@ -439,6 +453,11 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let _ = server.await;
     agent_stop.cancel();
     let _ = agent_task.await;
+    // Every record of a served request is written before the process ends.
+    drop(api);
+    if let Some(writer) = audit_writer {
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
     Ok(())
 }
 
@@ -509,7 +528,7 @@ fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
     Ok(token.as_bytes().to_vec())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file.
+/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file and reopens the audit log.
 async fn wait_for_signals(api: &Api, keys_path: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -524,10 +543,13 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => match api.verifier.reload(keys_path) {
-                Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
-                Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
-            },
+            _ = hup.recv() => {
+                match api.verifier.reload(keys_path) {
+                    Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
+                    Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
+                }
+                api.audit.reopen().await;
+            }
         }
     }
 }

@@ -15,7 +15,8 @@
 //! - [`api`]: the HTTP API (routes, body limits, validation, JSON answers) on hyper;
 //!   [`auth`]: HMAC request signatures, keys files, the replay window;
 //!   [`legacy`]: the old webhook's endpoint, for migration; [`secret_file`]: reading the keys
-//!   file and the legacy token, refused when others may read them.
+//!   file and the legacy token, refused when others may read them; [`audit`]: one JSON line
+//!   per change request, accepted or refused.
 //! - [`policy`]: which ports and addresses a request may use.
 //! - [`model`]: the desired state and the one way to change it; [`store`]: its durable
 //!   journal and snapshots.
@@ -31,6 +32,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod daemon;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub servers_draining: Gauge,
     /// Draining servers whose connections were shut at the drain timeout.
     pub drain_timeouts: Counter,
+    /// Audit records that could not be written to `--audit-log` (they went to the log).
+    pub audit_write_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -130,7 +132,14 @@ impl Metrics {
             "Draining servers whose remaining connections were shut at the drain timeout",
             drain_timeouts.clone(),
         );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written to --audit-log (written to the log instead)",
+            audit_write_failures.clone(),
+        );
         Metrics {
+            audit_write_failures,
             lease_expiries,
             lease_expiry_suspended,
             servers_draining,

@@ -244,6 +244,22 @@ pub enum Conflict {
     NoServer { port: u16, node: String },
 }
 
+/// A desired entry as the audit trail shows it: a server's spec, or a whole frontend (what a
+/// frontend's removal takes away).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Entry {
+    Server(ServerSpec),
+    Frontend(Arc<FrontendSpec>),
+}
+
+/// What one accepted change did to the entry it names; `None` where the entry is absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    pub before: Option<Entry>,
+    pub after: Option<Entry>,
+}
+
 /// How to take back one applied change (when storing or applying it fails).
 #[derive(Clone, Debug)]
 pub enum Undo {
@@ -286,6 +302,35 @@ impl DesiredState {
         };
         let effect = self.apply(change)?;
         Ok((effect, undo))
+    }
+
+    /// The entry `change` names as it is now: its server's spec (a frontend's removal leaves
+    /// nothing).
+    pub fn entry_of(&self, change: &Change) -> Option<Entry> {
+        match change {
+            Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => self
+                .frontends
+                .get(&change.frontend_port())
+                .and_then(|f| f.servers.get(node))
+                .cloned()
+                .map(Entry::Server),
+            Change::DeleteFrontend { frontend_port } => self
+                .frontends
+                .get(frontend_port)
+                .cloned()
+                .map(Entry::Frontend),
+        }
+    }
+
+    /// [`Self::apply_with_undo`], also saying what the change did to its entry.
+    pub fn apply_with_transition(
+        &mut self,
+        change: &Change,
+    ) -> Result<(Effect, Undo, Transition), Conflict> {
+        let before = self.entry_of(change);
+        let (effect, undo) = self.apply_with_undo(change)?;
+        let after = self.entry_of(change);
+        Ok((effect, undo, Transition { before, after }))
     }
 
     /// Takes back a change applied by [`Self::apply_with_undo`]; several are undone in

@@ -44,11 +44,12 @@ impl Owner {
                 reloads.push((change, reply));
                 continue;
             }
-            match self.state.apply_with_undo(&change) {
-                Ok((effect, undo)) => accepted.push(Accepted {
+            match self.state.apply_with_transition(&change) {
+                Ok((effect, undo, transition)) => accepted.push(Accepted {
                     change,
                     effect,
                     undo,
+                    transition,
                     reply,
                 }),
                 Err(c) => {
@@ -129,16 +130,17 @@ impl Owner {
                     Some(why) => (Applied::Pending, Some(why)),
                 },
             };
-            answers.push((a.reply, applied, refused));
+            answers.push((a.reply, applied, refused, a.transition));
         }
         // Before the answers: a client that reads /healthz right after its answer sees its
         // change (a drain started or ended).
         self.publish();
-        for (reply, applied, refused) in answers {
+        for (reply, applied, refused, transition) in answers {
             let _ = reply.send(Ok(ApplyOk {
                 applied,
                 generation,
                 refused,
+                transition,
             }));
         }
     }

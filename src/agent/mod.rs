@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::haproxy::{wait_frontend_open, ConfigFiles, HaproxyError, ManagedHaproxy, Reloader};
 use crate::metrics::Metrics;
 use crate::model::{
-    backend_name, frontend_name, server_ref, Change, Conflict, DesiredState, Effect, Undo,
+    backend_name, frontend_name, server_ref, Change, Conflict, DesiredState, Effect, Transition,
+    Undo,
 };
 use crate::policy::{Denied, Policy};
 use crate::reconcile::{self, Plan};
@@ -73,6 +74,8 @@ pub struct ApplyOk {
     /// [`Applied::Pending`] because HAProxy refused a command of this change: the command and
     /// HAProxy's words. The change is stored; the timer retries it.
     pub refused: Option<String>,
+    /// The entry before and after, for the audit trail.
+    pub transition: Transition,
 }
 
 /// Why a change was not acknowledged. Nothing of it was recorded.
@@ -268,6 +271,7 @@ struct Accepted {
     change: Change,
     effect: Effect,
     undo: Undo,
+    transition: Transition,
     reply: ReplyTx,
 }
 

@@ -72,6 +72,7 @@ impl Owner {
             return;
         }
         let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
+        let mut transitions = Vec::new();
         for (change, reply) in set {
             // Again: changes applied earlier (in this group, or this set) may have used up
             // the cap, or conflict with this one.
@@ -79,8 +80,11 @@ impl Owner {
                 let _ = reply.send(Err(d.into()));
                 continue;
             }
-            match self.state.apply_with_undo(&change) {
-                Ok((_, undo)) => applied.push((change, undo, reply)),
+            match self.state.apply_with_transition(&change) {
+                Ok((_, undo, transition)) => {
+                    applied.push((change, undo, reply));
+                    transitions.push(transition);
+                }
                 Err(c) => {
                     let _ = reply.send(Err(c.into()));
                 }
@@ -152,11 +156,12 @@ impl Owner {
         self.reconcile().await;
         let generation = self.state.generation;
         self.publish();
-        for (_, _, reply) in applied {
+        for ((_, _, reply), transition) in applied.into_iter().zip(transitions) {
             let _ = reply.send(Ok(ApplyOk {
                 applied: Applied::Reload,
                 generation,
                 refused: None,
+                transition,
             }));
         }
     }

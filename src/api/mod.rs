@@ -3,7 +3,7 @@
 //! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
 //! signature verifier's nonce cache.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -14,10 +14,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::agent::{AgentHandle, Applied, ApplyError};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::{AuthHeaders, Verifier};
 use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
 use crate::model::{
     backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
+    Transition,
 };
 
 /// Largest request body accepted.
@@ -35,6 +37,8 @@ pub struct Api {
     pub metrics_enabled: bool,
     /// The old webhook's token: enables `POST /hooks/update-haproxy` (migration only).
     pub legacy_token: Option<Vec<u8>>,
+    /// Where every change request is recorded.
+    pub audit: AuditLog,
 }
 
 mod serve;
@@ -59,8 +63,15 @@ fn serialized_reply(status: StatusCode, body: &impl serde::Serialize) -> Reply {
     r
 }
 
+/// What a refusal answered, kept on the reply for the audit trail.
+#[derive(Clone)]
+struct Refusal(String);
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
-    json_reply(status, json!({"error": code, "message": message.into()}))
+    let message = message.into();
+    let mut r = json_reply(status, json!({"error": code, "message": &message}));
+    r.extensions_mut().insert(Refusal(message));
+    r
 }
 
 /// The routes, parsed from the path.
@@ -216,8 +227,17 @@ fn apply_error(e: ApplyError) -> Reply {
     }
 }
 
+/// Whether a request asks for a change: those are audited, whatever becomes of them.
+fn is_change_request(route: &Route<'_>, method: &Method) -> bool {
+    matches!(
+        route,
+        Route::Frontend(_) | Route::Server(..) | Route::LegacyHook
+    ) && method != Method::GET
+        && method != Method::HEAD
+}
+
 impl Api {
-    async fn handle(&self, req: Request<Incoming>) -> Reply {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let path_with_query = req
@@ -227,7 +247,27 @@ impl Api {
             .unwrap_or_else(|| path.clone());
         let route = Route::parse(&path);
         let label = route.label(&method);
+        let presented_key = match route {
+            Route::LegacyHook => "legacy-token".to_string(),
+            _ => req
+                .headers()
+                .get(crate::auth::HEADER_KEY)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| crate::auth::DEFAULT_KEY_ID.to_string()),
+        };
         let reply = self.route(req, &method, &route, &path_with_query).await;
+        if is_change_request(&route, &method) {
+            let record = AuditRecord::new(
+                &presented_key,
+                peer,
+                method.as_str(),
+                &path_with_query,
+                reply.status().as_u16(),
+                reply.extensions().get::<Refusal>().map(|r| r.0.clone()),
+                reply.extensions().get::<Transition>().cloned(),
+            );
+            self.audit.record(&record).await;
+        }
         self.metrics
             .requests
             .get_or_create(&RouteLabels {
@@ -439,8 +479,8 @@ impl Api {
         }
     }
 
-    /// Hands a change to the owner and answers; every change that did something is logged with
-    /// the key that signed it (an audit trail).
+    /// Hands a change to the owner and answers. (The audit trail is written by
+    /// [`Self::handle`], for refusals before this too.)
     async fn change(&self, change: Change, node: Option<NodeName>, key_id: &str) -> Reply {
         let port = change.frontend_port();
         let started = Instant::now();
@@ -448,10 +488,10 @@ impl Api {
         let result = self.agent.apply(change).await;
         match &result {
             Ok(ok) if ok.applied != Applied::Unchanged => {
-                tracing::info!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")
+                tracing::debug!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")
             }
             Ok(_) => {}
-            Err(e) => tracing::info!(key = key_id, error = %e, change = %audit, "change refused"),
+            Err(e) => tracing::debug!(key = key_id, error = %e, change = %audit, "change refused"),
         }
         self.metrics
             .apply_seconds
@@ -476,7 +516,9 @@ impl Api {
                 if let Some(why) = &ok.refused {
                     body["haproxy_refused"] = json!(why);
                 }
-                json_reply(status, body)
+                let mut r = json_reply(status, body);
+                r.extensions_mut().insert(ok.transition);
+                r
             }
             Err(e) => apply_error(e),
         }

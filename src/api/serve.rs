@@ -71,7 +71,7 @@ pub async fn serve(
             let api = api.clone();
             async move {
                 let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-                Ok::<_, Infallible>(api.handle(req).await)
+                Ok::<_, Infallible>(api.handle(req, peer).await)
             }
         });
         let conn = http1::Builder::new()
