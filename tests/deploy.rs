@@ -252,6 +252,26 @@ fn files_agree_on_paths() {
     for needed in ["mode 660", "level admin", "expose-fd listeners"] {
         assert!(line.contains(needed), "{line}: lacks `{needed}`");
     }
+    // The audit log is in the unit's LogsDirectory, and logrotate rotates that very file.
+    let audit = PathBuf::from(setting(&t, "audit-log"));
+    let logs = unit_values(&unit, "LogsDirectory");
+    assert_eq!(
+        audit.parent().unwrap(),
+        Path::new("/var/log").join(logs.first().expect("LogsDirectory=")),
+        "audit-log should be in the unit's LogsDirectory"
+    );
+    let rotate = read("lbagent.logrotate");
+    assert!(
+        rotate
+            .lines()
+            .any(|l| l.trim() == format!("{} {{", audit.display())),
+        "deploy/lbagent.logrotate should rotate {}",
+        audit.display()
+    );
+    assert!(
+        rotate.contains("HUP"),
+        "logrotate must SIGHUP the agent to reopen the file"
+    );
     // The servers' state goes where HAProxy reads it, in a directory the unit may write.
     let state_file = setting(&t, "server-state-file");
     assert!(
@@ -601,6 +621,8 @@ fn attached_mode_with_the_deploy_files() {
             .arg(&managed)
             .arg("--server-state-file")
             .arg(d.join("server-state"))
+            .arg("--audit-log")
+            .arg(d.join("audit.log"))
             .arg("--haproxy-bin")
             .arg(&bin)
             .args(["--allow-frontend-ports", &frontend.to_string()])
