@@ -3,6 +3,8 @@
 //!
 //! - **Managed** (no `--socket`): starts and supervises its own HAProxy under
 //!   `<state-dir>/haproxy`, generates a key file on first start, listens on 127.0.0.1:9900.
+//! - Either mode serves its API over TLS with `--tls-cert`/`--tls-key` (managed mode can
+//!   make its own certificate, `--tls-self-signed`); plain HTTP otherwise.
 //! - **Attached** (`--socket`): drives an existing HAProxy through its stats socket, its master
 //!   CLI (or `--reload-command`), its main config and the file this agent owns.
 
@@ -28,6 +30,7 @@ use crate::policy::{CidrList, Policy, PortList};
 use crate::render::RenderOptions;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
 use crate::store::Store;
+use crate::tls::{self_signed, ServerFiles, ServerTls};
 
 /// Every setting, from flags; each may also come from the `--config` TOML file (same names,
 /// e.g. `state-dir = "/var/lib/lbagent"`). A flag given on the command line wins.
@@ -138,6 +141,26 @@ pub struct Settings {
     /// HAProxy's global section.
     #[arg(long, value_name = "DURATION")]
     pub hard_stop_after: Option<DurationSetting>,
+    /// Serve the API over TLS with this certificate, PEM, leaf first then its chain (e.g.
+    /// certbot's fullchain.pem). Re-read when its directory changes and on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert`, PEM, mode 0600.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate this CA (PEM) signed, besides signing
+    /// their requests.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Managed mode: serve TLS with a self-signed certificate made on first start in
+    /// STATE_DIR/tls (reused after); its path is the `lbctl --ca-file` to give.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    #[serde(default)]
+    pub tls_self_signed: bool,
+    /// More names or addresses for the self-signed certificate, comma-separated (it always
+    /// has localhost, 127.0.0.1, ::1 and a specific --listen address).
+    #[arg(long, value_name = "LIST", requires = "tls_self_signed")]
+    pub tls_self_signed_names: Option<String>,
 }
 
 impl Settings {
@@ -167,8 +190,13 @@ impl Settings {
             drift_check_interval,
             haproxy_bin,
             server_state_file,
-            hard_stop_after
+            hard_stop_after,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            tls_self_signed_names
         );
+        self.tls_self_signed |= file.tls_self_signed;
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
         self.no_host_checks |= file.no_host_checks;
@@ -263,6 +291,12 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     }
 
     let attached = settings.socket.is_some();
+    let metrics = if tls_on(&settings) {
+        Metrics::with_tls()
+    } else {
+        Metrics::new()
+    };
+    let tls = server_tls(&settings, attached, listen, &state_dir, &metrics)?;
     // A flag of the other mode is refused before anything starts.
     let main_options = if attached {
         if settings.hard_stop_after.is_some() {
@@ -389,7 +423,6 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let shutdown = CancellationToken::new();
-    let metrics = Metrics::new();
     let parts = AgentParts {
         state,
         store,
@@ -420,9 +453,15 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         metrics,
         metrics_enabled: !settings.no_metrics,
         legacy_token,
+        tls: tls.clone(),
     });
+    let _tls_watch = match &tls {
+        Some(tls) => Some(crate::tls::watch::spawn(tls.clone(), shutdown.clone())?),
+        None => None,
+    };
     println!(
-        "lbagent: listening on http://{} (keys: {})",
+        "lbagent: listening on {}://{} (keys: {})",
+        if tls.is_some() { "https" } else { "http" },
         listener.local_addr().unwrap_or(listen),
         keys_path.display()
     );
@@ -509,7 +548,80 @@ fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
     Ok(token.as_bytes().to_vec())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file.
+/// Whether the API serves TLS.
+fn tls_on(s: &Settings) -> bool {
+    s.tls_cert.is_some() || s.tls_self_signed
+}
+
+/// The API's TLS, from `--tls-cert`/`--tls-key` or managed mode's `--tls-self-signed`; `None`
+/// serves plain HTTP. Every TLS file is read and checked here, before anything starts.
+fn server_tls(
+    s: &Settings,
+    attached: bool,
+    listen: SocketAddr,
+    state_dir: &Path,
+    metrics: &Metrics,
+) -> Result<Option<Arc<ServerTls>>, BoxError> {
+    // clap checks pairs on the command line; the settings file is checked here.
+    let files =
+        match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
+            (Some(_), Some(_), true) => {
+                return Err("--tls-self-signed and --tls-cert are either-or".into())
+            }
+            (Some(cert), Some(key), false) => ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+            },
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err("--tls-cert and --tls-key go together".into())
+            }
+            (None, None, true) if attached => return Err(
+                "--tls-self-signed is for managed mode; attached, give --tls-cert and --tls-key"
+                    .into(),
+            ),
+            (None, None, true) => {
+                let extra: Vec<String> = s
+                    .tls_self_signed_names
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+                let names = self_signed::wanted_names(listen, &extra);
+                let dir = state_dir.join("tls");
+                let made = self_signed::ensure(&dir, &names)?;
+                let files = made.files;
+                let cert = crate::tls::read_certs(&files.cert, "--tls-self-signed")?;
+                println!(
+                    "lbagent: {} self-signed TLS certificate {} (SHA-256 {}) for {}; \
+                 give lbctl --ca-file {}",
+                    if made.made { "made a" } else { "reusing the" },
+                    files.cert.display(),
+                    crate::tls::fingerprint(&cert[0]),
+                    names.iter().cloned().collect::<Vec<_>>().join(", "),
+                    files.cert.display()
+                );
+                files
+            }
+            (None, None, false) => {
+                if s.tls_client_ca.is_some() {
+                    return Err("--tls-client-ca needs TLS: give --tls-cert and --tls-key".into());
+                }
+                if s.tls_self_signed_names.is_some() {
+                    return Err("--tls-self-signed-names needs --tls-self-signed".into());
+                }
+                return Ok(None);
+            }
+        };
+    let files = ServerFiles {
+        client_ca: s.tls_client_ca.clone(),
+        ..files
+    };
+    Ok(Some(Arc::new(ServerTls::load(files, metrics.tls.clone())?)))
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file and the TLS files.
 async fn wait_for_signals(api: &Api, keys_path: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -524,10 +636,15 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => match api.verifier.reload(keys_path) {
-                Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
-                Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
-            },
+            _ = hup.recv() => {
+                match api.verifier.reload(keys_path) {
+                    Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
+                    Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
+                }
+                if let Some(tls) = &api.tls {
+                    tls.reload("SIGHUP");
+                }
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Api {
     pub metrics_enabled: bool,
     /// The old webhook's token: enables `POST /hooks/update-haproxy` (migration only).
     pub legacy_token: Option<Vec<u8>>,
+    /// When set, every connection is TLS: the handshake comes before any HTTP.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 mod serve;
