@@ -143,10 +143,10 @@ pub struct Settings {
     pub hard_stop_after: Option<DurationSetting>,
     /// Serve the API over TLS with this certificate, PEM, leaf first then its chain (e.g.
     /// certbot's fullchain.pem). Re-read when its directory changes and on SIGHUP.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of `--tls-cert`, PEM, mode 0600.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Mutual TLS: clients must present a certificate this CA (PEM) signed, besides signing
     /// their requests.
@@ -154,12 +154,12 @@ pub struct Settings {
     pub tls_client_ca: Option<PathBuf>,
     /// Managed mode: serve TLS with a self-signed certificate made on first start in
     /// STATE_DIR/tls (reused after); its path is the `lbctl --ca-file` to give.
-    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    #[arg(long)]
     #[serde(default)]
     pub tls_self_signed: bool,
     /// More names or addresses for the self-signed certificate, comma-separated (it always
     /// has localhost, 127.0.0.1, ::1 and a specific --listen address).
-    #[arg(long, value_name = "LIST", requires = "tls_self_signed")]
+    #[arg(long, value_name = "LIST")]
     pub tls_self_signed_names: Option<String>,
 }
 
@@ -562,11 +562,11 @@ fn server_tls(
     state_dir: &Path,
     metrics: &Metrics,
 ) -> Result<Option<Arc<ServerTls>>, BoxError> {
-    // clap checks pairs on the command line; the settings file is checked here.
+    // Checked here, not by clap: a pair may be split between the command line and the file.
     let files =
         match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
-            (Some(_), Some(_), true) => {
-                return Err("--tls-self-signed and --tls-cert are either-or".into())
+            (Some(_), _, true) | (_, Some(_), true) => {
+                return Err("--tls-self-signed and --tls-cert/--tls-key are either-or".into())
             }
             (Some(cert), Some(key), false) => ServerFiles {
                 cert: cert.clone(),
@@ -848,6 +848,53 @@ mod tests {
             Durations::resolve(&merged).unwrap().auth_window,
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_file_too_and_go_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+        let tls_of = |cli: &[&str], file: &str| {
+            let cli =
+                Settings::try_parse_from(std::iter::once("lbagent").chain(cli.iter().copied()))
+                    .unwrap();
+            let s = cli.merge(toml::from_str(file).unwrap());
+            server_tls(&s, false, listen, dir.path(), &Metrics::with_tls())
+                .map_err(|e| e.to_string())
+        };
+        assert!(tls_of(&[], "").unwrap().is_none(), "plain HTTP by default");
+        let e = tls_of(&["--tls-cert", "c.pem"], "").unwrap_err();
+        assert!(e.contains("--tls-cert and --tls-key go together"), "{e}");
+        // The pair split between the command line and the file is read as one.
+        let e = tls_of(&["--tls-cert", "/nonexistent/c.pem"], "tls-key = \"k.pem\"").unwrap_err();
+        assert!(e.starts_with("--tls-cert /nonexistent/c.pem:"), "{e}");
+        let e = tls_of(&["--tls-self-signed"], "tls-cert = \"c.pem\"").unwrap_err();
+        assert!(e.contains("either-or"), "{e}");
+        let e = tls_of(&[], "tls-client-ca = \"ca.pem\"").unwrap_err();
+        assert!(e.contains("--tls-client-ca needs TLS"), "{e}");
+        let e = tls_of(&["--tls-self-signed-names", "a.example"], "").unwrap_err();
+        assert!(e.contains("needs --tls-self-signed"), "{e}");
+        // From the file alone: a certificate is made and served.
+        let tls = tls_of(
+            &[],
+            "tls-self-signed = true\ntls-self-signed-names = \"lb.example.com\"\n",
+        )
+        .unwrap()
+        .expect("TLS on");
+        assert_eq!(tls.files().cert, dir.path().join("tls/cert.pem"));
+        let e = server_tls(
+            &Settings {
+                tls_self_signed: true,
+                ..Settings::default()
+            },
+            true,
+            listen,
+            dir.path(),
+            &Metrics::with_tls(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("for managed mode"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! 1.3 with ALPN http/1.1 work; plain HTTP gets no HTTP answer; a certificate replaced by a
 //! Kubernetes-style symlink swap or a rename over the file is served to new connections
 //! within 5 s without a restart, and a broken one leaves the old one serving and counts a
-//! failure; `--tls-client-ca` refuses a client without a certificate or with one another CA
+//! failure; SIGHUP re-reads them; `--tls-client-ca` refuses a client without a certificate or with one another CA
 //! signed; `lbctl phone-home` over https registers and follows an IP change; managed mode's
 //! `--tls-self-signed` makes its certificate once and reuses it.
 
@@ -432,6 +432,18 @@ fn a_replaced_certificate_is_served_within_5s_and_a_broken_one_keeps_the_old() {
         "{}",
         agent.log()
     );
+    // SIGHUP re-reads too: files rewritten in place in ..v5, a directory the watch does not
+    // cover (it watches the mount and, at start, ..v1), are served after the signal.
+    let fourth = ca.leaf(&["127.0.0.1"], false);
+    write_leaf(&mount.join("..v5"), &fourth);
+    agent.signal("HUP");
+    wait_served(
+        &agent,
+        &client,
+        &leaf_der(&fourth.cert),
+        Duration::from_secs(5),
+    );
+    assert!(agent.log().contains("cause=\"SIGHUP\""), "{}", agent.log());
 }
 
 #[test]

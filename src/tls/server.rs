@@ -58,6 +58,15 @@ pub struct ServerTls {
     metrics: TlsMetrics,
 }
 
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
 impl ServerTls {
     /// Loads the files; an error here stops the start (nothing is serving yet to fall back on).
     pub fn load(files: ServerFiles, metrics: TlsMetrics) -> Result<ServerTls, String> {
