@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::agent::{http, ip_endpoint, lbctl, through, Agent, Echo, Sidecar};
+use common::agent::{http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -42,18 +42,9 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
     let url = ip_endpoint(ip.clone());
     let fe = free_port();
 
-    let mut child = lbctl()
-        .args(["phone-home", "--agent", &format!("http://{}", agent.addr)])
-        .args([
-            "--frontend-port",
-            &fe.to_string(),
-            "--node-port",
-            &a.port().to_string(),
-        ])
-        .args(["--node", "node-1", "--node-ip-from", &format!("url:{url}")])
-        .arg("--key-file")
-        .arg(&agent.keys_path)
-        .args(["--interval", "1s", "--service", "web"])
+    let agent_url = format!("http://{}", agent.addr);
+    let mut child = phone_home(&agent_url, &agent.keys_path, fe, a.port(), &url)
+        .args(["--service", "web"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

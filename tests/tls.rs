@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::{
-    ip_endpoint, lbctl, through, trusting, Agent, ApiConn, ClientTls, Echo, Options, Sidecar,
+    ip_endpoint, lbctl, phone_home, through, trusting, Agent, ApiConn, ClientTls, Echo, Options,
+    Sidecar,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
@@ -555,21 +556,11 @@ fn phone_home_over_https_registers_follows_an_ip_change_and_a_wrong_ca_exits_2()
     let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
     let url = ip_endpoint(ip.clone());
     let fe = common::free_port();
+    let agent_url = format!("https://{}", agent.addr);
     let sidecar = |ca: &Path| {
-        let mut c = lbctl();
-        c.args(["phone-home", "--agent", &format!("https://{}", agent.addr)])
-            .arg("--ca-file")
+        let mut c = phone_home(&agent_url, &agent.keys_path, fe, a.port(), &url);
+        c.arg("--ca-file")
             .arg(ca)
-            .args([
-                "--frontend-port",
-                &fe.to_string(),
-                "--node-port",
-                &a.port().to_string(),
-            ])
-            .args(["--node", "node-1", "--node-ip-from", &format!("url:{url}")])
-            .arg("--key-file")
-            .arg(&agent.keys_path)
-            .args(["--interval", "1s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -266,6 +266,25 @@ pub fn ip_endpoint(ip: Arc<Mutex<String>>) -> String {
     url
 }
 
+/// `lbctl phone-home` for `node-1`: frontend `fe` → `node_port`, its IP read from `ip_url`
+/// (an [`ip_endpoint`]), every second, signed with the keys file `keys`.
+pub fn phone_home(agent_url: &str, keys: &Path, fe: u16, node_port: u16, ip_url: &str) -> Command {
+    let mut c = lbctl();
+    c.args(["phone-home", "--agent", agent_url])
+        .args(["--frontend-port", &fe.to_string()])
+        .args(["--node-port", &node_port.to_string()])
+        .args([
+            "--node",
+            "node-1",
+            "--node-ip-from",
+            &format!("url:{ip_url}"),
+        ])
+        .arg("--key-file")
+        .arg(keys)
+        .args(["--interval", "1s"]);
+    c
+}
+
 /// A running `lbctl phone-home`, killed when dropped.
 pub struct Sidecar(pub Child);
 
