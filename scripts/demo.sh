@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: starts lbagent on its embedded default (a HAProxy it manages
-# itself, a generated key) and shows it working, on loopback only:
+# itself, a generated key, its API over TLS with a self-signed certificate it makes) and shows
+# it working, on loopback only:
 #   two "nodes" (small HTTP servers on 127.0.0.2 and 127.0.0.3) → a signed phone-home PUT →
 #   a new frontend (a reload) → traffic through it → the node's IP changes (runtime, no reload)
 #   → traffic follows. Then it stops everything; `--keep` leaves the agent running.
@@ -35,8 +36,10 @@ work=$(mktemp -d /tmp/lbagent-demo.XXXXXX)
 api_port=9900
 python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",9900))' 2>/dev/null || api_port=$(free_port)
 fe_port=$(free_port)
-AGENT=http://127.0.0.1:$api_port
+AGENT=https://127.0.0.1:$api_port
 KEYS=$work/data/keys.toml
+# --tls-self-signed makes it on first start; sidecars and curl trust this file.
+CA=$work/data/tls/cert.pem
 
 pids=()
 cleanup() {
@@ -55,16 +58,16 @@ node() { # name ip port
 node node-a 127.0.0.2 30080
 node node-b 127.0.0.3 30081
 
-echo "== starting lbagent (managed HAProxy, generated key) on $AGENT"
+echo "== starting lbagent (managed HAProxy, generated key, self-signed TLS) on $AGENT"
 "$lbagent" --state-dir "$work/data" --listen "127.0.0.1:$api_port" --frontend-bind 127.0.0.1 \
-    >"$work/lbagent.log" 2>&1 &
+    --tls-self-signed >"$work/lbagent.log" 2>&1 &
 agent_pid=$!
 pids=("$agent_pid" "${pids[@]}")
 for _ in $(seq 1 100); do
-    curl -sf "$AGENT/healthz" >/dev/null 2>&1 && break
+    [ -f "$CA" ] && curl -sf --cacert "$CA" "$AGENT/healthz" >/dev/null 2>&1 && break
     sleep 0.1
 done
-curl -sf "$AGENT/healthz" >/dev/null || { cat "$work/lbagent.log"; exit 1; }
+curl -sf --cacert "$CA" "$AGENT/healthz" >/dev/null || { cat "$work/lbagent.log"; exit 1; }
 sed -n 's/^lbagent: /  /p' "$work/lbagent.log"
 
 # A signed request, exactly as docs/protocol.md describes it.
@@ -76,7 +79,7 @@ signed() { # METHOD PATH [BODY]
     body_sha=$(printf '%s' "$body" | openssl dgst -sha256 -r | cut -d' ' -f1)
     sig=$(printf '%s\n%s\n%s\n%s\n%s' "$method" "$path" "$ts" "$nonce" "$body_sha" |
         openssl dgst -sha256 -hmac "$secret" -r | cut -d' ' -f1)
-    curl -sS -X "$method" "$AGENT$path" -H "X-Lbagent-Timestamp: $ts" -H "X-Lbagent-Nonce: $nonce" \
+    curl -sS --cacert "$CA" -X "$method" "$AGENT$path" -H "X-Lbagent-Timestamp: $ts" -H "X-Lbagent-Nonce: $nonce" \
         -H "X-Lbagent-Signature: sha256=$sig" -H "Content-Type: application/json" ${body:+--data "$body"}
     echo
 }
@@ -106,16 +109,17 @@ curl -sS "http://127.0.0.1:$fe_port/"
 
 echo
 echo "== the agent's view (lbctl state)"
-"$lbctl" state --agent "$AGENT" --key-file "$KEYS"
+"$lbctl" state --agent "$AGENT" --ca-file "$CA" --key-file "$KEYS"
 echo
 echo "== health and metrics"
-curl -sS "$AGENT/healthz"
-curl -sS "$AGENT/metrics" | grep -E '^lbagent_(haproxy_reloads|http_requests)_total' || true
+curl -sS --cacert "$CA" "$AGENT/healthz"
+curl -sS --cacert "$CA" "$AGENT/metrics" |
+    grep -E '^lbagent_(haproxy_reloads|http_requests)_total|^lbagent_tls_cert_expiry' || true
 
 if $keep; then
     echo
     echo "lbagent keeps running (pid $agent_pid), state in $work/data."
     echo "  LBCTL_SOCKET=$LBCTL_SOCKET $lbctl show --watch 1"
-    echo "  $lbctl state --agent $AGENT --key-file $KEYS"
+    echo "  $lbctl state --agent $AGENT --ca-file $CA --key-file $KEYS"
     echo "Stop it: kill ${pids[*]}"
 fi

@@ -3,6 +3,8 @@
 //!
 //! - **Managed** (no `--socket`): starts and supervises its own HAProxy under
 //!   `<state-dir>/haproxy`, generates a key file on first start, listens on 127.0.0.1:9900.
+//! - Either mode serves its API over TLS with `--tls-cert`/`--tls-key` (managed mode can
+//!   make its own certificate, `--tls-self-signed`); plain HTTP otherwise.
 //! - **Attached** (`--socket`): drives an existing HAProxy through its stats socket, its master
 //!   CLI (or `--reload-command`), its main config and the file this agent owns.
 
@@ -29,6 +31,7 @@ use crate::policy::{CidrList, Policy, PortList};
 use crate::render::RenderOptions;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
 use crate::store::Store;
+use crate::tls::{self_signed, ServerFiles, ServerTls};
 
 /// Every setting, from flags; each may also come from the `--config` TOML file (same names,
 /// e.g. `state-dir = "/var/lib/lbagent"`). A flag given on the command line wins.
@@ -143,6 +146,26 @@ pub struct Settings {
     /// on SIGHUP, for logrotate). Without it the records go to the normal log.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Serve the API over TLS with this certificate, PEM, leaf first then its chain (e.g.
+    /// certbot's fullchain.pem). Re-read when its directory changes and on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert`, PEM, mode 0600.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate this CA (PEM) signed, besides signing
+    /// their requests.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Managed mode: serve TLS with a self-signed certificate made on first start in
+    /// STATE_DIR/tls (reused after); its path is the `lbctl --ca-file` to give.
+    #[arg(long)]
+    #[serde(default)]
+    pub tls_self_signed: bool,
+    /// More names or addresses for the self-signed certificate, comma-separated (it always
+    /// has localhost, 127.0.0.1, ::1 and a specific --listen address).
+    #[arg(long, value_name = "LIST")]
+    pub tls_self_signed_names: Option<String>,
 }
 
 impl Settings {
@@ -173,8 +196,13 @@ impl Settings {
             haproxy_bin,
             server_state_file,
             hard_stop_after,
-            audit_log
+            audit_log,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            tls_self_signed_names
         );
+        self.tls_self_signed |= file.tls_self_signed;
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
         self.no_host_checks |= file.no_host_checks;
@@ -269,6 +297,12 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     }
 
     let attached = settings.socket.is_some();
+    let metrics = if tls_on(&settings) {
+        Metrics::with_tls()
+    } else {
+        Metrics::new()
+    };
+    let tls = server_tls(&settings, attached, listen, &state_dir, &metrics)?;
     // A flag of the other mode is refused before anything starts.
     let main_options = if attached {
         if settings.hard_stop_after.is_some() {
@@ -322,7 +356,6 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let verifier = Verifier::new(keys, durations.auth_window);
     verifier.refuse_signed_before(crate::clock::unix_seconds());
 
-    let metrics = Metrics::new();
     let (audit, audit_writer) = match &settings.audit_log {
         Some(path) => {
             let (log, writer) = AuditLog::open(path, metrics.clone())?;
@@ -434,9 +467,15 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         metrics_enabled: !settings.no_metrics,
         legacy_token,
         audit,
+        tls: tls.clone(),
     });
+    let _tls_watch = match &tls {
+        Some(tls) => Some(crate::tls::watch::spawn(tls.clone(), shutdown.clone())?),
+        None => None,
+    };
     println!(
-        "lbagent: listening on http://{} (keys: {})",
+        "lbagent: listening on {}://{} (keys: {})",
+        if tls.is_some() { "https" } else { "http" },
         listener.local_addr().unwrap_or(listen),
         keys_path.display()
     );
@@ -528,7 +567,81 @@ fn read_legacy_token(path: &Path) -> Result<Vec<u8>, BoxError> {
     Ok(token.as_bytes().to_vec())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file and reopens the audit log.
+/// Whether the API serves TLS.
+fn tls_on(s: &Settings) -> bool {
+    s.tls_cert.is_some() || s.tls_self_signed
+}
+
+/// The API's TLS, from `--tls-cert`/`--tls-key` or managed mode's `--tls-self-signed`; `None`
+/// serves plain HTTP. Every TLS file is read and checked here, before anything starts.
+fn server_tls(
+    s: &Settings,
+    attached: bool,
+    listen: SocketAddr,
+    state_dir: &Path,
+    metrics: &Metrics,
+) -> Result<Option<Arc<ServerTls>>, BoxError> {
+    // Checked here, not by clap: a pair may be split between the command line and the file.
+    let files =
+        match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
+            (Some(_), _, true) | (_, Some(_), true) => {
+                return Err("--tls-self-signed and --tls-cert/--tls-key are either-or".into())
+            }
+            (Some(cert), Some(key), false) => ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+            },
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err("--tls-cert and --tls-key go together".into())
+            }
+            (None, None, true) if attached => return Err(
+                "--tls-self-signed is for managed mode; attached, give --tls-cert and --tls-key"
+                    .into(),
+            ),
+            (None, None, true) => {
+                let extra: Vec<String> = s
+                    .tls_self_signed_names
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+                let names = self_signed::wanted_names(listen, &extra);
+                let dir = state_dir.join("tls");
+                let made = self_signed::ensure(&dir, &names)?;
+                let files = made.files;
+                let cert = crate::tls::read_certs(&files.cert, "--tls-self-signed")?;
+                println!(
+                    "lbagent: {} self-signed TLS certificate {} (SHA-256 {}) for {}; \
+                 give lbctl --ca-file {}",
+                    if made.made { "made a" } else { "reusing the" },
+                    files.cert.display(),
+                    crate::tls::fingerprint(&cert[0]),
+                    names.iter().cloned().collect::<Vec<_>>().join(", "),
+                    files.cert.display()
+                );
+                files
+            }
+            (None, None, false) => {
+                if s.tls_client_ca.is_some() {
+                    return Err("--tls-client-ca needs TLS: give --tls-cert and --tls-key".into());
+                }
+                if s.tls_self_signed_names.is_some() {
+                    return Err("--tls-self-signed-names needs --tls-self-signed".into());
+                }
+                return Ok(None);
+            }
+        };
+    let files = ServerFiles {
+        client_ca: s.tls_client_ca.clone(),
+        ..files
+    };
+    Ok(Some(Arc::new(ServerTls::load(files, metrics.tls.clone())?)))
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the key file and the TLS files, and reopens the
+/// audit log.
 async fn wait_for_signals(api: &Api, keys_path: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -549,6 +662,9 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
                     Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
                 }
                 api.audit.reopen().await;
+                if let Some(tls) = &api.tls {
+                    tls.reload("SIGHUP");
+                }
             }
         }
     }
@@ -753,6 +869,53 @@ mod tests {
             Durations::resolve(&merged).unwrap().auth_window,
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_file_too_and_go_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+        let tls_of = |cli: &[&str], file: &str| {
+            let cli =
+                Settings::try_parse_from(std::iter::once("lbagent").chain(cli.iter().copied()))
+                    .unwrap();
+            let s = cli.merge(toml::from_str(file).unwrap());
+            server_tls(&s, false, listen, dir.path(), &Metrics::with_tls())
+                .map_err(|e| e.to_string())
+        };
+        assert!(tls_of(&[], "").unwrap().is_none(), "plain HTTP by default");
+        let e = tls_of(&["--tls-cert", "c.pem"], "").unwrap_err();
+        assert!(e.contains("--tls-cert and --tls-key go together"), "{e}");
+        // The pair split between the command line and the file is read as one.
+        let e = tls_of(&["--tls-cert", "/nonexistent/c.pem"], "tls-key = \"k.pem\"").unwrap_err();
+        assert!(e.starts_with("--tls-cert /nonexistent/c.pem:"), "{e}");
+        let e = tls_of(&["--tls-self-signed"], "tls-cert = \"c.pem\"").unwrap_err();
+        assert!(e.contains("either-or"), "{e}");
+        let e = tls_of(&[], "tls-client-ca = \"ca.pem\"").unwrap_err();
+        assert!(e.contains("--tls-client-ca needs TLS"), "{e}");
+        let e = tls_of(&["--tls-self-signed-names", "a.example"], "").unwrap_err();
+        assert!(e.contains("needs --tls-self-signed"), "{e}");
+        // From the file alone: a certificate is made and served.
+        let tls = tls_of(
+            &[],
+            "tls-self-signed = true\ntls-self-signed-names = \"lb.example.com\"\n",
+        )
+        .unwrap()
+        .expect("TLS on");
+        assert_eq!(tls.files().cert, dir.path().join("tls/cert.pem"));
+        let e = server_tls(
+            &Settings {
+                tls_self_signed: true,
+                ..Settings::default()
+            },
+            true,
+            listen,
+            dir.path(),
+            &Metrics::with_tls(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("for managed mode"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,8 @@
 //!   state to the new worker, the managed process.
 //! - [`metrics`]: Prometheus metrics; [`daemon`]: flags, settings file, start-up and signals;
 //!   [`clock`]: Unix seconds for every timestamp, and the one duration parser of every flag.
+//! - [`tls`]: TLS for the API on rustls — the server's reloadable certificate and its
+//!   directory watch, managed mode's self-signed certificate, `lbctl`'s client side.
 //! - [`lbctl`]: the CLI — `show`, `state`, `phone-home` (the sidecar), `sign`.
 //! - `src/bin/`: thin mains for `lbagent` and `lbctl`.
 
@@ -47,3 +49,4 @@ pub mod render;
 pub mod runtime;
 pub mod secret_file;
 pub mod store;
+pub mod tls;

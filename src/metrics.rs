@@ -46,6 +46,19 @@ pub struct Metrics {
     pub drain_timeouts: Counter,
     /// Audit records that could not be written to `--audit-log` (they went to the log).
     pub audit_write_failures: Counter,
+    /// The API's certificate; exported only when TLS is on ([`Metrics::with_tls`]).
+    pub tls: TlsMetrics,
+}
+
+/// The API certificate's metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TlsMetrics {
+    /// notAfter of the leaf certificate serving now, Unix seconds.
+    pub cert_expiry: Gauge,
+    /// Reloads that failed (the previous certificate kept serving).
+    pub reload_failures: Counter,
+    /// 1 when the last reading of the files succeeded, 0 when it failed.
+    pub reload_ok: Gauge,
 }
 
 impl Default for Metrics {
@@ -55,7 +68,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics of an agent without TLS.
     pub fn new() -> Metrics {
+        Metrics::build(false)
+    }
+
+    /// The metrics of an agent serving its API over TLS: also the certificate's.
+    pub fn with_tls() -> Metrics {
+        Metrics::build(true)
+    }
+
+    fn build(tls_on: bool) -> Metrics {
         let mut registry = Registry::with_prefix("lbagent");
         let requests = Family::<RouteLabels, Counter>::default();
         registry.register(
@@ -138,8 +161,27 @@ impl Metrics {
             "Audit records that could not be written to --audit-log (written to the log instead)",
             audit_write_failures.clone(),
         );
+        let tls = TlsMetrics::default();
+        if tls_on {
+            registry.register(
+                "tls_cert_expiry_timestamp_seconds",
+                "When the API's TLS certificate (the leaf) expires, Unix seconds",
+                tls.cert_expiry.clone(),
+            );
+            registry.register(
+                "tls_cert_reload_failures",
+                "Readings of the TLS files that failed; the previous certificate kept serving",
+                tls.reload_failures.clone(),
+            );
+            registry.register(
+                "tls_cert_reload_ok",
+                "1 when the last reading of the TLS files succeeded, 0 when it failed",
+                tls.reload_ok.clone(),
+            );
+        }
         Metrics {
             audit_write_failures,
+            tls,
             lease_expiries,
             lease_expiry_suspended,
             servers_draining,
@@ -199,5 +241,16 @@ mod tests {
         assert!(text.contains("lbagent_apply_seconds_count 1"), "{text}");
         assert!(text.contains("lbagent_haproxy_up 1"), "{text}");
         assert!(text.contains("lbagent_haproxy_reloads_total 0"), "{text}");
+        assert!(!text.contains("tls_cert"), "{text}");
+        let tls = Metrics::with_tls();
+        tls.tls.cert_expiry.set(1_900_000_000);
+        let text = tls.render();
+        for line in [
+            "lbagent_tls_cert_expiry_timestamp_seconds 1900000000",
+            "lbagent_tls_cert_reload_failures_total 0",
+            "lbagent_tls_cert_reload_ok 0",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }

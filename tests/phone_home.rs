@@ -5,50 +5,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::agent::{http, through, Agent, Echo};
-
-/// Answers every HTTP request with the IP in `ip`, as a "what is my IP" endpoint would.
-fn ip_endpoint(ip: Arc<Mutex<String>>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
-            let body = ip.lock().unwrap().clone();
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    url
-}
-
-struct Sidecar(Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn lbctl() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lbctl"));
-    c.env_remove("LBAGENT_KEY")
-        .env_remove("NODE_NAME")
-        .env_remove("NODE_IP");
-    c
-}
+use common::agent::{http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -79,18 +42,9 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
     let url = ip_endpoint(ip.clone());
     let fe = free_port();
 
-    let mut child = lbctl()
-        .args(["phone-home", "--agent", &format!("http://{}", agent.addr)])
-        .args([
-            "--frontend-port",
-            &fe.to_string(),
-            "--node-port",
-            &a.port().to_string(),
-        ])
-        .args(["--node", "node-1", "--node-ip-from", &format!("url:{url}")])
-        .arg("--key-file")
-        .arg(&agent.keys_path)
-        .args(["--interval", "1s", "--service", "web"])
+    let agent_url = format!("http://{}", agent.addr);
+    let mut child = phone_home(&agent_url, &agent.keys_path, fe, a.port(), &url)
+        .args(["--service", "web"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

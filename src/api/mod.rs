@@ -39,6 +39,8 @@ pub struct Api {
     pub legacy_token: Option<Vec<u8>>,
     /// Where every change request is recorded.
     pub audit: AuditLog,
+    /// When set, every connection is TLS: the handshake comes before any HTTP.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 mod serve;

@@ -1,12 +1,16 @@
-//! The accept loop: connection limits, HTTP/1 on each connection, graceful shutdown.
+//! The accept loop: connection limits, the TLS handshake when TLS is on, HTTP/1 on each
+//! connection, graceful shutdown.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -67,21 +71,22 @@ pub async fn serve(
         };
         stream.set_nodelay(true).ok();
         let api = api.clone();
-        let service = service_fn(move |req| {
-            let api = api.clone();
-            async move {
-                let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-                Ok::<_, Infallible>(api.handle(req, peer).await)
-            }
-        });
-        let conn = http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = conn.await {
+            let served = match api.tls.clone() {
+                None => serve_connection(stream, peer, api, watcher).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => serve_connection(stream, peer, api, watcher).await,
+                    // Plain HTTP, an old TLS version, no client certificate: closed without
+                    // an HTTP answer.
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -93,4 +98,28 @@ pub async fn serve(
     {
         tracing::warn!("some connections were still open after {grace:?}; closing them");
     }
+}
+
+/// HTTP/1 on one connection, plain or TLS, until it ends or the shutdown closes it.
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    api: Arc<Api>,
+    watcher: Watcher,
+) -> hyper::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let api = api.clone();
+        async move {
+            let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
+            Ok::<_, Infallible>(api.handle(req, peer).await)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    watcher.watch(conn).await
 }

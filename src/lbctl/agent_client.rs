@@ -1,4 +1,4 @@
-//! A signed HTTP client for the agent's API, for `lbctl state` (and the sidecar commands).
+//! A signed HTTP(S) client for the agent's API, for `lbctl state` and `lbctl phone-home`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -6,10 +6,12 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::auth::{signed_headers, DEFAULT_KEY_ID};
+use crate::tls::client::ClientTlsArgs;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,47 +52,112 @@ impl SigningKey {
     }
 }
 
-/// Sends a signed request; returns the status and the body text.
-pub async fn signed_request(
-    agent: &str,
-    key: &SigningKey,
-    method: Method,
-    path_with_query: &str,
-    body: Vec<u8>,
-    timeout: Duration,
-) -> Result<(u16, String), BoxError> {
-    let base = agent.trim_end_matches('/');
-    let uri: Uri = format!("{base}{path_with_query}")
-        .parse()
-        .map_err(|e| format!("bad agent URL {agent:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("agent URL {agent:?} must start with http://").into());
+/// Why a request to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A setting is wrong (the URL, a TLS file, a certificate that does not verify):
+    /// retrying cannot help. `lbctl` exits 2 on it.
+    #[error("{0}")]
+    Config(String),
+    /// The agent is away, slow or answered badly: worth retrying.
+    #[error("{0}")]
+    Transport(String),
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A client for one agent URL, `http://` or `https://`, kept for the life of the command so
+/// its keep-alive connection (and TLS session) serves every request.
+pub struct AgentClient {
+    base: String,
+    client: Client<Connector, Full<Bytes>>,
+}
+
+impl AgentClient {
+    /// Checks the URL and, for `https://`, reads the TLS files.
+    pub fn new(agent: &str, tls: &ClientTlsArgs) -> Result<AgentClient, AgentError> {
+        let base = agent.trim_end_matches('/').to_string();
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| AgentError::Config(format!("bad agent URL {agent:?}: {e}")))?;
+        let config = match uri.scheme_str() {
+            Some("https") => crate::tls::client::config(tls).map_err(AgentError::Config)?,
+            Some("http") => crate::tls::client::unused(),
+            _ => {
+                return Err(AgentError::Config(format!(
+                    "agent URL {agent:?} must start with http:// or https://"
+                )))
+            }
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(AgentClient {
+            base,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
     }
-    let now = crate::clock::unix_seconds();
-    let mut req = Request::builder().method(method.clone()).uri(uri);
-    for (name, value) in signed_headers(
-        &key.id,
-        &key.secret,
-        method.as_str(),
-        path_with_query,
-        &body,
-        now,
-    ) {
-        req = req.header(name, value);
+
+    /// Sends a signed request; returns the status and the body text.
+    pub async fn signed_request(
+        &self,
+        key: &SigningKey,
+        method: Method,
+        path_with_query: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(u16, String), AgentError> {
+        let agent = &self.base;
+        let uri: Uri = format!("{agent}{path_with_query}")
+            .parse()
+            .map_err(|e| AgentError::Config(format!("bad agent URL {agent:?}: {e}")))?;
+        let now = crate::clock::unix_seconds();
+        let mut req = Request::builder().method(method.clone()).uri(uri);
+        for (name, value) in signed_headers(
+            &key.id,
+            &key.secret,
+            method.as_str(),
+            path_with_query,
+            &body,
+            now,
+        ) {
+            req = req.header(name, value);
+        }
+        if !body.is_empty() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let resp = tokio::time::timeout(timeout, self.client.request(req))
+            .await
+            .map_err(|_| {
+                AgentError::Transport(format!(
+                    "the agent at {agent} did not answer within {timeout:?}"
+                ))
+            })?
+            .map_err(|e| match crate::tls::client::configuration_error(&e) {
+                Some(why) => AgentError::Config(format!("{agent}: {why}")),
+                None => AgentError::Transport(format!(
+                    "cannot reach the agent at {agent}: {}",
+                    crate::tls::client::chain(&e)
+                )),
+            })?;
+        let status = resp.status().as_u16();
+        let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| {
+                AgentError::Transport(format!(
+                    "the agent at {agent} did not finish answering within {timeout:?}"
+                ))
+            })?
+            .map_err(|e| AgentError::Transport(format!("reading the agent's answer: {e}")))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
-    if !body.is_empty() {
-        req = req.header("Content-Type", "application/json");
-    }
-    let req = req.body(Full::new(Bytes::from(body)))?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let resp = tokio::time::timeout(timeout, client.request(req))
-        .await
-        .map_err(|_| format!("the agent at {agent} did not answer within {timeout:?}"))?
-        .map_err(|e| format!("cannot reach the agent at {agent}: {e}"))?;
-    let status = resp.status().as_u16();
-    let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
-        .await
-        .map_err(|_| format!("the agent at {agent} did not finish answering within {timeout:?}"))??
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }

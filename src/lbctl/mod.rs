@@ -76,6 +76,8 @@ pub struct StateArgs {
     /// Deadline: `10s`, `500ms`, or a bare number of seconds.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub timeout: DurationSetting,
+    #[command(flatten)]
+    pub tls: crate::tls::client::ClientTlsArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +107,9 @@ pub struct ShowArgs {
     pub timeout: DurationSetting,
 }
 
-/// Runs `lbctl` with the process arguments: errors become one line on stderr and exit code 1.
+/// Runs `lbctl` with the process arguments: errors become one line on stderr and exit code 1,
+/// or 2 for a configuration error found talking to the agent (a TLS certificate that does not
+/// verify, a bad URL).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -133,7 +137,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lbctl: {e}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<agent_client::AgentError>() {
+                Some(agent_client::AgentError::Config(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -207,16 +214,16 @@ async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let key = agent_client::SigningKey::from_file(&args.key_file, args.key_id.as_deref())
         .map_err(|e| e.to_string())?;
     let timeout = args.timeout.within("--timeout", DURATION_RANGE)?;
-    let (status, body) = agent_client::signed_request(
-        &args.agent,
-        &key,
-        hyper::Method::GET,
-        "/v1/frontends",
-        Vec::new(),
-        timeout,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let client = agent_client::AgentClient::new(&args.agent, &args.tls)?;
+    let (status, body) = client
+        .signed_request(
+            &key,
+            hyper::Method::GET,
+            "/v1/frontends",
+            Vec::new(),
+            timeout,
+        )
+        .await?;
     if status != 200 {
         return Err(format!("the agent answered {status}: {}", body.trim()).into());
     }

@@ -4,8 +4,9 @@
 //! removes its server and exits 0. Logs one line per change or failure, not per heartbeat.
 //!
 //! Exit codes: 0 done (stopped by a signal, or `--once` registered); 1 the agent could not be
-//! reached or kept failing (`--once` gave up); 2 a usage or configuration error, or the agent
-//! refused the request for good (400, 403, 404, 409).
+//! reached or kept failing (`--once` gave up); 2 a usage or configuration error (a TLS
+//! certificate that does not verify is one: no retry), or the agent refused the request for
+//! good (400, 403, 404, 409).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
-use super::agent_client::{signed_request, SigningKey};
+use super::agent_client::{AgentClient, AgentError, SigningKey};
 use crate::clock::DurationSetting;
 use crate::model::{check_service_label, NodeName};
 
@@ -68,6 +69,8 @@ pub struct PhoneHomeArgs {
     /// Deadline for each request, 10ms to 1d.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub timeout: DurationSetting,
+    #[command(flatten)]
+    pub tls: crate::tls::client::ClientTlsArgs,
 }
 
 /// The range of `--interval` and `--timeout`.
@@ -178,6 +181,7 @@ enum Sent {
 
 struct PhoneHome {
     args: PhoneHomeArgs,
+    client: AgentClient,
     key: SigningKey,
     source: IpSource,
     path: String,
@@ -204,15 +208,10 @@ impl PhoneHome {
             body["lease"] = serde_json::json!(false);
         }
         let body = body.to_string().into_bytes();
-        match signed_request(
-            &self.args.agent,
-            &self.key,
-            Method::PUT,
-            &self.path,
-            body,
-            self.timeout,
-        )
-        .await
+        match self
+            .client
+            .signed_request(&self.key, Method::PUT, &self.path, body, self.timeout)
+            .await
         {
             Ok((200 | 202, text)) => Sent::Ok(text),
             Ok((status @ (400 | 403 | 404 | 409 | 413), text)) => {
@@ -221,20 +220,22 @@ impl PhoneHome {
             Ok((status, text)) => {
                 Sent::Retry(format!("the agent answered {status}: {}", text.trim()))
             }
-            Err(e) => Sent::Retry(e.to_string()),
+            Err(AgentError::Config(e)) => Sent::Refused(e),
+            Err(AgentError::Transport(e)) => Sent::Retry(e),
         }
     }
 
     async fn delete(&self) -> Result<(), String> {
-        match signed_request(
-            &self.args.agent,
-            &self.key,
-            Method::DELETE,
-            &self.path,
-            Vec::new(),
-            self.timeout,
-        )
-        .await
+        match self
+            .client
+            .signed_request(
+                &self.key,
+                Method::DELETE,
+                &self.path,
+                Vec::new(),
+                self.timeout,
+            )
+            .await
         {
             Ok((200 | 404, _)) => Ok(()),
             Ok((status, text)) => Err(format!("the agent answered {status}: {}", text.trim())),
@@ -293,9 +294,14 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage(e),
     };
+    let client = match AgentClient::new(&args.agent, &args.tls) {
+        Ok(c) => c,
+        Err(e) => return usage(e.to_string()),
+    };
     let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
     let ph = PhoneHome {
         args,
+        client,
         key,
         source,
         path,

@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -75,7 +75,7 @@ impl Response {
 }
 
 /// Reads one HTTP/1.1 response (Content-Length body, or until EOF without one).
-fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
+fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
     let head_end = loop {
@@ -139,7 +139,7 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
 }
 
 fn write_request(
-    s: &mut TcpStream,
+    s: &mut impl Write,
     method: &str,
     path: &str,
     headers: &[(&str, String)],
@@ -240,6 +240,69 @@ impl KeepAlive {
         write_request(&mut self.stream, method, path, headers, body, true)?;
         read_response(&mut self.stream)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// lbctl and the sidecar's helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Answers every HTTP request with the IP in `ip`, as a "what is my IP" endpoint would.
+pub fn ip_endpoint(ip: Arc<Mutex<String>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let body = ip.lock().unwrap().clone();
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// `lbctl phone-home` for `node-1`: frontend `fe` → `node_port`, its IP read from `ip_url`
+/// (an [`ip_endpoint`]), every second, signed with the keys file `keys`.
+pub fn phone_home(agent_url: &str, keys: &Path, fe: u16, node_port: u16, ip_url: &str) -> Command {
+    let mut c = lbctl();
+    c.args(["phone-home", "--agent", agent_url])
+        .args(["--frontend-port", &fe.to_string()])
+        .args(["--node-port", &node_port.to_string()])
+        .args([
+            "--node",
+            "node-1",
+            "--node-ip-from",
+            &format!("url:{ip_url}"),
+        ])
+        .arg("--key-file")
+        .arg(keys)
+        .args(["--interval", "1s"]);
+    c
+}
+
+/// A running `lbctl phone-home`, killed when dropped.
+pub struct Sidecar(pub Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `lbctl`, without the environment variables that would stand in for its flags.
+pub fn lbctl() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lbctl"));
+    c.env_remove("LBAGENT_KEY")
+        .env_remove("NODE_NAME")
+        .env_remove("NODE_IP")
+        .env_remove("LBAGENT_CA_FILE");
+    c
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,6 +499,48 @@ pub struct Options {
     pub allow_node_ports: String,
     /// More flags, appended.
     pub extra: Vec<String>,
+    /// The agent serves TLS (its flags are in `extra`): how the harness's own requests trust it.
+    pub tls: Option<ClientTls>,
+}
+
+/// How the harness trusts an agent serving TLS.
+#[derive(Clone, Debug)]
+pub enum ClientTls {
+    /// This client configuration.
+    Config(Arc<rustls::ClientConfig>),
+    /// The certificate the agent made in its state dir (`--tls-self-signed`), read at each
+    /// connection (it does not exist before the first start).
+    SelfSigned,
+}
+
+/// A client configuration trusting the CA certificates in `ca_pem`, presenting `client`
+/// (certificate chain and key, PEM) when given.
+pub fn trusting(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.expect("CA PEM")).expect("a CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("client certificate PEM"),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("client key PEM"),
+            )
+            .expect("client certificate and key"),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 impl Default for Options {
@@ -443,6 +548,76 @@ impl Default for Options {
         Options {
             allow_node_ports: "1-65535".into(),
             extra: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+/// A connection to the agent's API, plain or TLS.
+pub enum ApiConn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl ApiConn {
+    /// Connects to `addr`, with TLS when `tls` is given (the server name is 127.0.0.1).
+    pub fn connect(
+        addr: SocketAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> std::io::Result<ApiConn> {
+        let tcp = connect(addr)?;
+        let Some(config) = tls else {
+            return Ok(ApiConn::Plain(tcp));
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let mut conn =
+            rustls::ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+        let mut tcp = tcp;
+        // The handshake now, so a refused one is this call's error.
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)?;
+        }
+        Ok(ApiConn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
+    }
+
+    /// One request, `Connection: close`.
+    pub fn request(
+        mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        write_request(&mut self, method, path, headers, body, false)?;
+        read_response(&mut self)
+    }
+}
+
+impl Read for ApiConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ApiConn::Plain(s) => s.read(buf),
+            // A close without close_notify after the whole answer is the server's business.
+            ApiConn::Tls(s) => match s.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for ApiConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ApiConn::Plain(s) => s.write(buf),
+            ApiConn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ApiConn::Plain(s) => s.flush(),
+            ApiConn::Tls(s) => s.flush(),
         }
     }
 }
@@ -689,7 +864,7 @@ impl Agent {
                 self.child = None;
                 panic!("lbagent exited at start ({st}):\n{}", self.log());
             }
-            match try_http(self.addr, "GET", "/healthz", &[], b"") {
+            match self.try_request("GET", "/healthz", &[], b"") {
                 Ok(r) if r.status == 200 => break,
                 Ok(r) => last = format!("{} {}", r.status, r.body),
                 Err(e) => last = e.to_string(),
@@ -756,8 +931,28 @@ impl Agent {
 
     // --- requests ---
 
+    /// One request to the API on a fresh connection, over TLS when the agent serves it.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let tls = match &self.options.tls {
+            None => None,
+            Some(ClientTls::Config(c)) => Some(c.clone()),
+            Some(ClientTls::SelfSigned) => {
+                let pem = std::fs::read_to_string(self.state_dir.join("tls/cert.pem"))?;
+                Some(trusting(&pem, None))
+            }
+        };
+        ApiConn::connect(self.addr, tls.as_ref())?.request(method, path, headers, body)
+    }
+
     pub fn get(&self, path: &str) -> Response {
-        http(self.addr, "GET", path, &[], b"")
+        self.try_request("GET", path, &[], b"")
+            .unwrap_or_else(|e| panic!("GET {path} to {}: {e}", self.addr))
     }
 
     /// The four auth headers for a request signed with this agent's key.
@@ -772,7 +967,7 @@ impl Agent {
 
     pub fn try_signed(&self, method: &str, path: &str, body: &str) -> std::io::Result<Response> {
         let h = self.auth_headers(method, path, body.as_bytes());
-        try_http(self.addr, method, path, &h, body.as_bytes())
+        self.try_request(method, path, &h, body.as_bytes())
     }
 
     pub fn signed(&self, method: &str, path: &str, body: &str) -> Response {
