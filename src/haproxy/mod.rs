@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use crate::runtime;
 
+pub mod binds;
 mod files;
 mod master;
 mod process;
