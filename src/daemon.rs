@@ -124,7 +124,7 @@ pub struct Settings {
     pub keep_haproxy: bool,
     /// HAProxy runs in other namespaces than the agent (another container): skip the checks that
     /// look at this host, the bind test of a new frontend's port and the look at HAProxy's
-    /// command line for the agent's file.
+    /// command line (for the agent's file, and for the `-f` files whose ports it must not take).
     #[arg(long)]
     #[serde(default)]
     pub no_host_checks: bool,

@@ -16,6 +16,8 @@
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
 //! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit.
+//! - `ports.rs`: ports the agent does not own (HAProxy's own sections and sockets, the API's),
+//!   refused before a new frontend's reload, and reported when an operator binds one later.
 //! - `observe.rs`: the timer: drift repair, the rounds of draining servers, lease expiry.
 //! - `leases.rs`: the lease clocks; `drain.rs`: deleted servers waiting for their last
 //!   connection.
