@@ -167,7 +167,7 @@ impl Owner {
             Some(vars) => vars
                 .get(name)
                 .map_or(Lookup::Unset, |v| Lookup::Value(v.clone())),
-            None => std::env::var(name).map_or(Lookup::Unknown, Lookup::Value),
+            None => std::env::var(name).map_or(Lookup::Unknown, Lookup::Guess),
         };
         for (path, from) in sources {
             for file in config_files(&path).map_err(|e| unreadable(&path, from, &e))? {

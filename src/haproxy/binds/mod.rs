@@ -19,8 +19,9 @@
 //!
 //! Conservative where the text does not decide: every branch of a `.if` block counts, a
 //! `disabled` section counts, a host name counts as every address (HAProxy resolves it at
-//! start), and an address with an environment variable the caller could not resolve counts as
-//! every address (its port still has to be read, or a warning says it could not be).
+//! start), and an address with an environment variable the caller could not resolve for sure
+//! ([`Lookup::Guess`], [`Lookup::Unknown`]) counts as every address (its port still has to be
+//! read, or a warning says it could not be).
 
 pub mod cmdline;
 mod words;
@@ -258,7 +259,7 @@ enum Family {
 /// Reads one address as HAProxy's `str2sa_range` would for a listener: an optional family
 /// prefix (`ipv4@`, `ipv6@`...), then `[host]:port` or `host:port` where the port is the text
 /// after the last colon and may be a range `8000-8010`. `unresolved`: an environment variable
-/// in it was not resolved, so the host is not known (the port may still be).
+/// in it was not resolved for sure, so the host is not known (the port may still be).
 pub fn parse_address(text: &str, unresolved: bool, v6only: bool) -> Address {
     if text.starts_with('/') {
         return Address::NotTcp;

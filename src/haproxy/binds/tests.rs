@@ -241,6 +241,7 @@ fn comments_conditions_quotes_and_variables() {
         "PORT" => Lookup::Value("7001".into()),
         "ADDR" => Lookup::Value("10.1.1.1:7002".into()),
         "UNKNOWN" => Lookup::Unknown,
+        "GUESS" => Lookup::Guess("7009".into()),
         _ => Lookup::Unset,
     };
     let text = "\
@@ -268,6 +269,7 @@ frontend \"quoted name\"   # a comment
     bind\\ x :4
 frontend f2 from defs
 \tbind\t:7008
+    bind \"127.0.0.1:${GUESS}\"
 ";
     let s = scan(text, Path::new("/f.cfg"), &env);
     let got: Vec<(String, usize, Host, u16)> = s
@@ -288,6 +290,9 @@ frontend f2 from defs
             (fe.clone(), 17, Host::AnyV4, 7006),
             (fe.clone(), 19, Host::AnyV4, 7007),
             ("frontend f2".into(), 24, Host::AnyV4, 7008),
+            // The agent's own value of a variable HAProxy's environment may not share: its port
+            // is taken, its host is not trusted.
+            ("frontend f2".into(), 25, Host::Unknown, 7009),
         ]
     );
     // `fd@${FD}` outside quotes is literal text: still an inherited socket.

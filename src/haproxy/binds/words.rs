@@ -15,6 +15,9 @@ pub enum Lookup {
     Value(String),
     /// Not set in HAProxy's environment: HAProxy expands it to nothing (or to its default).
     Unset,
+    /// HAProxy's environment could not be read; the agent's own has this value, which may or
+    /// may not be HAProxy's: used, and the word marked unresolved.
+    Guess(String),
     /// Not known: HAProxy's environment could not be read and the agent's lacks it.
     Unknown,
 }
@@ -86,6 +89,7 @@ pub fn split(line: &str, env: &dyn Fn(&str) -> Lookup) -> Vec<Word> {
                 let (name, default, split_list) = variable(&mut chars);
                 let (value, unresolved) = match env(&name) {
                     Lookup::Value(v) => (v, false),
+                    Lookup::Guess(v) => (v, true),
                     Lookup::Unset => (default.unwrap_or_default(), false),
                     Lookup::Unknown => (default.unwrap_or_default(), true),
                 };
