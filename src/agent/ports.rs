@@ -68,7 +68,7 @@ impl Owner {
             Ok(f) => f,
             Err(why) => {
                 for &p in ports {
-                    owned.entry(p).or_insert_with(|| why.clone());
+                    owned.entry(p).or_insert_with(|| format!("port {p}: {why}"));
                 }
                 return owned;
             }
