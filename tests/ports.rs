@@ -247,3 +247,31 @@ fn ports_of_other_files_and_the_agents_own_are_refused() {
         wait_reaches(free, "A", SETTLE);
     }
 }
+
+/// Managed mode: the main file is the agent's own (sockets are UNIX sockets, nothing binds a
+/// TCP port), so any free port gets its frontend, and the API's port is still refused when
+/// `--allow-frontend-ports` allows it.
+#[test]
+fn managed_mode_refuses_only_its_api_port() {
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--allow-frontend-ports".into(), "1-65535".into()],
+        ..Options::default()
+    });
+    let a = Echo::start("127.0.0.2", "A");
+    let api = agent.addr.port();
+    let before = Untouched::of(&agent);
+    let r = agent.put(api, "node-a", &body(&a.ip(), a.port(), json!({})));
+    assert_owned(
+        &r,
+        &[&format!(
+            "port {api} is the agent's own API port (--listen 127.0.0.1:{api})"
+        )],
+        "the API's port",
+    );
+    before.assert_same(&agent, "PUT for the API's port");
+    let fe = free_port();
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(fe, "A", SETTLE);
+    let health = agent.get("/healthz").json();
+    assert!(health.get("port_conflicts").is_none(), "{health}");
+}
