@@ -1,4 +1,6 @@
-//! Parser throughput on `show stat` and `show servers state` answers for 10,000 servers.
+//! Parser throughput on `show stat` and `show servers state` answers for 10,000 servers, and
+//! the cost of finding the ports a 1,000-line HAProxy config binds (`haproxy::binds`, read for
+//! every group of changes that creates a frontend: `config_binds`, read from disk and scanned).
 //!
 //! The input is built from the real HAProxy 2.6 answers in `proto-fixtures/<2.6.x>/` (the one
 //! folder of the 2.6 branch, today `2.6.12-1+deb12u4`, Debian 12's package): their header
@@ -241,6 +243,38 @@ fn check_inputs(stat: &str, stat_rows: usize, state: &str, state_rows: usize) {
     assert_eq!(last.port, Some(port));
 }
 
+/// A HAProxy config of `CONFIG_LINES` lines, as an operator's grows: a global section with
+/// sockets, defaults, then frontends with binds (some quoted, some lists and ranges), comments
+/// and backends with servers.
+const CONFIG_LINES: usize = 1000;
+
+fn config_input() -> String {
+    let mut text = String::from(
+        "global\n    log /dev/log local0\n    stats socket /run/haproxy/admin.sock mode 660 level admin\n    \
+         stats socket ipv4@127.0.0.1:9999 level admin\n    stats timeout 30s\n    user haproxy\n\n\
+         defaults\n    mode http\n    timeout connect 5s\n    timeout client 50s\n    timeout server 50s\n\n",
+    );
+    let mut i = 0;
+    while text.lines().count() < CONFIG_LINES {
+        text.push_str(&format!(
+            "# site {i}: the public web frontend\nfrontend site_{i}\n    bind :{} ssl crt /etc/haproxy/certs/{i}.pem\n    \
+             bind \"127.0.0.1:{},127.0.0.1:{}\"\n    http-request set-header X-Site '{i} #not a comment'\n    \
+             default_backend be_site_{i}\n\nbackend be_site_{i}\n    balance roundrobin\n    \
+             server s1 10.0.{}.1:8080 check\n    server s2 10.0.{}.2:8080 check\n\n",
+            10000 + i,
+            20000 + i,
+            30000 + i,
+            i % 250,
+            i % 250
+        ));
+        i += 1;
+    }
+    text.lines()
+        .take(CONFIG_LINES)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 struct Case {
     group: &'static str,
     id: &'static str,
@@ -305,9 +339,47 @@ fn benches(c: &mut Criterion, cases: &mut Vec<Case>) {
     }
 }
 
+fn config_benches(c: &mut Criterion, cases: &mut Vec<Case>) {
+    let text = config_input();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, &text).unwrap();
+    let env = |_: &str| lbagent::haproxy::binds::Lookup::Unset;
+    let found = lbagent::haproxy::binds::scan(&text, &file, &env);
+    assert!(found.warnings.is_empty(), "{:?}", found.warnings);
+    assert!(found.listeners.len() > 200, "{}", found.listeners.len());
+    let rows = text.lines().count();
+    assert_eq!(rows, CONFIG_LINES);
+    let mut g = c.benchmark_group("config_binds");
+    g.throughput(Throughput::Elements(rows as u64));
+    g.bench_function("split_baseline", |b| {
+        b.iter(|| split_only(black_box(&text), ' '))
+    });
+    g.bench_function("scan", |b| {
+        b.iter(|| lbagent::haproxy::binds::scan(black_box(&text), &file, &env))
+    });
+    g.bench_function("read_and_scan", |b| {
+        b.iter(|| {
+            let t = std::fs::read_to_string(black_box(&file)).unwrap();
+            lbagent::haproxy::binds::scan(&t, &file, &env)
+        })
+    });
+    g.finish();
+    for id in ["split_baseline", "scan", "read_and_scan"] {
+        cases.push(Case {
+            group: "config_binds",
+            id,
+            bytes: text.len(),
+            rows,
+        });
+    }
+}
+
 fn summary(cases: &[Case], since: SystemTime) {
     eprintln!();
-    eprintln!("parse summary (criterion mean per pass; 10,000 servers)");
+    eprintln!(
+        "parse summary (criterion mean per pass; 10,000 servers; a {CONFIG_LINES}-line config)"
+    );
     eprintln!(
         "{:<36} {:>10} {:>9} {:>12} {:>16}",
         "case", "ms/pass", "MB/s", "rows/s", "x split-only"
@@ -342,6 +414,7 @@ fn main() {
         .configure_from_args();
     let mut cases = Vec::new();
     benches(&mut c, &mut cases);
+    config_benches(&mut c, &mut cases);
     c.final_summary();
     if measuring() {
         summary(&cases, since);

@@ -70,6 +70,13 @@ pub struct Settings {
     /// The configuration file this agent owns, loaded by HAProxy as a second `-f` (attached mode).
     #[arg(long, value_name = "FILE")]
     pub managed_config: Option<PathBuf>,
+    /// Attached mode: another file or directory HAProxy loads with `-f` (repeatable; a list in
+    /// the settings file). New frontends on ports its sections bind are refused, as for the
+    /// main file's; HAProxy's command line is read for them too, when HAProxy runs on this host
+    /// [default: none].
+    #[arg(long, value_name = "FILE|DIR")]
+    #[serde(default)]
+    pub haproxy_extra_config: Vec<PathBuf>,
     /// Reload with this command instead of the master socket, e.g. `systemctl reload haproxy`.
     #[arg(long, value_name = "CMD")]
     pub reload_command: Option<String>,
@@ -121,7 +128,7 @@ pub struct Settings {
     pub keep_haproxy: bool,
     /// HAProxy runs in other namespaces than the agent (another container): skip the checks that
     /// look at this host, the bind test of a new frontend's port and the look at HAProxy's
-    /// command line for the agent's file.
+    /// command line (for the agent's file, and for the `-f` files whose ports it must not take).
     #[arg(long)]
     #[serde(default)]
     pub no_host_checks: bool,
@@ -203,6 +210,9 @@ impl Settings {
             tls_self_signed_names
         );
         self.tls_self_signed |= file.tls_self_signed;
+        if self.haproxy_extra_config.is_empty() {
+            self.haproxy_extra_config = file.haproxy_extra_config;
+        }
         self.no_metrics |= file.no_metrics;
         self.keep_haproxy |= file.keep_haproxy;
         self.no_host_checks |= file.no_host_checks;
@@ -324,8 +334,20 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
             )
             .into());
         }
+        for p in &settings.haproxy_extra_config {
+            std::fs::metadata(p)
+                .map_err(|e| format!("--haproxy-extra-config {}: {e}", p.display()))?;
+        }
         None
     } else {
+        if let Some(p) = settings.haproxy_extra_config.first() {
+            return Err(format!(
+                "--haproxy-extra-config {} is for attached mode; managed mode's HAProxy loads \
+                 only the agent's files",
+                p.display()
+            )
+            .into());
+        }
         if let Some(p) = &settings.server_state_file {
             return Err(format!(
                 "--server-state-file {} is for attached mode; managed mode keeps the servers' \
@@ -436,6 +458,12 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let shutdown = CancellationToken::new();
+    let port_owners = port_owners(
+        listener.local_addr().unwrap_or(listen),
+        &settings,
+        &socket,
+        &reloader,
+    );
     let parts = AgentParts {
         state,
         store,
@@ -456,6 +484,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         lease: durations.lease,
         drain_timeout: durations.drain_timeout,
         server_state,
+        port_owners,
     };
     // The owner stops only after the HTTP server has finished its in-flight requests.
     let agent_stop = CancellationToken::new();
@@ -498,6 +527,28 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     }
     Ok(())
+}
+
+/// What new frontends must not share besides HAProxy's main file: the API's port, the extra
+/// configs, and HAProxy's sockets the agent was given when they are TCP.
+fn port_owners(
+    api: SocketAddr,
+    settings: &Settings,
+    socket: &Endpoint,
+    reloader: &Reloader,
+) -> agent::PortOwners {
+    let mut sockets = Vec::new();
+    if let Endpoint::Tcp(a) = socket {
+        sockets.push(("HAProxy's stats socket (--socket)".to_string(), *a));
+    }
+    if let Reloader::Master(Endpoint::Tcp(a)) = reloader {
+        sockets.push(("HAProxy's master CLI (--master-socket)".to_string(), *a));
+    }
+    agent::PortOwners {
+        api: Some(api),
+        extra_configs: settings.haproxy_extra_config.clone(),
+        sockets,
+    }
 }
 
 /// The duration settings, resolved: each the flag's (or the file's) value or its default,
@@ -916,6 +967,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("for managed mode"), "{e}");
+    }
+
+    #[test]
+    fn extra_configs_repeat_and_come_from_the_file() {
+        let cli = Settings::try_parse_from([
+            "lbagent",
+            "--haproxy-extra-config",
+            "/etc/haproxy/conf.d",
+            "--haproxy-extra-config",
+            "/etc/haproxy/more.cfg",
+        ])
+        .unwrap();
+        let want = [
+            PathBuf::from("/etc/haproxy/conf.d"),
+            PathBuf::from("/etc/haproxy/more.cfg"),
+        ];
+        assert_eq!(cli.haproxy_extra_config, want);
+        let file: Settings =
+            toml::from_str("haproxy-extra-config = [\"/etc/haproxy/conf.d\"]\n").unwrap();
+        let merged = Settings::try_parse_from(["lbagent"]).unwrap().merge(file);
+        assert_eq!(merged.haproxy_extra_config, want[..1]);
+        // The command line wins over the file.
+        let file: Settings = toml::from_str("haproxy-extra-config = [\"/x.cfg\"]\n").unwrap();
+        assert_eq!(cli.merge(file).haproxy_extra_config, want);
     }
 
     #[test]

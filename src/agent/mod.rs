@@ -16,6 +16,8 @@
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
 //! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit.
+//! - `ports.rs`: ports the agent does not own (HAProxy's own sections and sockets, the API's),
+//!   refused before a new frontend's reload, and reported when an operator binds one later.
 //! - `observe.rs`: the timer: drift repair, the rounds of draining servers, lease expiry.
 //! - `leases.rs`: the lease clocks; `drain.rs`: deleted servers waiting for their last
 //!   connection.
@@ -47,12 +49,14 @@ mod commit;
 mod drain;
 mod leases;
 mod observe;
+mod ports;
 mod reload;
 mod view;
 mod writer;
 
 use drain::Draining;
 use leases::Leases;
+pub use ports::PortOwners;
 use writer::ConfigWriter;
 
 /// How a change reached HAProxy.
@@ -88,6 +92,11 @@ pub enum ApplyError {
     /// HAProxy refused the new configuration or could not bind: its own words.
     #[error("HAProxy refused the change: {0}")]
     Rejected(String),
+    /// A new frontend's port is bound outside the agent's file, or is the agent's own: who
+    /// owns it, in words (`port 8080 is bound by frontend web in /etc/haproxy/haproxy.cfg
+    /// line 23`).
+    #[error("{0}")]
+    PortOwned(String),
     /// A new or removed frontend needs a reload, and HAProxy does not answer.
     #[error("HAProxy is unreachable, and a new or removed frontend needs a reload: {0}")]
     Unavailable(String),
@@ -113,6 +122,10 @@ pub struct Health {
     /// Set while lease expiry is suspended: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases_suspended: Option<String>,
+    /// Ports of the agent's frontends that HAProxy's own configuration binds too (added after
+    /// the agent's frontend): HAProxy splits their connections. Checked at each reload.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub port_conflicts: Vec<String>,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -236,6 +249,8 @@ pub struct AgentParts {
     pub drain_timeout: Duration,
     /// The `server-state-file` saved before each reload, when HAProxy loads one.
     pub server_state: Option<crate::haproxy::ServerStateFile>,
+    /// Listeners outside HAProxy's main file that new frontends must not share.
+    pub port_owners: PortOwners,
 }
 
 /// The agent's config file, behind one lock for the owner (reloads) and the background writer,
@@ -330,6 +345,13 @@ struct Owner {
     /// When the next full comparison is due.
     next_full: Instant,
     server_state: Option<crate::haproxy::ServerStateFile>,
+    port_owners: PortOwners,
+    /// HAProxy's main file and the agent's, for [`Self::owned_ports`] (without the lock the
+    /// writer holds).
+    config_main: std::path::PathBuf,
+    config_managed: std::path::PathBuf,
+    /// [`Health::port_conflicts`].
+    port_conflicts: Vec<String>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -344,6 +366,7 @@ pub fn spawn(
         parts.client.sibling(),
         parts.reconcile_every,
     ));
+    let (config_main, config_managed) = (parts.files.main.clone(), parts.files.managed.clone());
     let files = Arc::new(Mutex::new(ManagedFile {
         files: parts.files,
         written: None,
@@ -358,6 +381,7 @@ pub fn spawn(
         generation: parts.state.generation,
         draining: Vec::new(),
         leases_suspended: None,
+        port_conflicts: Vec::new(),
     });
     let mut owner = Owner {
         state: parts.state,
@@ -394,6 +418,10 @@ pub fn spawn(
         drift_check_every: parts.drift_check_every,
         next_full: Instant::now(),
         server_state: parts.server_state,
+        port_owners: parts.port_owners,
+        config_main,
+        config_managed,
+        port_conflicts: Vec::new(),
     };
     owner.publish();
     let handle = AgentHandle {
@@ -545,6 +573,7 @@ impl Owner {
             generation: self.state.generation,
             draining: self.draining.names(),
             leases_suspended: self.leases_suspended.clone(),
+            port_conflicts: self.port_conflicts.clone(),
         }
     }
 

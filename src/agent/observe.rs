@@ -90,7 +90,12 @@ impl Owner {
                 f.clear().await;
             }
         }
+        let reloaded = self.identity != Some(identity);
         self.identity = Some(identity);
+        if reloaded {
+            // HAProxy (re)read its files: an operator's new section may bind our ports.
+            self.check_port_conflicts();
+        }
         let mut observed = match self.client.show_servers_state(None).await {
             Ok(o) => o,
             Err(e) => {
@@ -334,12 +339,7 @@ impl Owner {
         }
         self.client.disconnect();
         let pid = self.client.show_info().await.ok()?.pid()?;
-        let raw = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let args = super::ports::command_line(pid)?;
         // In another PID namespace the pid HAProxy reports is some other process here: say
         // nothing rather than something wrong.
         let program = std::path::Path::new(args.first()?).file_name()?;

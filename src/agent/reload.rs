@@ -12,14 +12,36 @@ impl Owner {
     /// A new frontend on a port something on this host already listens on is refused here, at
     /// once: it would fail the whole reload (after HAProxy's own bind retries, about 2 s), or,
     /// with `SO_REUSEPORT` on both sides, share the port with it.
+    ///
+    /// Before that, a port HAProxy's own configuration binds, or the agent's API port, is
+    /// refused for what it is ([`ApplyError::PortOwned`], see `ports.rs`): the files are read
+    /// once for the group.
     pub(super) fn queue_reloads(&mut self, group: Vec<(Change, ReplyTx)>) {
+        let creates = |state: &DesiredState, change: &Change| {
+            matches!(change, Change::PutServer { .. })
+                && !state.frontends.contains_key(&change.frontend_port())
+        };
+        let new_ports: BTreeSet<u16> = group
+            .iter()
+            .filter(|(c, _)| creates(&self.state, c))
+            .map(|(c, _)| c.frontend_port())
+            .collect();
+        let owned = if new_ports.is_empty() {
+            Default::default()
+        } else {
+            self.owned_ports(&new_ports)
+        };
         let mut checked = BTreeSet::new();
         let mut in_use: std::collections::BTreeMap<u16, String> = Default::default();
         let mut set = Vec::new();
         for (change, reply) in group {
             let port = change.frontend_port();
-            let creates = matches!(change, Change::PutServer { .. })
-                && !self.state.frontends.contains_key(&port);
+            let creates = creates(&self.state, &change);
+            if let Some(why) = owned.get(&port).filter(|_| creates) {
+                tracing::info!(port, reason = %why, "refusing a new frontend on a port the agent does not own");
+                let _ = reply.send(Err(ApplyError::PortOwned(why.clone())));
+                continue;
+            }
             // A suspect port may be our own HAProxy's still (a rollback that did not finish).
             let probe = self.host_checks && creates && !self.suspect_ports.contains(&port);
             if probe && checked.insert(port) {

@@ -211,6 +211,7 @@ fn apply_error(e: ApplyError) -> Reply {
         }
         ApplyError::Conflict(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         ApplyError::Rejected(_) => error(StatusCode::CONFLICT, "haproxy_rejected", e.to_string()),
+        ApplyError::PortOwned(_) => error(StatusCode::CONFLICT, "port_owned", e.to_string()),
         ApplyError::Unavailable(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "haproxy_unavailable",

@@ -15,6 +15,8 @@
 //!
 //! # Layout
 //!
+//! - `binds`: which TCP ports HAProxy's own config and command line listen on (pure parsing),
+//!   so the agent can refuse a port it does not own.
 //! - `files`: the config files, `haproxy -c` and the atomic install with rollback.
 //! - `master`: reloads through the master CLI or a command, confirmed per version, and
 //!   waiting for a frontend to open.
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use crate::runtime;
 
+pub mod binds;
 mod files;
 mod master;
 mod process;

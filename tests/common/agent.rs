@@ -499,6 +499,9 @@ pub struct Options {
     pub allow_node_ports: String,
     /// More flags, appended.
     pub extra: Vec<String>,
+    /// Attached mode: more `-f` paths (files or directories) for HAProxy, between the main file
+    /// and the agent's, as an operator's `conf.d` would be.
+    pub haproxy_configs: Vec<PathBuf>,
     /// The agent serves TLS (its flags are in `extra`): how the harness's own requests trust it.
     pub tls: Option<ClientTls>,
 }
@@ -548,6 +551,7 @@ impl Default for Options {
         Options {
             allow_node_ports: "1-65535".into(),
             extra: Vec::new(),
+            haproxy_configs: Vec::new(),
             tls: None,
         }
     }
@@ -770,6 +774,12 @@ impl Agent {
             .arg(format!("{},mode,600", self.master.display()))
             .arg("-f")
             .arg(hdir.join("main.cfg"))
+            .args(
+                self.options
+                    .haproxy_configs
+                    .iter()
+                    .flat_map(|p| [std::ffi::OsString::from("-f"), p.clone().into()]),
+            )
             .args(
                 with_managed
                     .then(|| {

@@ -1,0 +1,277 @@
+//! Ports the agent does not own, black box against a real attached HAProxy: a new frontend on a
+//! port the operator's configuration binds (the main file, another `-f` file), HAProxy's TCP
+//! stats socket or the agent's own API port is refused with 409 `port_owned` naming the owner,
+//! before any file is written or reload started, and the operator's traffic stays the
+//! operator's. HAProxy binds with SO_REUSEPORT: had the reload gone through, the kernel would
+//! split the port's connections between the operator's listener and the agent's.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::agent::{body, eventually, through, wait_reaches, Agent, Echo, Options, Response};
+use common::free_port;
+use serde_json::json;
+
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// What a refusal must leave as it was: HAProxy's reload count and worker, the agent's file.
+struct Untouched {
+    reloads: u32,
+    workers: Vec<u32>,
+    managed: String,
+    reloads_metric: f64,
+}
+
+impl Untouched {
+    fn of(agent: &Agent) -> Untouched {
+        let proc = agent.show_proc();
+        Untouched {
+            reloads: proc.master.unwrap().reloads.unwrap(),
+            workers: proc.workers.iter().map(|w| w.pid).collect(),
+            managed: std::fs::read_to_string(&agent.managed_cfg).unwrap(),
+            reloads_metric: agent.metric("lbagent_haproxy_reloads_total"),
+        }
+    }
+
+    fn assert_same(&self, agent: &Agent, what: &str) {
+        let now = Untouched::of(agent);
+        assert_eq!(now.reloads, self.reloads, "{what}: HAProxy was reloaded");
+        assert_eq!(
+            now.workers, self.workers,
+            "{what}: HAProxy's worker changed"
+        );
+        assert_eq!(
+            now.managed, self.managed,
+            "{what}: the agent's file changed"
+        );
+        assert_eq!(
+            now.reloads_metric, self.reloads_metric,
+            "{what}: the agent counted a reload"
+        );
+        assert!(
+            !Path::new(&format!("{}.tmp", agent.managed_cfg.display())).exists(),
+            "{what}: a candidate file was written"
+        );
+    }
+}
+
+/// Asserts a 409 `port_owned` whose message has every one of `names`.
+fn assert_owned(r: &Response, names: &[&str], what: &str) {
+    r.assert_error(409, "port_owned", what);
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    for n in names {
+        assert!(message.contains(n), "{what}: {n:?} not in {message:?}");
+    }
+}
+
+/// `n` connections to `port`, each answered by the operator's server alone.
+fn all_reach(port: u16, reply: &str, n: usize) {
+    let answers: Vec<String> = (0..n)
+        .map(|_| through(port).unwrap_or_else(|e| format!("error: {e}")))
+        .collect();
+    let others: Vec<&String> = answers.iter().filter(|a| *a != reply).collect();
+    assert!(
+        others.is_empty(),
+        "{} of {n} connections to {port} were not answered {reply:?}: {others:?}",
+        others.len()
+    );
+}
+
+/// The issue's attack: `frontend operator_web` binds P in the main file; a signed PUT for P is
+/// refused naming it, with no file written and no reload, and 40 connections to P all reach the
+/// operator's server. Without host checks (HAProxy in another namespace), so the agent's own
+/// bind test cannot catch it: only the config does. The same for a TCP stats socket of the
+/// main file. Afterwards an operator's section added on a port the agent already serves is
+/// reported in `/healthz`, and the agent's frontend keeps serving.
+#[test]
+fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
+    let operator = Echo::start("127.0.0.1", "OPERATOR");
+    let (p, stats) = (free_port(), free_port());
+    let proxies = format!(
+        "global\n    stats socket ipv4@127.0.0.1:{stats} level user\n\n\
+         frontend operator_web\n    bind 127.0.0.1:{p}\n    default_backend operator_be\n\n\
+         backend operator_be\n    server op {}\n",
+        operator.addr
+    );
+    let agent = Agent::attached_with(
+        &proxies,
+        Options {
+            extra: vec!["--no-host-checks".into()],
+            ..Options::default()
+        },
+    );
+    let main = agent.root.join("haproxy/main.cfg");
+    let line = std::fs::read_to_string(&main)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(&format!("bind 127.0.0.1:{p}")))
+        .unwrap()
+        + 1;
+    wait_reaches(p, "OPERATOR", SETTLE);
+    let a = Echo::start("127.0.0.2", "A");
+    let before = Untouched::of(&agent);
+
+    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
+    let owner = format!(
+        "port {p} is bound by frontend operator_web in {} line {line}",
+        main.display()
+    );
+    assert_owned(&r, &[&owner], "the operator's frontend");
+    before.assert_same(&agent, "PUT for the operator's port");
+    all_reach(p, "OPERATOR", 40);
+
+    let r = agent.put(stats, "node-a", &body(&a.ip(), a.port(), json!({})));
+    assert_owned(
+        &r,
+        &["stats socket", &format!("port {stats}")],
+        "the TCP stats socket",
+    );
+    before.assert_same(&agent, "PUT for the stats socket's port");
+    assert!(agent.state()["frontends"].as_array().unwrap().is_empty());
+
+    // A port nobody has still gets its frontend, and serves.
+    let q = free_port();
+    agent.put_ok(q, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(q, "A", SETTLE);
+    all_reach(p, "OPERATOR", 10);
+
+    // The operator adds a section on the agent's port and reloads: HAProxy takes it (both
+    // listeners with SO_REUSEPORT); the agent says so.
+    let mut text = std::fs::read_to_string(&main).unwrap();
+    text.push_str(&format!(
+        "\nlisten late_web\n    bind 127.0.0.1:{q}\n    server op {}\n",
+        operator.addr
+    ));
+    std::fs::write(&main, text).unwrap();
+    let reloads = agent.show_proc().master.unwrap().reloads.unwrap();
+    agent.master_cmd("reload");
+    eventually(SETTLE, "HAProxy reloaded", || {
+        match agent.try_show_proc().and_then(|p| p.master?.reloads) {
+            Some(n) if n > reloads => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let health = eventually(SETTLE, "/healthz reports the shared port", || {
+        let h = agent.get("/healthz").json();
+        let conflicts = h["port_conflicts"].to_string();
+        if conflicts.contains(&format!("port {q}")) && conflicts.contains("listen late_web") {
+            Ok(h)
+        } else {
+            Err(h.to_string())
+        }
+    });
+    assert!(
+        health["port_conflicts"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("fe_{q}")),
+        "{health}"
+    );
+}
+
+/// A port bound in another `-f` file is refused: found on HAProxy's command line (a `conf.d`
+/// directory, host checks on), or given with `--haproxy-extra-config` (host checks off). The
+/// agent's own API port is refused even when `--allow-frontend-ports` allows it.
+#[test]
+fn ports_of_other_files_and_the_agents_own_are_refused() {
+    let conf_d = tempfile::tempdir().unwrap();
+    let conf_d_path = conf_d.path().canonicalize().unwrap();
+    let operator = Echo::start("127.0.0.1", "OPERATOR");
+    let s = free_port();
+    std::fs::write(
+        conf_d_path.join("stats.cfg"),
+        format!(
+            "listen stats_page\n    bind 127.0.0.1:{s}\n    server op {}\n",
+            operator.addr
+        ),
+    )
+    .unwrap();
+    // Not loaded by HAProxy (no `.cfg`): its port is free.
+    let free = free_port();
+    std::fs::write(
+        conf_d_path.join("notes.txt"),
+        format!("frontend nobody\n    bind :{free}\n"),
+    )
+    .unwrap();
+    let a = Echo::start("127.0.0.2", "A");
+    for (flags, how) in [
+        (vec![], "HAProxy's command line"),
+        (
+            vec![
+                "--no-host-checks".to_string(),
+                "--haproxy-extra-config".into(),
+                conf_d_path.display().to_string(),
+            ],
+            "--haproxy-extra-config",
+        ),
+    ] {
+        let mut extra = flags;
+        extra.extend(["--allow-frontend-ports".into(), "1-65535".into()]);
+        let agent = Agent::attached_with(
+            "",
+            Options {
+                extra,
+                haproxy_configs: vec![conf_d_path.clone()],
+                ..Options::default()
+            },
+        );
+        wait_reaches(s, "OPERATOR", SETTLE);
+        let before = Untouched::of(&agent);
+        let r = agent.put(s, "node-a", &body(&a.ip(), a.port(), json!({})));
+        let owner = format!(
+            "port {s} is bound by listen stats_page in {} line 2",
+            conf_d_path.join("stats.cfg").display()
+        );
+        assert_owned(&r, &[&owner], how);
+        before.assert_same(&agent, how);
+        all_reach(s, "OPERATOR", 40);
+
+        let api = agent.addr.port();
+        let r = agent.put(api, "node-a", &body(&a.ip(), a.port(), json!({})));
+        assert_owned(
+            &r,
+            &[&format!("port {api} is the agent's own API port")],
+            "the API's port",
+        );
+        before.assert_same(&agent, "PUT for the API's port");
+        assert_eq!(agent.get("/healthz").status, 200, "the API still answers");
+
+        agent.put_ok(
+            free,
+            "node-a",
+            &body(&a.ip(), a.port(), json!({})),
+            "reload",
+        );
+        wait_reaches(free, "A", SETTLE);
+    }
+}
+
+/// Managed mode: the main file is the agent's own (sockets are UNIX sockets, nothing binds a
+/// TCP port), so any free port gets its frontend, and the API's port is still refused when
+/// `--allow-frontend-ports` allows it.
+#[test]
+fn managed_mode_refuses_only_its_api_port() {
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--allow-frontend-ports".into(), "1-65535".into()],
+        ..Options::default()
+    });
+    let a = Echo::start("127.0.0.2", "A");
+    let api = agent.addr.port();
+    let before = Untouched::of(&agent);
+    let r = agent.put(api, "node-a", &body(&a.ip(), a.port(), json!({})));
+    assert_owned(
+        &r,
+        &[&format!(
+            "port {api} is the agent's own API port (--listen 127.0.0.1:{api})"
+        )],
+        "the API's port",
+    );
+    before.assert_same(&agent, "PUT for the API's port");
+    let fe = free_port();
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(fe, "A", SETTLE);
+    let health = agent.get("/healthz").json();
+    assert!(health.get("port_conflicts").is_none(), "{health}");
+}
