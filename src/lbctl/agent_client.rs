@@ -20,9 +20,9 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    /// Reads `path`: either the agent's TOML keys file (`key_id = "secret"` lines; `key_id`
-    /// picks one, default `default`) or a file holding the secret alone (a trailing newline is
-    /// ignored).
+    /// Reads `path`: either the agent's TOML keys file (`key_id = "secret"` lines or a scoped
+    /// key's `[key_id]` table with its `secret`; `key_id` picks one, default `default`) or a
+    /// file holding the secret alone (a trailing newline is ignored).
     pub fn from_file(path: &Path, key_id: Option<&str>) -> Result<SigningKey, BoxError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
@@ -31,7 +31,7 @@ impl SigningKey {
             if !table.is_empty() {
                 let secret = table
                     .get(&id)
-                    .and_then(|v| v.as_str())
+                    .and_then(|v| v.as_str().or_else(|| v.get("secret")?.as_str()))
                     .ok_or_else(|| format!("key file {} has no key {id:?}", path.display()))?;
                 return Ok(SigningKey {
                     id,
