@@ -94,3 +94,36 @@ pub async fn signed_request(
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_plain_lines_tables_and_bare_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(
+            &path,
+            "default = \"plain-secret-0123456789\"\n\n[mqtt-sidecar]\n\
+             secret = \"table-secret-0123456789\"\nfrontend_ports = \"1883\"\n",
+        )
+        .unwrap();
+        let k = SigningKey::from_file(&path, None).unwrap();
+        assert_eq!(
+            (k.id.as_str(), &k.secret[..]),
+            ("default", &b"plain-secret-0123456789"[..])
+        );
+        let k = SigningKey::from_file(&path, Some("mqtt-sidecar")).unwrap();
+        assert_eq!(k.secret, b"table-secret-0123456789");
+        let e = SigningKey::from_file(&path, Some("web")).err().unwrap();
+        assert!(e.to_string().contains("no key \"web\""), "{e}");
+
+        std::fs::write(&path, "bare-secret-0123456789\n").unwrap();
+        let k = SigningKey::from_file(&path, Some("web")).unwrap();
+        assert_eq!(
+            (k.id.as_str(), &k.secret[..]),
+            ("web", &b"bare-secret-0123456789"[..])
+        );
+    }
+}
