@@ -17,7 +17,8 @@
 //!   [`legacy`]: the old webhook's endpoint, for migration; [`secret_file`]: reading the keys
 //!   file and the legacy token, refused when others may read them; [`audit`]: one JSON line
 //!   per change request, accepted or refused.
-//! - [`policy`]: which ports and addresses a request may use.
+//! - [`policy`]: which ports and addresses a request may use: the global policy, and each
+//!   key's [`policy::Scope`], checked by the API before the owner applies the global policy.
 //! - [`model`]: the desired state and the one way to change it; [`store`]: its durable
 //!   journal and snapshots.
 //! - [`agent`]: the owner task — the only holder of state, store and runtime connection; group

@@ -1,11 +1,21 @@
 //! Policy: which frontend ports, node ports and node addresses a request may use, and how many
 //! servers a frontend may hold. A request outside policy is refused (403) naming the rule.
+//!
+//! - here: the global policy (the `--allow-*` flags) and its port and address lists;
+//! - [`scope`]: what one key may do, narrowing the global policy; [`node_glob`]: its node-name
+//!   patterns.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
+
+pub mod node_glob;
+pub mod scope;
+
+pub use node_glob::NodeGlob;
+pub use scope::{check_scope, Scope};
 
 /// A set of ports written `80,443,8000-9000`.
 #[derive(Clone, Debug, PartialEq, Eq)]

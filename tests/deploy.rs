@@ -10,7 +10,10 @@
 //!   state saved for it), and the file's policy enforced (skipped without haproxy);
 //! - every Kubernetes YAML parses (PyYAML when python3 has it, else line rules only), and every
 //!   `lbctl phone-home` sidecar, run with the manifest's own args, env and Secret, sends a signed
-//!   PUT for its node to the agent URL it is given;
+//!   PUT for its node to the agent URL it is given, inside the scope its key has in
+//!   `keys.toml.example`; each namespace's sidecars sign with a key of their own;
+//! - `keys.toml.example` loads once its placeholders are filled in (and not before), its scopes
+//!   inside `lbagent.toml`'s policy;
 //! - the Dockerfiles build binaries that exist, from stages that exist.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -882,11 +885,22 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             f.display()
         );
     }
-    let secrets: BTreeMap<&str, &Value> = docs
+    // Secrets by (namespace, name): each namespace has a `lbagent-key` of its own.
+    let secrets: BTreeMap<(&str, &str), &Value> = docs
         .iter()
         .filter(|(_, d)| d["kind"] == "Secret")
-        .map(|(_, d)| (d["metadata"]["name"].as_str().unwrap(), &d["stringData"]))
+        .map(|(_, d)| {
+            let ns = d["metadata"]["namespace"]
+                .as_str()
+                .expect("a Secret's namespace");
+            (
+                (ns, d["metadata"]["name"].as_str().unwrap()),
+                &d["stringData"],
+            )
+        })
         .collect();
+    let keys_example = keys_example();
+    let mut key_ids_by_namespace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let services: Vec<&Value> = docs
         .iter()
         .filter(|(_, d)| d["kind"] == "Service")
@@ -904,6 +918,9 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             continue;
         }
         let what = format!("{}: {kind} {}", f.display(), d["metadata"]["name"]);
+        let namespace = d["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no namespace"));
         let pod = &d["spec"]["template"];
         let labels = &pod["metadata"]["labels"];
         let spec = &pod["spec"];
@@ -935,7 +952,9 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                         other => panic!("{what}: unexpected fieldRef {other:?}"),
                     }
                 } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
-                    let secret = secrets[r["name"].as_str().unwrap()];
+                    let secret = secrets
+                        .get(&(namespace, r["name"].as_str().unwrap()))
+                        .unwrap_or_else(|| panic!("{what}: no Secret {r:?} in {namespace}"));
                     secret[r["key"].as_str().unwrap()]
                         .as_str()
                         .unwrap_or_else(|| panic!("{what}: no such Secret key {r:?}"))
@@ -967,9 +986,9 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 let Some(secret) = vol["secret"]["secretName"].as_str() else {
                     continue;
                 };
-                let data = secrets
-                    .get(secret)
-                    .unwrap_or_else(|| panic!("{what}: Secret {secret} is not in deploy/k8s"));
+                let data = secrets.get(&(namespace, secret)).unwrap_or_else(|| {
+                    panic!("{what}: Secret {secret} is not in namespace {namespace} of deploy/k8s")
+                });
                 let dir = mounts.path().join(m["name"].as_str().unwrap());
                 std::fs::create_dir(&dir).unwrap();
                 for (k, v) in data.as_object().unwrap() {
@@ -1020,7 +1039,9 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             };
             let key_id = header("x-lbagent-key").unwrap_or_else(|| "default".into());
             let secret = secrets
-                .values()
+                .iter()
+                .filter(|((ns, _), _)| *ns == namespace)
+                .map(|(_, s)| s)
                 .find(|s| s["id"].as_str() == Some(key_id.as_str()))
                 .and_then(|s| s["key"].as_str())
                 .unwrap_or_else(|| panic!("{what}: signed with key {key_id:?}, in no Secret"));
@@ -1046,6 +1067,31 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             let body: Value = serde_json::from_str(body).unwrap();
             assert_eq!(body["node_ip"], NODE_IP, "{what}");
             assert_eq!(body["node_port"], np, "{what}");
+
+            // Its key is a scoped key of the keys example, and this PUT is inside its scope.
+            let scope = keys_example.scope(&key_id).unwrap_or_else(|| {
+                panic!("{what}: key {key_id:?} is no scoped key of deploy/keys.toml.example")
+            });
+            let change = lbagent::model::Change::PutServer {
+                frontend_port: fp,
+                node: lbagent::model::NodeName::new(NODE_NAME).unwrap(),
+                mode: lbagent::model::Mode::Tcp,
+                spec: lbagent::model::ServerSpec {
+                    node_ip: NODE_IP.parse().unwrap(),
+                    node_port: np,
+                    state: lbagent::model::ServerState::Ready,
+                    service: None,
+                    weight: None,
+                    lease: true,
+                },
+            };
+            scope
+                .check(&change)
+                .unwrap_or_else(|e| panic!("{what}: outside its key's scope: {}", e.message));
+            key_ids_by_namespace
+                .entry(namespace.to_string())
+                .or_default()
+                .insert(key_id.clone());
 
             // The agent's example policy lets it in, and a Service with
             // externalTrafficPolicy Local selects this pod on that NodePort.
@@ -1076,6 +1122,81 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
         sidecars >= 2,
         "expected phone-home sidecars, found {sidecars}"
     );
+    // A key per namespace: the sidecars of one namespace share one key id, and no two
+    // namespaces share one, so a leaked key is the leak of one namespace only.
+    assert!(
+        key_ids_by_namespace.len() >= 2,
+        "expected sidecars in several namespaces: {key_ids_by_namespace:?}"
+    );
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    for (ns, ids) in &key_ids_by_namespace {
+        assert_eq!(
+            ids.len(),
+            1,
+            "namespace {ns}: sidecars sign with several keys {ids:?}"
+        );
+        let id = ids.first().unwrap();
+        if let Some(other) = owners.insert(id, ns) {
+            panic!("namespaces {other} and {ns} share the key {id:?}: give each its own");
+        }
+    }
+}
+
+/// deploy/keys.toml.example with its placeholders replaced by secrets (as the operator would),
+/// loaded by the agent's own parser.
+fn keys_example() -> lbagent::auth::Keys {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let mut text = read("keys.toml.example");
+    while text.contains("\"CHANGE-ME\"") {
+        text = text.replacen("\"CHANGE-ME\"", &format!("\"{}\"", random_hex()), 1);
+    }
+    write_private(&path, &text);
+    lbagent::auth::Keys::load(&path).unwrap_or_else(|e| panic!("deploy/keys.toml.example: {e}"))
+}
+
+#[test]
+fn keys_example_has_scoped_keys_inside_the_policy_and_is_refused_until_filled_in() {
+    // As shipped, its placeholders are refused: copied unchanged, it cannot open the API.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    write_private(&path, &read("keys.toml.example"));
+    let err = lbagent::auth::Keys::load(&path).expect_err("placeholder secrets must be refused");
+    assert!(err.to_string().contains("at least 16"), "{err}");
+
+    let keys = keys_example();
+    let t = settings();
+    let policy: lbagent::policy::PortList = setting(&t, "allow-frontend-ports").parse().unwrap();
+    let scoped: Vec<&str> = keys.ids().filter(|id| keys.scope(id).is_some()).collect();
+    assert!(
+        scoped.len() >= 2,
+        "the example should show scoped keys: {scoped:?}"
+    );
+    assert!(
+        keys.ids().any(|id| keys.scope(id).is_none()),
+        "the example should keep an unscoped operator key"
+    );
+    // A scope's port outside the global policy would be refused anyway: the example's scopes
+    // lie inside lbagent.toml's, and no two scopes share a port.
+    let mut owner = BTreeMap::new();
+    for id in &scoped {
+        let scope = keys.scope(id).unwrap();
+        assert!(
+            !scope.may_delete_frontend,
+            "{id}: sidecars need no frontend removal"
+        );
+        for port in 1..=u16::MAX {
+            if scope.frontend_ports.contains(port) {
+                assert!(
+                    policy.contains(port),
+                    "{id}: port {port} is outside allow-frontend-ports"
+                );
+                if let Some(other) = owner.insert(port, id) {
+                    panic!("{other} and {id} share frontend port {port}");
+                }
+            }
+        }
+    }
 }
 
 fn arg_value<'a>(args: &'a [String], flag: &str) -> &'a str {

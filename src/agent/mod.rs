@@ -38,7 +38,7 @@ use crate::model::{
     backend_name, frontend_name, server_ref, Change, Conflict, DesiredState, Effect, Transition,
     Undo,
 };
-use crate::policy::{Denied, Policy};
+use crate::policy::{Denied, Policy, Scope};
 use crate::reconcile::{self, Plan};
 use crate::render::{render_managed, RenderOptions};
 use crate::runtime::parse::{ProxyKind, StatRow};
@@ -194,13 +194,13 @@ impl AgentHandle {
 
     /// `GET /v1/frontends`: the desired state as of the last committed change, with HAProxy's
     /// view of it no older than one reconcile interval. Never waits for the owner. `None` once
-    /// the owner has stopped.
-    pub async fn view(&self) -> Option<StateView> {
+    /// the owner has stopped. With a key's `scope`, only what that key may see.
+    pub async fn view(&self, scope: Option<&Scope>) -> Option<StateView> {
         if self.tx.is_closed() {
             return None;
         }
         let desired = self.desired();
-        Some(self.observer.view(&desired).await)
+        Some(self.observer.view(&desired, scope).await)
     }
 
     /// The desired state as of the last committed change.

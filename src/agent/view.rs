@@ -65,11 +65,12 @@ impl Observer {
         rows
     }
 
-    /// The read model: `desired`, with what HAProxy reports of each frontend and server.
-    pub(super) async fn view(&self, desired: &DesiredState) -> StateView {
+    /// The read model: `desired`, with what HAProxy reports of each frontend and server; with
+    /// a key's `scope`, only the frontends and servers that key may see.
+    pub(super) async fn view(&self, desired: &DesiredState, scope: Option<&Scope>) -> StateView {
         match self.stat().await {
-            Ok(o) => build(desired, &o.servers, &o.frontends, true),
-            Err(_) => build(desired, &[], &[], false),
+            Ok(o) => build(desired, &o.servers, &o.frontends, true, scope),
+            Err(_) => build(desired, &[], &[], false, scope),
         }
     }
 }
@@ -88,12 +89,14 @@ fn observed_view(s: &ObservedServer) -> ObservedView {
 }
 
 /// Joins the desired state with HAProxy's rows (looked up by name: one pass over the rows, not
-/// one per server).
+/// one per server). A scope leaves out what its key may not see before anything is built, so
+/// an unscoped read pays one test per frontend and per server, and a scoped one builds less.
 fn build(
     desired: &DesiredState,
     servers: &[ObservedServer],
     frontends: &[StatRow],
     up: bool,
+    scope: Option<&Scope>,
 ) -> StateView {
     let by_name: HashMap<(&str, &str), &ObservedServer> = servers
         .iter()
@@ -107,6 +110,7 @@ fn build(
     let frontends = desired
         .frontends
         .iter()
+        .filter(|(port, _)| scope.is_none_or(|s| s.sees_frontend(**port)))
         .map(|(port, fe)| {
             let fe_name = frontend_name(*port).to_string();
             let be_name = backend_name(*port).to_string();
@@ -120,6 +124,7 @@ fn build(
                 servers: fe
                     .servers
                     .iter()
+                    .filter(|(node, _)| scope.is_none_or(|s| s.sees_node(node.as_str())))
                     .map(|(node, spec)| ServerView {
                         node: node.to_string(),
                         node_ip: spec.node_ip.to_string(),
@@ -167,7 +172,7 @@ mod tests {
              4 ops 1 node-b 192.0.2.1 0 0 1 1 5 8 2 0 6 0 0 0 - 80 - 0 0 - - 0\n",
         )
         .unwrap();
-        let v = build(&desired, &servers, &frontends, true);
+        let v = build(&desired, &servers, &frontends, true, None);
         assert_eq!(v.haproxy, "up");
         let fe = &v.frontends[0];
         assert_eq!(fe.haproxy_status.as_deref(), Some("OPEN"));
@@ -181,11 +186,41 @@ mod tests {
             ("UP", Some("L4OK"), Some("10.0.0.1:30443"))
         );
         assert!(fe.servers[1].haproxy.is_none(), "{:?}", fe.servers[1]);
-        let down = build(&desired, &[], &[], false);
+        let down = build(&desired, &[], &[], false, None);
         assert_eq!(down.haproxy, "down");
         assert!(down.frontends[0]
             .servers
             .iter()
             .all(|s| s.haproxy.is_none()));
+    }
+
+    #[test]
+    fn a_scope_shows_its_ports_and_nodes_only() {
+        let mut desired = crate::model::state_of(&[
+            ("node-a", "10.0.0.1", 30443, ServerState::Ready, None),
+            ("edge-1", "192.0.2.1", 30443, ServerState::Ready, None),
+        ]);
+        let fe = desired.frontends[&443].clone();
+        desired.frontends.insert(1883, fe);
+        let scope = crate::policy::Scope {
+            key_id: "mqtt-sidecar".into(),
+            frontend_ports: "1883".parse().unwrap(),
+            nodes: Some("node-*".parse().unwrap()),
+            // Not a filter of reads: the key may delete node-a wherever it points.
+            node_cidrs: Some("198.51.100.0/24".parse().unwrap()),
+            may_delete_frontend: false,
+        };
+        let all = build(&desired, &[], &[], true, None);
+        assert_eq!(all.frontends.len(), 2);
+        let v = build(&desired, &[], &[], true, Some(&scope));
+        let ports: Vec<u16> = v.frontends.iter().map(|f| f.frontend_port).collect();
+        assert_eq!(ports, [1883]);
+        let nodes: Vec<&str> = v.frontends[0]
+            .servers
+            .iter()
+            .map(|s| s.node.as_str())
+            .collect();
+        assert_eq!(nodes, ["node-a"]);
+        assert_eq!(v.generation, all.generation);
     }
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::audit::{AuditLog, AuditRecord};
-use crate::auth::{AuthHeaders, Verifier};
+use crate::auth::{AuthHeaders, Authenticated, Verifier};
 use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
 use crate::model::{
     backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
@@ -402,7 +402,11 @@ impl Api {
                         }
                         Change::DeleteFrontend { .. } => None,
                     };
-                    self.change(change, node, "legacy-token").await
+                    let legacy = Authenticated {
+                        key_id: "legacy-token".into(),
+                        scope: None,
+                    };
+                    self.change(change, node, &legacy).await
                 }
                 Err(m) => bad_request(m),
             };
@@ -413,14 +417,14 @@ impl Api {
             nonce: header(crate::auth::HEADER_NONCE),
             signature: header(crate::auth::HEADER_SIGNATURE),
         };
-        let key_id = match self.verifier.verify(
+        let auth = match self.verifier.verify(
             method.as_str(),
             path_with_query,
             &headers,
             &body,
             crate::clock::unix_seconds(),
         ) {
-            Ok(k) => k,
+            Ok(a) => a,
             Err(f) => {
                 self.metrics
                     .auth_failures
@@ -434,7 +438,7 @@ impl Api {
         };
 
         match route {
-            Route::Frontends => match self.agent.view().await {
+            Route::Frontends => match self.agent.view(auth.scope.as_deref()).await {
                 Some(v) => serialized_reply(StatusCode::OK, &v),
                 None => error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -452,7 +456,7 @@ impl Api {
                         frontend_port: port,
                     },
                     None,
-                    &key_id,
+                    &auth,
                 )
                 .await
             }
@@ -476,19 +480,23 @@ impl Api {
                         node: node.clone(),
                     }
                 };
-                self.change(change, Some(node), &key_id).await
+                self.change(change, Some(node), &auth).await
             }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         }
     }
 
-    /// Hands a change to the owner and answers. (The audit trail is written by
-    /// [`Self::handle`], for refusals before this too.)
-    async fn change(&self, change: Change, node: Option<NodeName>, key_id: &str) -> Reply {
+    /// Checks a change against the key's scope, hands it to the owner (the global policy) and
+    /// answers. (The audit trail is written by [`Self::handle`], for refusals before this too.)
+    async fn change(&self, change: Change, node: Option<NodeName>, auth: &Authenticated) -> Reply {
+        let key_id = auth.key_id.as_str();
         let port = change.frontend_port();
         let started = Instant::now();
         let audit = format!("{change:?}");
-        let result = self.agent.apply(change).await;
+        let result = match crate::policy::check_scope(auth.scope.as_deref(), &change) {
+            Ok(()) => self.agent.apply(change).await,
+            Err(denied) => Err(denied.into()),
+        };
         match &result {
             Ok(ok) if ok.applied != Applied::Unchanged => {
                 tracing::debug!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")

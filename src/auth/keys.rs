@@ -1,4 +1,5 @@
-//! The keys file: key id → secret, loaded, validated and generated.
+//! The keys file: key id → secret (and, for a key written as a table, its scope), loaded,
+//! validated and generated.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -6,15 +7,23 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{random_bytes, KEY_ID_MAX, MAX_KEYS_FILE, MIN_SECRET_LEN};
+use crate::policy::Scope;
 use crate::secret_file::SecretFileError;
 
-/// The live API keys: key id → secret bytes. Its `Debug` shows the ids only.
+/// The live API keys: key id → secret bytes, and the scopes of the keys written as tables. Its
+/// `Debug` shows the ids only.
 #[derive(Clone, Default)]
 pub struct Keys {
     secrets: BTreeMap<String, Vec<u8>>,
+    /// Only the scoped keys; a key absent here may do whatever the global policy allows.
+    scopes: BTreeMap<String, Arc<Scope>>,
 }
+
+/// The fields of a key table, as the file spells them.
+const TABLE_FIELDS: &str = "secret, frontend_ports, nodes, node_cidrs, may_delete_frontend";
 
 /// Why a set of keys or a keys file was refused. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +57,40 @@ pub enum KeysError {
     /// A key id does not match `[A-Za-z0-9_.-]{1,64}`.
     #[error("key id {id:?} is invalid: it must be 1 to 64 characters of [A-Za-z0-9_.-]")]
     InvalidKeyId { id: String },
-    /// A key's value is not a string (often an unquoted key id with a `.`, which TOML reads as
-    /// a table).
+    /// A key's value is neither a string (an unscoped key) nor a table (a scoped key).
     #[error(
-        "key {key_id:?}: the secret must be a TOML string (quote key ids that contain `.`: \
-         \"a.b\" = \"secret\")"
+        "key {key_id:?}: must be a TOML string (`{key_id} = \"secret\"`) or a table of a scoped \
+         key (`[{key_id}]` with secret = ..., frontend_ports = ...)"
     )]
     NotAString { key_id: String },
+    /// A key table has a field lbagent does not know (often an unquoted key id with a `.`,
+    /// which TOML reads as a table inside a table).
+    #[error(
+        "key {key_id:?}: unknown field {field:?} (a key table has {TABLE_FIELDS}; quote key ids \
+         that contain `.`: \"a.b\" = \"secret\")"
+    )]
+    UnknownField { key_id: String, field: String },
+    /// A field of a key table has the wrong TOML type (the value is never quoted).
+    #[error("key {key_id:?}: field {field} must be {expected}")]
+    FieldType {
+        key_id: String,
+        field: &'static str,
+        expected: &'static str,
+    },
+    /// A field of a key table does not parse.
+    #[error("key {key_id:?}: field {field}: {message}")]
+    InvalidField {
+        key_id: String,
+        field: &'static str,
+        message: String,
+    },
+    /// A key table lacks a field it must have.
+    #[error("key {key_id:?}: a key table needs the field {field}{hint}")]
+    MissingField {
+        key_id: String,
+        field: &'static str,
+        hint: &'static str,
+    },
     /// A key's secret is empty.
     #[error("key {key_id:?}: the secret is empty")]
     EmptySecret { key_id: String },
@@ -102,16 +138,26 @@ impl Keys {
             }
         })?;
         let mut pairs = Vec::with_capacity(table.len());
+        let mut scopes = BTreeMap::new();
         for (key_id, value) in table {
             match value {
                 toml::Value::String(secret) => pairs.push((key_id, secret.into_bytes())),
+                toml::Value::Table(fields) => {
+                    check_key_id(&key_id)?;
+                    let (secret, scope) = parse_key_table(&key_id, fields)?;
+                    scopes.insert(key_id.clone(), Arc::new(scope));
+                    pairs.push((key_id, secret));
+                }
                 _ => {
                     check_key_id(&key_id)?;
                     return Err(KeysError::NotAString { key_id });
                 }
             }
         }
-        Keys::from_pairs(pairs)
+        Ok(Keys {
+            scopes,
+            ..Keys::from_pairs(pairs)?
+        })
     }
 
     /// Builds keys from (key id, secret) pairs, validating ids and secrets as `load` does.
@@ -138,7 +184,10 @@ impl Keys {
         if secrets.is_empty() {
             return Err(KeysError::NoKeys);
         }
-        Ok(Keys { secrets })
+        Ok(Keys {
+            secrets,
+            scopes: BTreeMap::new(),
+        })
     }
 
     /// Creates a new keys file (it must not exist) with mode 0600 holding one key with a fresh
@@ -181,6 +230,11 @@ impl Keys {
         self.secrets.get(key_id).map(Vec::as_slice)
     }
 
+    /// The scope of a key written as a table; `None` for an unscoped key (or an unknown one).
+    pub fn scope(&self, key_id: &str) -> Option<&Arc<Scope>> {
+        self.scopes.get(key_id)
+    }
+
     /// How many keys there are.
     pub fn len(&self) -> usize {
         self.secrets.len()
@@ -196,6 +250,7 @@ impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keys")
             .field("ids", &self.secrets.keys().collect::<Vec<_>>())
+            .field("scoped", &self.scopes.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -215,4 +270,92 @@ fn check_key_id(id: &str) -> Result<(), KeysError> {
         let id = id.chars().take(KEY_ID_MAX + 1).collect();
         Err(KeysError::InvalidKeyId { id })
     }
+}
+
+/// A scoped key's table: its secret, and its scope. Every error names the key and the field.
+fn parse_key_table(key_id: &str, fields: toml::Table) -> Result<(Vec<u8>, Scope), KeysError> {
+    let mut secret = None;
+    let mut frontend_ports = None;
+    let mut nodes = None;
+    let mut node_cidrs = None;
+    let mut may_delete_frontend = false;
+    for (field, value) in fields {
+        match field.as_str() {
+            "secret" => secret = Some(string_field(key_id, "secret", value)?.into_bytes()),
+            "frontend_ports" => {
+                frontend_ports = Some(parsed_field(key_id, "frontend_ports", value)?)
+            }
+            "nodes" => nodes = Some(parsed_field(key_id, "nodes", value)?),
+            "node_cidrs" => node_cidrs = Some(parsed_field(key_id, "node_cidrs", value)?),
+            "may_delete_frontend" => match value {
+                toml::Value::Boolean(b) => may_delete_frontend = b,
+                _ => {
+                    return Err(KeysError::FieldType {
+                        key_id: key_id.to_string(),
+                        field: "may_delete_frontend",
+                        expected: "true or false",
+                    })
+                }
+            },
+            _ => {
+                return Err(KeysError::UnknownField {
+                    key_id: key_id.to_string(),
+                    field: field.chars().take(KEY_ID_MAX + 1).collect(),
+                })
+            }
+        }
+    }
+    let missing = |field, hint| KeysError::MissingField {
+        key_id: key_id.to_string(),
+        field,
+        hint,
+    };
+    let secret = secret.ok_or_else(|| missing("secret", ""))?;
+    // Required: a table is how a key is scoped, and the ports are the heart of a scope. Any
+    // port is still one line away, and the global policy bounds it.
+    let frontend_ports = frontend_ports.ok_or_else(|| {
+        missing(
+            "frontend_ports",
+            " (\"1-65535\" for any port the global policy allows)",
+        )
+    })?;
+    let scope = Scope {
+        key_id: key_id.to_string(),
+        frontend_ports,
+        nodes,
+        node_cidrs,
+        may_delete_frontend,
+    };
+    Ok((secret, scope))
+}
+
+fn string_field(
+    key_id: &str,
+    field: &'static str,
+    value: toml::Value,
+) -> Result<String, KeysError> {
+    match value {
+        toml::Value::String(s) => Ok(s),
+        _ => Err(KeysError::FieldType {
+            key_id: key_id.to_string(),
+            field,
+            expected: "a TOML string",
+        }),
+    }
+}
+
+/// A string field parsed by its type's `FromStr` (`PortList`, `NodeGlob`, `CidrList`): the one
+/// syntax of each, shared with the flags.
+fn parsed_field<T: std::str::FromStr<Err = String>>(
+    key_id: &str,
+    field: &'static str,
+    value: toml::Value,
+) -> Result<T, KeysError> {
+    string_field(key_id, field, value)?
+        .parse()
+        .map_err(|message| KeysError::InvalidField {
+            key_id: key_id.to_string(),
+            field,
+            message,
+        })
 }

@@ -17,8 +17,18 @@
 //! # Keys file
 //!
 //! TOML, one `key_id = "secret"` per line (quote ids that contain `.`: `"ci.2" = "..."`, or
-//! TOML reads them as tables). The secret is the string's bytes as written (it is
-//! not hex-decoded), at least 16 bytes. The file must not be readable or writable by group or
+//! TOML reads them as tables), or, for a key with a scope ([`crate::policy::Scope`]), a table:
+//!
+//! ```toml
+//! [mqtt-sidecar]
+//! secret = "..."
+//! frontend_ports = "1883,8883"   # required: the ports it may use (--allow-frontend-ports syntax)
+//! nodes = "node-*"               # optional: node names it may register (`*`, `?`, commas)
+//! node_cidrs = "10.0.0.0/8"      # optional: addresses its servers may point at
+//! may_delete_frontend = false    # optional, default false: may it remove a whole frontend
+//! ```
+//!
+//! The secret is the string's bytes as written (it is not hex-decoded), at least 16 bytes. The file must not be readable or writable by group or
 //! others. Several keys may be live at once, so a key is rotated by adding the new one,
 //! moving clients over and deleting the old one, then calling [`Verifier::reload`] (on SIGHUP).
 //!
@@ -32,7 +42,7 @@ mod keys;
 mod verify;
 
 pub use keys::{Keys, KeysError};
-pub use verify::{AuthFailure, AuthFailureReason, AuthHeaders, Verifier};
+pub use verify::{AuthFailure, AuthFailureReason, AuthHeaders, Authenticated, Verifier};
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -58,6 +58,7 @@ impl Req {
 
 fn check(v: &Verifier, r: &Req, now: u64) -> Result<String, AuthFailure> {
     v.verify("PUT", PATH, &r.headers(), BODY, now)
+        .map(|a| a.key_id)
 }
 
 fn reason(v: &Verifier, r: &Req, now: u64) -> AuthFailureReason {
@@ -131,7 +132,9 @@ fn signed_headers_round_trip() {
     };
     assert_eq!(hs.len(), 4);
     assert_eq!(
-        v.verify("POST", "/v1/x?a=1", &headers, b"{}", NOW).unwrap(),
+        v.verify("POST", "/v1/x?a=1", &headers, b"{}", NOW)
+            .unwrap()
+            .key_id,
         "default"
     );
     // Two calls give two different nonces.
@@ -588,14 +591,14 @@ fn keys_file_errors() {
         KeysError::NotAString { .. }
     ));
     assert!(matches!(
-        *inner(&load("[default]\nx = \"0123456789abcdef0123\"\n")),
+        *inner(&load("default = [\"0123456789abcdef0123\"]\n")),
         KeysError::NotAString { .. }
     ));
     assert!(matches!(*inner(&load("# nothing\n")), KeysError::NoKeys));
     // An unquoted dotted id is a TOML table: the message says to quote it.
     let err = load("ci.2 = \"0123456789abcdef0123\"\n");
     assert!(
-        matches!(*inner(&err), KeysError::NotAString { .. }),
+        matches!(*inner(&err), KeysError::UnknownField { .. }),
         "{err:?}"
     );
     assert!(err.to_string().contains("quote"), "{err}");
@@ -709,4 +712,144 @@ fn reload_swaps_keys_and_keeps_them_on_error() {
     ));
     let r = Req::signed(Some("ci-2024.1"), SECRET2, NOW, "nonce-000000000003");
     assert!(check(&v, &r, NOW).is_ok());
+}
+
+// --- Scoped keys -------------------------------------------------------------------------
+
+const SCOPED_FILE: &str = "default = \"0123456789abcdef0123\"\n\
+    [mqtt-sidecar]\n\
+    secret = \"mqtt-secret-of-enough-length\"\n\
+    frontend_ports = \"1883,8883\"\n\
+    nodes = \"node-*\"\n\
+    node_cidrs = \"10.0.0.0/8\"\n\
+    may_delete_frontend = true\n\
+    [\"web.sidecar\"]\n\
+    secret = \"web-secret-of-enough-length\"\n\
+    frontend_ports = \"80,443\"\n";
+
+#[test]
+fn scoped_keys_load_with_their_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::load(&write_keys(&dir, SCOPED_FILE, 0o600)).unwrap();
+    assert_eq!(
+        keys.ids().collect::<Vec<_>>(),
+        ["default", "mqtt-sidecar", "web.sidecar"]
+    );
+    assert!(keys.scope("default").is_none());
+    assert_eq!(
+        keys.secret("mqtt-sidecar"),
+        Some(&b"mqtt-secret-of-enough-length"[..])
+    );
+    let mqtt = keys.scope("mqtt-sidecar").unwrap();
+    assert_eq!(mqtt.key_id, "mqtt-sidecar");
+    assert!(mqtt.frontend_ports.contains(8883) && !mqtt.frontend_ports.contains(443));
+    assert!(mqtt.sees_node("node-a") && !mqtt.sees_node("edge-1"));
+    assert_eq!(mqtt.node_cidrs.as_ref().unwrap().to_string(), "10.0.0.0/8");
+    assert!(mqtt.may_delete_frontend);
+    // Optional fields: any node, any address the policy allows, no frontend removal.
+    let web = keys.scope("web.sidecar").unwrap();
+    assert!(web.nodes.is_none() && web.node_cidrs.is_none() && !web.may_delete_frontend);
+    let debug = format!("{keys:?}");
+    for secret in ["0123456789abcdef0123", "mqtt-secret", "web-secret"] {
+        assert!(!debug.contains(secret), "{debug}");
+    }
+    assert!(debug.contains("mqtt-sidecar"), "{debug}");
+}
+
+#[test]
+fn scoped_key_errors_name_the_key_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |table: &str| {
+        let text = format!("[mqtt-sidecar]\n{table}");
+        Keys::load(&write_keys(&dir, &text, 0o600)).unwrap_err()
+    };
+    let secret = "secret = \"mqtt-secret-of-enough-length\"\n";
+    let ports = "frontend_ports = \"1883\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{secret}{ports}colour = \"blue\"\n"), "colour"),
+        (format!("{secret}{ports}nodes = 7\n"), "nodes"),
+        (format!("{secret}{ports}nodes = \"node-[ab]\"\n"), "nodes"),
+        (format!("{secret}{ports}nodes = \"\"\n"), "nodes"),
+        (
+            format!("{secret}{ports}node_cidrs = \"10.0.0.0/33\"\n"),
+            "node_cidrs",
+        ),
+        (
+            format!("{secret}{ports}node_cidrs = [\"10.0.0.0/8\"]\n"),
+            "node_cidrs",
+        ),
+        (
+            format!("{secret}{ports}may_delete_frontend = \"no\"\n"),
+            "may_delete_frontend",
+        ),
+        (
+            format!("{secret}frontend_ports = \"0\"\n"),
+            "frontend_ports",
+        ),
+        (
+            format!("{secret}frontend_ports = \"9-1\"\n"),
+            "frontend_ports",
+        ),
+        (format!("{secret}frontend_ports = 1883\n"), "frontend_ports"),
+        (secret.to_string(), "frontend_ports"),
+        (ports.to_string(), "secret"),
+        (format!("secret = 1234567890123456\n{ports}"), "secret"),
+    ];
+    for (table, field) in cases {
+        let err = load(&table);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"mqtt-sidecar\"") && msg.contains(field),
+            "{table:?}: {msg}"
+        );
+        assert!(msg.contains("keys.toml"), "{msg}");
+        assert!(!msg.contains("mqtt-secret"), "secret leaked: {msg}");
+    }
+    // The secret's own rules hold in a table too, still naming the key.
+    let err = load(&format!("secret = \"short\"\n{ports}"));
+    assert!(
+        matches!(inner(&err), KeysError::ShortSecret { key_id, .. } if key_id == "mqtt-sidecar"),
+        "{err:?}"
+    );
+    // A table's key id is checked like any other.
+    let err = Keys::load(&write_keys(
+        &dir,
+        &format!("[\"bad id\"]\n{secret}{ports}"),
+        0o600,
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(*inner(&err), KeysError::InvalidKeyId { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn verify_returns_the_scope_and_reload_brings_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_keys(&dir, SCOPED_FILE, 0o600);
+    let v = Verifier::new(Keys::load(&path).unwrap(), DEFAULT_WINDOW);
+    let mqtt = b"mqtt-secret-of-enough-length";
+    let verify = |nonce: &str| {
+        let r = Req::signed(Some("mqtt-sidecar"), mqtt, NOW, nonce);
+        v.verify("PUT", PATH, &r.headers(), BODY, NOW).unwrap()
+    };
+    let a = verify("nonce-000000000001");
+    assert_eq!(a.key_id, "mqtt-sidecar");
+    assert!(a.scope.as_ref().unwrap().frontend_ports.contains(1883));
+    let r = Req::signed(None, b"0123456789abcdef0123", NOW, "nonce-000000000002");
+    let unscoped = v.verify("PUT", PATH, &r.headers(), BODY, NOW).unwrap();
+    assert!(unscoped.scope.is_none());
+
+    write_keys(
+        &dir,
+        &SCOPED_FILE.replace("\"1883,8883\"", "\"443\""),
+        0o600,
+    );
+    v.reload(&path).unwrap();
+    let b = verify("nonce-000000000003");
+    let scope = b.scope.unwrap();
+    assert!(scope.frontend_ports.contains(443) && !scope.frontend_ports.contains(1883));
+    // What was authenticated before keeps the scope it was checked with.
+    assert!(a.scope.unwrap().frontend_ports.contains(1883));
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hmac::Mac;
@@ -15,6 +15,7 @@ use super::{
     body_digest, mac, string_to_sign, Keys, KeysError, DEFAULT_KEY_ID, HEADER_KEY, HEADER_NONCE,
     HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_NONCES, NONCE_MAX, NONCE_MIN, SIGNATURE_PREFIX,
 };
+use crate::policy::Scope;
 
 /// The auth header values of a request, as received (`None` when absent).
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,6 +28,15 @@ pub struct AuthHeaders<'a> {
     pub nonce: Option<&'a str>,
     /// `X-Lbagent-Signature`.
     pub signature: Option<&'a str>,
+}
+
+/// A request that passed: the key that signed it, and that key's scope as it was when the
+/// request was checked (a reload after that does not change what this request may do).
+#[derive(Clone, Debug)]
+pub struct Authenticated {
+    pub key_id: String,
+    /// `None`: an unscoped key, bounded by the global policy only.
+    pub scope: Option<Arc<Scope>>,
 }
 
 /// Why a request was refused; every reason is a 401.
@@ -205,8 +215,8 @@ impl Verifier {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
-    /// Re-reads the keys file and swaps its keys in (for SIGHUP). On error the current keys
-    /// stay. Returns the new key ids.
+    /// Re-reads the keys file and swaps its keys in, scopes included (for SIGHUP). On error the
+    /// current keys and scopes stay. Returns the new key ids.
     pub fn reload(&self, path: &Path) -> Result<Vec<String>, KeysError> {
         let keys = Keys::load(path)?;
         let ids = keys.ids().map(str::to_string).collect();
@@ -219,7 +229,8 @@ impl Verifier {
         Duration::from_secs(self.window)
     }
 
-    /// Checks a request and returns the key id it was signed with, or why it is refused.
+    /// Checks a request and returns the key it was signed with and its scope, or why it is
+    /// refused.
     ///
     /// `body` is the raw request body, already capped by the caller (64 KiB); it is hashed here
     /// and must not be parsed before this returns `Ok`. `now_unix` is the agent's clock in unix
@@ -233,7 +244,7 @@ impl Verifier {
         headers: &AuthHeaders,
         body: &[u8],
         now_unix: u64,
-    ) -> Result<String, AuthFailure> {
+    ) -> Result<Authenticated, AuthFailure> {
         use AuthFailureReason::*;
 
         let missing =
@@ -275,7 +286,7 @@ impl Verifier {
             )
         })?;
 
-        let mac = {
+        let (mac, scope) = {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
             let secret = keys.secret(key_id).ok_or_else(|| {
                 AuthFailure::new(
@@ -290,7 +301,7 @@ impl Verifier {
                 nonce,
                 &body_digest(body),
             );
-            mac(secret, &sts)
+            (mac(secret, &sts), keys.scope(key_id).cloned())
         };
 
         let skew = timestamp.abs_diff(now_unix);
@@ -350,7 +361,10 @@ impl Verifier {
             ));
         }
         cache.insert(entry, timestamp.saturating_add(self.window));
-        Ok(key_id.to_string())
+        Ok(Authenticated {
+            key_id: key_id.to_string(),
+            scope,
+        })
     }
 }
 

@@ -22,9 +22,9 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    /// Reads `path`: either the agent's TOML keys file (`key_id = "secret"` lines; `key_id`
-    /// picks one, default `default`) or a file holding the secret alone (a trailing newline is
-    /// ignored).
+    /// Reads `path`: either the agent's TOML keys file (`key_id = "secret"` lines or a scoped
+    /// key's `[key_id]` table with its `secret`; `key_id` picks one, default `default`) or a
+    /// file holding the secret alone (a trailing newline is ignored).
     pub fn from_file(path: &Path, key_id: Option<&str>) -> Result<SigningKey, BoxError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
@@ -33,7 +33,7 @@ impl SigningKey {
             if !table.is_empty() {
                 let secret = table
                     .get(&id)
-                    .and_then(|v| v.as_str())
+                    .and_then(|v| v.as_str().or_else(|| v.get("secret")?.as_str()))
                     .ok_or_else(|| format!("key file {} has no key {id:?}", path.display()))?;
                 return Ok(SigningKey {
                     id,
@@ -159,5 +159,38 @@ impl AgentClient {
             .map_err(|e| AgentError::Transport(format!("reading the agent's answer: {e}")))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_plain_lines_tables_and_bare_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(
+            &path,
+            "default = \"plain-secret-0123456789\"\n\n[mqtt-sidecar]\n\
+             secret = \"table-secret-0123456789\"\nfrontend_ports = \"1883\"\n",
+        )
+        .unwrap();
+        let k = SigningKey::from_file(&path, None).unwrap();
+        assert_eq!(
+            (k.id.as_str(), &k.secret[..]),
+            ("default", &b"plain-secret-0123456789"[..])
+        );
+        let k = SigningKey::from_file(&path, Some("mqtt-sidecar")).unwrap();
+        assert_eq!(k.secret, b"table-secret-0123456789");
+        let e = SigningKey::from_file(&path, Some("web")).err().unwrap();
+        assert!(e.to_string().contains("no key \"web\""), "{e}");
+
+        std::fs::write(&path, "bare-secret-0123456789\n").unwrap();
+        let k = SigningKey::from_file(&path, Some("web")).unwrap();
+        assert_eq!(
+            (k.id.as_str(), &k.secret[..]),
+            ("web", &b"bare-secret-0123456789"[..])
+        );
     }
 }

@@ -985,6 +985,27 @@ impl Agent {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
+    /// A request signed with another key of the keys file than the agent's own.
+    pub fn signed_as(
+        &self,
+        key_id: &str,
+        secret: &str,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Response {
+        let h = lbagent::auth::signed_headers(
+            key_id,
+            secret.as_bytes(),
+            method,
+            path,
+            body.as_bytes(),
+            now_unix(),
+        );
+        try_http(self.addr, method, path, &h, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path} as {key_id}: {e}\n{}", self.log()))
+    }
+
     /// `PUT /v1/frontends/{port}/servers/{node}` with `body`.
     pub fn put(&self, port: u16, node: &str, body: &Value) -> Response {
         self.signed(
@@ -1267,11 +1288,17 @@ pub fn compare(
 
 /// Writes a keys file with mode 0600 (created with that mode, then rewritten in place).
 pub fn write_keys(path: &Path, keys: &[(&str, &str)]) {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::new();
     for (id, secret) in keys {
         text.push_str(&format!("{id} = \"{secret}\"\n"));
     }
+    write_keys_text(path, &text);
+}
+
+/// Writes `text` as a keys file with mode 0600 (scoped keys' tables, say), replacing it whole
+/// by a rename, as an operator's editor would.
+pub fn write_keys_text(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
