@@ -24,8 +24,8 @@ use crate::model::Transition;
 /// Lines waiting for the writer before requests wait for it.
 const QUEUE: usize = 4096;
 
-/// Longest key id and path written as presented; longer ones are cut (and marked `…`), since
-/// they come from strangers too.
+/// Longest key id, method, path or reason written as presented; longer ones are cut (and
+/// marked `…`), since they come from strangers too.
 const MAX_PRESENTED: usize = 256;
 
 /// One change request and what became of it.
@@ -66,7 +66,11 @@ impl AuditRecord {
             path: presented(path),
             status,
             outcome: if accepted { "accepted" } else { "refused" },
-            reason: if accepted { None } else { reason },
+            reason: if accepted {
+                None
+            } else {
+                reason.as_deref().map(presented)
+            },
             transition: if accepted {
                 Some(transition.unwrap_or_default())
             } else {
@@ -169,19 +173,28 @@ impl AuditLog {
         }
     }
 
-    /// Reopens the file, after the lines already recorded (for SIGHUP: logrotate).
-    pub async fn reopen(&self) {
+    /// Reopens the file, after the lines already recorded (for SIGHUP: logrotate). Returns at
+    /// once: the signal loop must not wait behind a full queue.
+    pub fn reopen(&self) {
         if let Sink::File(tx) = &self.sink {
-            let _ = tx.send(Msg::Reopen).await;
+            if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Msg::Reopen) {
+                // Behind a full queue: queued by a task of its own.
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(msg).await;
+                });
+            }
         }
     }
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
+    // Non-blocking, so a FIFO at the path is refused below instead of waiting for a reader.
     let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
@@ -284,6 +297,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Would block in open(2) without O_NONBLOCK: the test would hang, not fail.
+        let e = AuditLog::open(&path, Metrics::new()).unwrap_err();
+        assert!(e.to_string().contains("audit.log"), "{e}");
+    }
+
+    #[test]
+    fn a_strangers_long_reason_is_cut() {
+        let r = AuditRecord::new(
+            "k",
+            peer(),
+            "PUT",
+            "/x",
+            405,
+            Some("m".repeat(100_000)),
+            None,
+        );
+        assert_eq!(r.reason.unwrap().chars().count(), MAX_PRESENTED + 1);
+    }
+
+    #[test]
     fn presented_values_are_cut() {
         let long = "k".repeat(10_000);
         let cut = presented(&long);
@@ -305,7 +342,7 @@ mod tests {
         let rotated = dir.path().join("audit.log.1");
         std::fs::rename(&path, &rotated).unwrap();
         log.record(&rec(201)).await;
-        log.reopen().await;
+        log.reopen();
         log.record(&rec(403)).await;
         drop(log);
         writer.join().unwrap();

@@ -226,7 +226,9 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // The audit trail, when it goes to the log, is not for RUST_LOG to turn off.
+                .add_directive("lbagent::audit=info".parse().expect("a valid directive")),
         )
         .with_target(false)
         // Colour only for a person at a terminal: journald and log files get plain text.
@@ -712,7 +714,7 @@ async fn wait_for_signals(api: &Api, keys_path: &Path) {
                     Ok(ids) => tracing::info!(keys = ?ids, "key file re-read"),
                     Err(e) => tracing::error!(error = %e, "key file not re-read; keeping the current keys"),
                 }
-                api.audit.reopen().await;
+                api.audit.reopen();
                 if let Some(tls) = &api.tls {
                     tls.reload("SIGHUP");
                 }

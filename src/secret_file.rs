@@ -36,6 +36,20 @@ pub enum SecretFileError {
 /// Reads a secret file of at most `max_len` bytes, refusing one that is not a regular file or
 /// that group or others may read or write.
 pub fn read(path: &Path, max_len: u64) -> Result<String, SecretFileError> {
+    let bytes = read_checked(path, max_len, true)?;
+    String::from_utf8(bytes).map_err(|e| SecretFileError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()),
+    })
+}
+
+/// Reads a file that need not be secret (a certificate) the same careful way: a regular file
+/// (a FIFO is refused without waiting for a writer), at most `max_len` bytes.
+pub fn read_regular(path: &Path, max_len: u64) -> Result<Vec<u8>, SecretFileError> {
+    read_checked(path, max_len, false)
+}
+
+fn read_checked(path: &Path, max_len: u64, secret: bool) -> Result<Vec<u8>, SecretFileError> {
     let io_err = |source| SecretFileError::Io {
         path: path.to_path_buf(),
         source,
@@ -47,25 +61,25 @@ pub fn read(path: &Path, max_len: u64) -> Result<String, SecretFileError> {
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(path)
         .map_err(io_err)?;
-    check(&file, path, max_len)?;
-    let mut text = String::new();
+    check(&file, path, max_len, secret)?;
+    let mut bytes = Vec::new();
     // Bounded even if the file grows after the check.
     file.take(max_len + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(io_err)?;
-    if text.len() as u64 > max_len {
+    if bytes.len() as u64 > max_len {
         return Err(SecretFileError::TooLarge {
             path: path.to_path_buf(),
-            len: text.len() as u64,
+            len: bytes.len() as u64,
             max: max_len,
         });
     }
-    Ok(text)
+    Ok(bytes)
 }
 
-/// Checks an opened secret file by its own metadata: a regular file, at most `max_len` bytes,
-/// no permission bit for group or others. `path` only names it in errors.
-fn check(file: &File, path: &Path, max_len: u64) -> Result<(), SecretFileError> {
+/// Checks an opened file by its own metadata: a regular file, at most `max_len` bytes and, when
+/// `secret`, no permission bit for group or others. `path` only names it in errors.
+fn check(file: &File, path: &Path, max_len: u64, secret: bool) -> Result<(), SecretFileError> {
     let meta = file.metadata().map_err(|source| SecretFileError::Io {
         path: path.to_path_buf(),
         source,
@@ -76,7 +90,7 @@ fn check(file: &File, path: &Path, max_len: u64) -> Result<(), SecretFileError> 
         });
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    if secret && mode & 0o077 != 0 {
         return Err(SecretFileError::OpenToOthers {
             path: path.to_path_buf(),
             mode,
@@ -150,9 +164,9 @@ mod tests {
         // The path now names another, world-readable file; the handle still is the checked one.
         let other = write(dir.path(), "other", "theirs", 0o644);
         fs::rename(&other, &private).unwrap();
-        assert!(check(&file, &private, 64).is_ok());
+        assert!(check(&file, &private, 64, true).is_ok());
         assert!(matches!(
-            check(&File::open(&private).unwrap(), &private, 64),
+            check(&File::open(&private).unwrap(), &private, 64, true),
             Err(SecretFileError::OpenToOthers { mode: 0o644, .. })
         ));
     }

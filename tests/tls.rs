@@ -56,11 +56,16 @@ impl Ca {
 
     /// A leaf for `names`; `chain` appends the CA's certificate, as a fullchain.pem does.
     fn leaf(&self, names: &[&str], chain: bool) -> Leaf {
+        self.leaf_valid(names, chain, (2020, 2040))
+    }
+
+    /// A leaf valid from January 1st of one year to January 1st of another.
+    fn leaf_valid(&self, names: &[&str], chain: bool, years: (i32, i32)) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2040, 1, 1);
+        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let mut pem = cert.pem();
@@ -418,6 +423,22 @@ fn a_replaced_certificate_is_served_within_5s_and_a_broken_one_keeps_the_old() {
         agent.log()
     );
     assert_eq!(agent.state()["generation"], before["generation"]);
+    // An expired certificate (a renewal gone wrong): clients would stop at it, so the one
+    // they accept keeps serving.
+    let expired = ca.leaf_valid(&["127.0.0.1"], false, (2020, 2021));
+    swap("v4x", &expired);
+    common::wait_until(Duration::from_secs(5), "a third reload failure", || {
+        agent.metric("lbagent_tls_cert_reload_failures_total") >= 3.0
+    });
+    assert_eq!(
+        served_leaf(agent.addr, &client).unwrap(),
+        leaf_der(&second.cert)
+    );
+    assert!(
+        agent.log().contains("expired or not valid yet"),
+        "{}",
+        agent.log()
+    );
 
     // Fixed: served again, and the metric says so.
     swap("v5", &third);

@@ -313,7 +313,8 @@ impl Api {
             let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                format!("{method} is not allowed here; use {}", route.allowed()),
+                // The method as sent is not echoed back: it can be any length.
+                format!("this method is not allowed here; use {}", route.allowed()),
             );
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(route.allowed()));

@@ -62,19 +62,7 @@ pub fn read_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, Strin
 }
 
 fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() as u64 > max {
-        return Err(format!(
-            "{}: more than {max} bytes, not a certificate file",
-            path.display()
-        ));
-    }
-    Ok(bytes)
+    crate::secret_file::read_regular(path, max).map_err(|e| e.to_string())
 }
 
 /// The SHA-256 fingerprint of a DER certificate, as `openssl x509 -fingerprint -sha256`
@@ -90,7 +78,13 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 
 /// The leaf's notAfter, in Unix seconds.
 pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    validity(cert).map(|(_, not_after)| not_after)
+}
+
+/// The certificate's notBefore and notAfter, in Unix seconds.
+pub fn validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    Ok(parsed.validity().not_after.timestamp())
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }

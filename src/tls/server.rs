@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{fingerprint, not_after, provider, read_certs, read_key, ALPN_HTTP1, VERSIONS};
+use super::{fingerprint, provider, read_certs, read_key, validity, ALPN_HTTP1, VERSIONS};
 use crate::metrics::TlsMetrics;
 
 /// How long a client may take to finish its handshake; a slow or silent one is closed.
@@ -47,8 +47,16 @@ struct Loaded {
     /// Of every DER the configuration was built from: a reload of the same files changes
     /// nothing and logs nothing.
     digest: [u8; 32],
+    not_before: i64,
     not_after: i64,
     fingerprint: String,
+}
+
+impl Loaded {
+    /// Whether clients would accept the leaf now, as far as its dates go.
+    fn is_current(&self, now: i64) -> bool {
+        (self.not_before..=self.not_after).contains(&now)
+    }
 }
 
 /// The API's TLS configuration, reloadable.
@@ -95,10 +103,25 @@ impl ServerTls {
     pub fn reload(&self, cause: &str) -> bool {
         match build(&self.files) {
             Ok(new) => {
-                self.metrics.reload_ok.set(1);
                 let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
                 if current.digest == new.digest {
+                    self.metrics.reload_ok.set(1);
                     tracing::debug!(cause, "TLS files re-read; unchanged");
+                    return false;
+                }
+                // Clients refuse a certificate out of its dates as a configuration error and
+                // stop: a renewal gone wrong must not replace one they still accept.
+                let now = crate::clock::unix_seconds() as i64;
+                if !new.is_current(now) && current.is_current(now) {
+                    drop(current);
+                    self.metrics.reload_failures.inc();
+                    self.metrics.reload_ok.set(0);
+                    tracing::error!(
+                        cause,
+                        not_before = new.not_before,
+                        not_after = new.not_after,
+                        "TLS certificate not reloaded: the new one is expired or not valid yet; the current one keeps serving"
+                    );
                     return false;
                 }
                 warn_if_not_current(&self.files, new.not_after);
@@ -109,6 +132,7 @@ impl ServerTls {
                     "TLS certificate reloaded; new connections get it"
                 );
                 self.metrics.cert_expiry.set(new.not_after);
+                self.metrics.reload_ok.set(1);
                 *current = new;
                 true
             }
@@ -142,8 +166,8 @@ fn build(files: &ServerFiles) -> Result<Loaded, String> {
     let certs = read_certs(&files.cert, "--tls-cert")?;
     let key = read_key(&files.key, "--tls-key")?;
     let leaf = &certs[0];
-    let not_after =
-        not_after(leaf).map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+    let (not_before, not_after) =
+        validity(leaf).map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
     let fingerprint = fingerprint(leaf);
     let mut digest = Sha256::new();
     for c in &certs {
@@ -189,6 +213,7 @@ fn build(files: &ServerFiles) -> Result<Loaded, String> {
     Ok(Loaded {
         config: Arc::new(config),
         digest: digest.finalize().into(),
+        not_before,
         not_after,
         fingerprint,
     })
