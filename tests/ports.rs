@@ -180,14 +180,19 @@ fn ports_of_other_files_and_the_agents_own_are_refused() {
     let conf_d_path = conf_d.path().canonicalize().unwrap();
     let operator = Echo::start("127.0.0.1", "OPERATOR");
     let s = free_port();
+    // A symlink into the directory, as configuration management often lays them out: HAProxy
+    // follows it (stat), so the agent must too.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("stats-page.conf");
     std::fs::write(
-        conf_d_path.join("stats.cfg"),
+        &target,
         format!(
             "listen stats_page\n    bind 127.0.0.1:{s}\n    server op {}\n",
             operator.addr
         ),
     )
     .unwrap();
+    std::os::unix::fs::symlink(&target, conf_d_path.join("stats.cfg")).unwrap();
     // Not loaded by HAProxy (no `.cfg`): its port is free.
     let free = free_port();
     std::fs::write(
@@ -245,6 +250,21 @@ fn ports_of_other_files_and_the_agents_own_are_refused() {
             "reload",
         );
         wait_reaches(free, "A", SETTLE);
+
+        // A dangling `.cfg` symlink: what HAProxy would load cannot be read, so every new
+        // frontend is refused, naming it, until it is fixed.
+        let dangling = conf_d_path.join("zz-gone.cfg");
+        std::os::unix::fs::symlink(elsewhere.path().join("gone.conf"), &dangling).unwrap();
+        let fresh = free_port();
+        let before = Untouched::of(&agent);
+        let r = agent.put(fresh, "node-a", &body(&a.ip(), a.port(), json!({})));
+        assert_owned(
+            &r,
+            &[&dangling.display().to_string(), "cannot read"],
+            "a dangling symlink",
+        );
+        before.assert_same(&agent, "PUT with a dangling symlink");
+        std::fs::remove_file(&dangling).unwrap();
     }
 }
 

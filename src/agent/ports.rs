@@ -212,22 +212,29 @@ fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// The files HAProxy loads for one `-f`: the file, or a directory's `*.cfg` regular files.
+/// The files HAProxy loads for one `-f`: the file, or a directory's `*.cfg` regular files (or
+/// symlinks to them).
 fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !std::fs::metadata(path)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut names = Vec::new();
     for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        if entry.metadata()?.is_file() {
-            names.push(entry.file_name().to_string_lossy().into_owned());
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    let mut files = Vec::new();
+    for name in binds::cmdline::dir_configs(names) {
+        let file = path.join(name);
+        // Followed, as HAProxy's stat() does: a symlinked `.cfg` is loaded. A dangling one
+        // cannot be read, so the scan fails closed rather than skip what HAProxy may load.
+        let meta = std::fs::metadata(&file).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", file.display()))
+        })?;
+        if meta.is_file() {
+            files.push(file);
         }
     }
-    Ok(binds::cmdline::dir_configs(names)
-        .into_iter()
-        .map(|n| path.join(n))
-        .collect())
+    Ok(files)
 }
 
 /// HAProxy's process behind the worker `pid` that `show info` names: its master when it has
