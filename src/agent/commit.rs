@@ -11,7 +11,7 @@ use super::*;
 pub(super) struct ReloadPorts(BTreeSet<u16>);
 
 impl ReloadPorts {
-    pub(super) fn of_queue(queue: &std::collections::VecDeque<Vec<(Change, ReplyTx)>>) -> Self {
+    pub(super) fn of_queue(queue: &std::collections::VecDeque<Vec<(Change, Requester)>>) -> Self {
         ReloadPorts(
             queue
                 .iter()
@@ -32,13 +32,13 @@ impl ReloadPorts {
 }
 
 impl Owner {
-    pub(super) async fn apply_group(&mut self, group: Vec<(Change, ReplyTx)>) {
+    pub(super) async fn apply_group(&mut self, group: Vec<(Change, Requester)>) {
         self.apply_changes(group, true).await
     }
 
     /// [`Self::apply_group`]; `policy: false` for the agent's own changes (a lease's delete),
     /// which must go through even if the policy no longer allows the port.
-    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, ReplyTx)>, policy: bool) {
+    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, Requester)>, policy: bool) {
         if group.is_empty() {
             return;
         }
@@ -52,7 +52,7 @@ impl Owner {
         let mut reload_ports = ReloadPorts::of_queue(&self.reload_sets);
         for (change, reply) in group {
             let allowed = if policy {
-                self.check_policy(&change)
+                self.check_policy(&change, reply.scope.as_deref())
             } else {
                 Ok(())
             };
@@ -386,9 +386,15 @@ mod tests {
     #[test]
     fn a_port_with_a_reload_change_keeps_its_later_changes_in_order() {
         let mut ports = ReloadPorts(BTreeSet::new());
-        assert!(!ports.takes(9000, false), "a runtime change before any reload");
+        assert!(
+            !ports.takes(9000, false),
+            "a runtime change before any reload"
+        );
         assert!(ports.takes(443, true), "DELETE /v1/frontends/443");
-        assert!(ports.takes(443, false), "PUT a server on 443 after its delete");
+        assert!(
+            ports.takes(443, false),
+            "PUT a server on 443 after its delete"
+        );
         assert!(!ports.takes(9000, false), "another port's runtime change");
         assert!(ports.takes(443, false), "DELETE a server on 443");
     }

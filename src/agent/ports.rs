@@ -227,9 +227,8 @@ fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         let file = path.join(name);
         // Followed, as HAProxy's stat() does: a symlinked `.cfg` is loaded. A dangling one
         // cannot be read, so the scan fails closed rather than skip what HAProxy may load.
-        let meta = std::fs::metadata(&file).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{}: {e}", file.display()))
-        })?;
+        let meta = std::fs::metadata(&file)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
         if meta.is_file() {
             files.push(file);
         }
