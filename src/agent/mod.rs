@@ -305,9 +305,9 @@ impl Requester {
         )
     }
 
-    /// Answers; `Err` when the asker is gone (nothing to do then).
-    fn send(self, answer: Result<ApplyOk, ApplyError>) -> Result<(), Result<ApplyOk, ApplyError>> {
-        self.answer.send(answer)
+    /// Answers; false when the asker is gone (nothing to do then).
+    fn send(self, answer: Result<ApplyOk, ApplyError>) -> bool {
+        self.answer.send(answer).is_ok()
     }
 }
 
