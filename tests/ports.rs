@@ -171,6 +171,103 @@ fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
     );
 }
 
+/// The reviewer's attack: `global setenv OPPORT <p>` and `bind "127.0.0.1:${OPPORT}"`. The
+/// agent expands the variable as HAProxy does, so a PUT for p is refused naming the frontend,
+/// without host checks (HAProxy's own environment not readable), and p keeps its traffic; a
+/// port nobody binds still gets its frontend.
+#[test]
+fn a_port_set_by_setenv_in_the_global_section_is_refused() {
+    let operator = Echo::start("127.0.0.1", "OPERATOR");
+    let p = free_port();
+    let proxies = format!(
+        "global\n    setenv OPPORT {p}\n\n\
+         frontend operator_web\n    bind \"127.0.0.1:${{OPPORT}}\"\n    default_backend operator_be\n\n\
+         backend operator_be\n    server op {}\n",
+        operator.addr
+    );
+    let agent = Agent::attached_with(
+        &proxies,
+        Options {
+            extra: vec!["--no-host-checks".into()],
+            ..Options::default()
+        },
+    );
+    let main = agent.root.join("haproxy/main.cfg");
+    let line = std::fs::read_to_string(&main)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("${OPPORT}"))
+        .unwrap()
+        + 1;
+    wait_reaches(p, "OPERATOR", SETTLE);
+    let a = Echo::start("127.0.0.2", "A");
+    let before = Untouched::of(&agent);
+    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
+    let owner = format!(
+        "port {p} is bound by frontend operator_web in {} line {line}",
+        main.display()
+    );
+    assert_owned(&r, &[&owner], "a port from setenv");
+    before.assert_same(&agent, "PUT for the setenv port");
+    all_reach(p, "OPERATOR", 40);
+    let q = free_port();
+    agent.put_ok(q, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(q, "A", SETTLE);
+}
+
+/// A listener whose port the agent cannot know: `"${LBAGENT_TEST_UNSET_PORT-<d>}"` without
+/// host checks (HAProxy's environment may set it, the agent cannot read it) and an inherited
+/// `fd@` socket. Any port may be theirs, so every new frontend is refused, 409 `port_owned`
+/// naming the file, the line and why, before any file is written.
+#[test]
+fn a_listener_whose_port_cannot_be_told_refuses_every_new_frontend() {
+    let d = free_port();
+    let a = Echo::start("127.0.0.2", "A");
+    for (bind, why) in [
+        (
+            format!("bind \":${{LBAGENT_TEST_UNSET_PORT-{d}}}\""),
+            "cannot resolve",
+        ),
+        ("bind fd@${LBAGENT_TEST_FD}".to_string(), "fd@"),
+    ] {
+        let proxies = format!(
+            "frontend operator_web\n    {bind}\n    default_backend operator_be\n\n\
+             backend operator_be\n    server op 127.0.0.1:9\n"
+        );
+        // Only the agent's scan reads this file: HAProxy is given none of it (an `fd@` it
+        // does not have would stop it), as a file HAProxy loads but the agent cannot see
+        // through would be.
+        let extra_dir = tempfile::tempdir().unwrap();
+        let extra = extra_dir.path().join("operator.cfg");
+        std::fs::write(&extra, &proxies).unwrap();
+        let agent = Agent::attached_with(
+            "",
+            Options {
+                extra: vec![
+                    "--no-host-checks".into(),
+                    "--haproxy-extra-config".into(),
+                    extra.display().to_string(),
+                ],
+                ..Options::default()
+            },
+        );
+        let before = Untouched::of(&agent);
+        let fresh = free_port();
+        let r = agent.put(fresh, "node-a", &body(&a.ip(), a.port(), json!({})));
+        assert_owned(
+            &r,
+            &[
+                &format!("{} line 2", extra.display()),
+                "frontend operator_web",
+                why,
+                "refuses new frontends",
+            ],
+            &bind,
+        );
+        before.assert_same(&agent, &bind);
+    }
+}
+
 /// A port bound in another `-f` file is refused: found on HAProxy's command line (a `conf.d`
 /// directory, host checks on), or given with `--haproxy-extra-config` (host checks off). The
 /// agent's own API port is refused even when `--allow-frontend-ports` allows it.

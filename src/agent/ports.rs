@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::haproxy::binds::{self, cmdline::CommandLine, Listener, Lookup};
+use crate::haproxy::binds::{self, cmdline::CommandLine, Env, Listener, Lookup};
 
 use super::*;
 
@@ -41,16 +41,16 @@ struct HaproxyProcess {
     environ: Option<HashMap<String, String>>,
 }
 
-/// The listeners found, and what could not be told.
+/// The listeners found, and those whose port could not be told (file, line and why).
 struct Found {
     listeners: Vec<Listener>,
-    warnings: Vec<String>,
+    unknown: Vec<String>,
 }
 
 impl Owner {
     /// For each of `ports`, why the agent may not create a frontend there: the owner of the
-    /// port, in words. A file HAProxy loads that cannot be read refuses every port (the agent
-    /// cannot tell what it binds).
+    /// port, in words. A file HAProxy loads that cannot be read, or a listener whose port
+    /// cannot be told, refuses every port (any port may be the one it binds).
     pub(super) fn owned_ports(&self, ports: &BTreeSet<u16>) -> BTreeMap<u16, String> {
         let mut owned = BTreeMap::new();
         if let Some(api) = self.port_owners.api {
@@ -73,15 +73,29 @@ impl Owner {
                 return owned;
             }
         };
-        for w in &found.warnings {
-            tracing::warn!(warning = %w, "HAProxy's configuration: a listener whose port cannot be told");
-        }
         let bind = self.render.frontend_bind;
         for &p in ports {
             if let Some(l) = found.listeners.iter().find(|l| l.overlaps(bind, p)) {
                 owned
                     .entry(p)
                     .or_insert_with(|| format!("port {p} is bound by {l}"));
+            }
+        }
+        if let Some(unknown) = found.unknown.first() {
+            for u in &found.unknown {
+                tracing::warn!(listener = %u, "HAProxy's configuration: a listener whose port cannot be told; new frontends are refused");
+            }
+            let more = match found.unknown.len() {
+                1 => String::new(),
+                n => format!(" (and {} more such listeners)", n - 1),
+            };
+            for &p in ports {
+                owned.entry(p).or_insert_with(|| {
+                    format!(
+                        "port {p}: {unknown}{more}; the agent refuses new frontends until it can \
+                         tell which ports HAProxy's own sections bind"
+                    )
+                });
             }
         }
         owned
@@ -133,42 +147,49 @@ impl Owner {
             .then_some(self.identity)
             .flatten()
             .and_then(|(pid, _)| haproxy_process(pid));
-        let mut sources: Vec<(PathBuf, &'static str)> = vec![(self.config_main.clone(), "")];
-        sources.extend(
-            self.port_owners
-                .extra_configs
-                .iter()
-                .map(|p| (p.clone(), " (--haproxy-extra-config)")),
-        );
+        // In HAProxy's load order when its command line is known (an environment change of
+        // one file holds for the next ones), then what else the agent was told of.
+        let mut sources: Vec<(PathBuf, &'static str)> = Vec::new();
         let mut found = Found {
             listeners: Vec::new(),
-            warnings: Vec::new(),
+            unknown: Vec::new(),
         };
         let command_line = process.as_ref().map(|p| CommandLine::parse(&p.args));
         if let (Some(p), Some(c)) = (&process, &command_line) {
             for (written, path) in c.configs.iter().zip(c.config_paths(p.cwd.as_deref())) {
                 match path {
                     Some(path) => sources.push((path, " (HAProxy's command line)")),
-                    None => found.warnings.push(format!(
-                        "HAProxy (pid {}) loads {}, relative to a directory the agent cannot \
-                         see; give it with --haproxy-extra-config",
-                        p.pid,
-                        written.display()
-                    )),
+                    None => {
+                        return Err(format!(
+                            "HAProxy (pid {}) loads {}, relative to a directory the agent cannot \
+                             see; the agent refuses new frontends until it can read it: give it \
+                             with --haproxy-extra-config",
+                            p.pid,
+                            written.display()
+                        ))
+                    }
                 }
             }
             let source = PathBuf::from(format!("HAProxy's command line, pid {}", p.pid));
             found.listeners.extend(c.master_listeners(&source));
         }
+        sources.push((self.config_main.clone(), ""));
+        sources.extend(
+            self.port_owners
+                .extra_configs
+                .iter()
+                .map(|p| (p.clone(), " (--haproxy-extra-config)")),
+        );
         let managed = canonical(&self.config_managed);
         let mut seen = std::collections::HashSet::new();
         let environ = process.as_ref().and_then(|p| p.environ.as_ref());
-        let env = |name: &str| match environ {
+        let base = |name: &str| match environ {
             Some(vars) => vars
                 .get(name)
                 .map_or(Lookup::Unset, |v| Lookup::Value(v.clone())),
             None => std::env::var(name).map_or(Lookup::Unknown, Lookup::Guess),
         };
+        let mut env = Env::new(&base);
         for (path, from) in sources {
             for file in config_files(&path).map_err(|e| unreadable(&path, from, &e))? {
                 let key = canonical(&file);
@@ -177,9 +198,9 @@ impl Owner {
                 }
                 let text =
                     std::fs::read_to_string(&file).map_err(|e| unreadable(&file, from, &e))?;
-                let scan = binds::scan(&text, &file, &env);
+                let scan = binds::scan(&text, &file, &mut env);
                 found.listeners.extend(scan.listeners);
-                found.warnings.extend(scan.warnings);
+                found.unknown.extend(scan.unknown);
             }
         }
         for (what, addr) in &self.port_owners.sockets {

@@ -74,7 +74,7 @@ impl CommandLine {
             .iter()
             .filter_map(|arg| {
                 let address = arg.split(',').next().unwrap_or_default();
-                match parse_address(address, false, false) {
+                match parse_address(address, &[], false) {
                     Address::Tcp {
                         host,
                         first_port,
