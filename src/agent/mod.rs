@@ -123,9 +123,11 @@ pub struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases_suspended: Option<String>,
     /// Ports of the agent's frontends that HAProxy's own configuration binds too (added after
-    /// the agent's frontend): HAProxy splits their connections. Checked at each reload.
+    /// the agent's frontend): HAProxy splits their connections. Checked at each reload. Only
+    /// the ports: `/healthz` is unauthenticated, and which file and line of the operator's
+    /// bind them is for the log.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub port_conflicts: Vec<String>,
+    pub port_conflicts: Vec<u16>,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -380,8 +382,8 @@ struct Owner {
     /// writer holds).
     config_main: std::path::PathBuf,
     config_managed: std::path::PathBuf,
-    /// [`Health::port_conflicts`].
-    port_conflicts: Vec<String>,
+    /// [`Health::port_conflicts`], each with who else binds it (for the log).
+    port_conflicts: Vec<(u16, String)>,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -603,7 +605,7 @@ impl Owner {
             generation: self.state.generation,
             draining: self.draining.names(),
             leases_suspended: self.leases_suspended.clone(),
-            port_conflicts: self.port_conflicts.clone(),
+            port_conflicts: self.port_conflicts.iter().map(|(p, _)| *p).collect(),
         }
     }
 

@@ -10,7 +10,8 @@
 //! The files are read again for each group of changes that creates a frontend (they change
 //! under the agent; reading and scanning a 1,000-line config takes well under a millisecond,
 //! see `benches/parse.rs`), and after every reload or restart of HAProxy, when frontends the
-//! agent already has are compared with them (`/healthz` `port_conflicts`).
+//! agent already has are compared with them (the log, and the ports in `/healthz`
+//! `port_conflicts`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -106,7 +107,7 @@ impl Owner {
     /// shares it with the agent. Said in the log and `/healthz`; nothing is changed.
     pub(super) fn check_port_conflicts(&mut self) {
         let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
-        let conflicts: Vec<String> = if ports.is_empty() {
+        let conflicts: Vec<(u16, String)> = if ports.is_empty() {
             Vec::new()
         } else {
             match tokio::task::block_in_place(|| self.find_listeners()) {
@@ -116,10 +117,13 @@ impl Owner {
                         .iter()
                         .filter_map(|&p| {
                             let l = found.listeners.iter().find(|l| l.overlaps(bind, p))?;
-                            Some(format!(
-                                "port {p}: the agent's {} and {l} both bind it; HAProxy splits \
-                                 its connections between them",
-                                frontend_name(p)
+                            Some((
+                                p,
+                                format!(
+                                    "port {p}: the agent's {} and {l} both bind it; HAProxy \
+                                     splits its connections between them",
+                                    frontend_name(p)
+                                ),
                             ))
                         })
                         .collect()
@@ -131,7 +135,7 @@ impl Owner {
             }
         };
         if conflicts != self.port_conflicts {
-            for c in &conflicts {
+            for (_, c) in &conflicts {
                 tracing::warn!(conflict = %c, "a port of the agent's is also bound outside its file");
             }
             self.port_conflicts = conflicts;
