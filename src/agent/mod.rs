@@ -384,6 +384,9 @@ struct Owner {
     config_managed: std::path::PathBuf,
     /// [`Health::port_conflicts`], each with who else binds it (for the log).
     port_conflicts: Vec<(u16, String)>,
+    /// Whether the log was told that host checks are on but HAProxy's process (or its
+    /// environment) cannot be read: said once, not at every scan.
+    unseen_haproxy_told: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -454,6 +457,7 @@ pub fn spawn(
         config_main,
         config_managed,
         port_conflicts: Vec::new(),
+        unseen_haproxy_told: Default::default(),
     };
     owner.publish();
     let handle = AgentHandle {

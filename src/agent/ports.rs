@@ -146,11 +146,9 @@ impl Owner {
     /// configs, the `-f` files and directories and the `-S` of HAProxy's command line (when
     /// HAProxy shares this host's namespaces), and the sockets the agent was given.
     fn find_listeners(&self) -> Result<Found, String> {
-        let process = self
-            .host_checks
-            .then_some(self.identity)
-            .flatten()
-            .and_then(|(pid, _)| haproxy_process(pid));
+        let worker = self.host_checks.then_some(self.identity).flatten();
+        let process = worker.and_then(|(pid, _)| haproxy_process(pid));
+        self.tell_unseen_haproxy(worker.map(|(pid, _)| pid), process.as_ref());
         // In HAProxy's load order when its command line is known (an environment change of
         // one file holds for the next ones), then what else the agent was told of.
         let mut sources: Vec<(PathBuf, &'static str)> = Vec::new();
@@ -222,6 +220,32 @@ impl Owner {
             });
         }
         Ok(found)
+    }
+}
+
+impl Owner {
+    /// With host checks on, HAProxy's command line and environment are expected in /proc: when
+    /// they are not (another PID namespace, another user's process), its `-f` files are not
+    /// found and its variables are uncertain. Said once in the log, with what to do.
+    fn tell_unseen_haproxy(&self, worker: Option<u64>, process: Option<&HaproxyProcess>) {
+        use std::sync::atomic::Ordering;
+        let why = match (worker, process) {
+            (Some(pid), None) => format!(
+                "HAProxy's worker (pid {pid}) is not a HAProxy process the agent can see in \
+                 /proc (another PID namespace?): its -f files are not read (give them with \
+                 --haproxy-extra-config) and its environment variables are uncertain"
+            ),
+            (Some(_), Some(p)) if p.environ.is_none() => format!(
+                "HAProxy's environment (/proc/{}/environ) cannot be read (another user's \
+                 process): a listener whose port is in an environment variable may refuse every \
+                 new frontend",
+                p.pid
+            ),
+            _ => return,
+        };
+        if !self.unseen_haproxy_told.swap(true, Ordering::Relaxed) {
+            tracing::warn!(reason = %why, "host checks are on, but HAProxy's process cannot be fully read");
+        }
     }
 }
 
