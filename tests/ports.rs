@@ -66,6 +66,30 @@ fn assert_owned(r: &Response, names: &[&str], what: &str) {
     }
 }
 
+/// An attached agent whose HAProxy main file ends with `proxies`, without host checks (as with
+/// HAProxy in another namespace: only the config tells the agent what HAProxy binds), and the
+/// path of that file.
+fn attached_without_host_checks(proxies: &str) -> (Agent, std::path::PathBuf) {
+    let agent = Agent::attached_with(
+        proxies,
+        Options {
+            extra: vec!["--no-host-checks".into()],
+            ..Options::default()
+        },
+    );
+    let main = agent.root.join("haproxy/main.cfg");
+    (agent, main)
+}
+
+/// The 1-based number of the first line of `file` holding `needle`.
+fn line_of(file: &Path, needle: &str) -> usize {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in {}", file.display()))
+        + 1
+}
+
 /// `n` connections to `port`, each answered by the operator's server alone.
 fn all_reach(port: u16, reply: &str, n: usize) {
     let answers: Vec<String> = (0..n)
@@ -95,20 +119,8 @@ fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
          backend operator_be\n    server op {}\n",
         operator.addr
     );
-    let agent = Agent::attached_with(
-        &proxies,
-        Options {
-            extra: vec!["--no-host-checks".into()],
-            ..Options::default()
-        },
-    );
-    let main = agent.root.join("haproxy/main.cfg");
-    let line = std::fs::read_to_string(&main)
-        .unwrap()
-        .lines()
-        .position(|l| l.contains(&format!("bind 127.0.0.1:{p}")))
-        .unwrap()
-        + 1;
+    let (agent, main) = attached_without_host_checks(&proxies);
+    let line = line_of(&main, &format!("bind 127.0.0.1:{p}"));
     wait_reaches(p, "OPERATOR", SETTLE);
     let a = Echo::start("127.0.0.2", "A");
     let before = Untouched::of(&agent);
@@ -190,20 +202,8 @@ fn a_port_set_by_setenv_in_the_global_section_is_refused() {
          backend operator_be\n    server op {}\n",
         operator.addr
     );
-    let agent = Agent::attached_with(
-        &proxies,
-        Options {
-            extra: vec!["--no-host-checks".into()],
-            ..Options::default()
-        },
-    );
-    let main = agent.root.join("haproxy/main.cfg");
-    let line = std::fs::read_to_string(&main)
-        .unwrap()
-        .lines()
-        .position(|l| l.contains("${OPPORT}"))
-        .unwrap()
-        + 1;
+    let (agent, main) = attached_without_host_checks(&proxies);
+    let line = line_of(&main, "${OPPORT}");
     wait_reaches(p, "OPERATOR", SETTLE);
     let a = Echo::start("127.0.0.2", "A");
     let before = Untouched::of(&agent);
