@@ -90,6 +90,31 @@ fn line_of(file: &Path, needle: &str) -> usize {
         + 1
 }
 
+/// A signed PUT for `p`, which `frontend operator_web` binds on the line of `main` holding
+/// `needle`, is refused naming it, with nothing written or reloaded, and 40 connections to `p`
+/// all reach the operator's server. Returns the node's server and what was left untouched.
+fn operator_web_keeps_its_port(
+    agent: &Agent,
+    main: &Path,
+    p: u16,
+    needle: &str,
+    what: &str,
+) -> (Echo, Untouched) {
+    let line = line_of(main, needle);
+    wait_reaches(p, "OPERATOR", SETTLE);
+    let a = Echo::start("127.0.0.2", "A");
+    let before = Untouched::of(agent);
+    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
+    let owner = format!(
+        "port {p} is bound by frontend operator_web in {} line {line}",
+        main.display()
+    );
+    assert_owned(&r, &[&owner], what);
+    before.assert_same(agent, what);
+    all_reach(p, "OPERATOR", 40);
+    (a, before)
+}
+
 /// `n` connections to `port`, each answered by the operator's server alone.
 fn all_reach(port: u16, reply: &str, n: usize) {
     let answers: Vec<String> = (0..n)
@@ -120,19 +145,13 @@ fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
         operator.addr
     );
     let (agent, main) = attached_without_host_checks(&proxies);
-    let line = line_of(&main, &format!("bind 127.0.0.1:{p}"));
-    wait_reaches(p, "OPERATOR", SETTLE);
-    let a = Echo::start("127.0.0.2", "A");
-    let before = Untouched::of(&agent);
-
-    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
-    let owner = format!(
-        "port {p} is bound by frontend operator_web in {} line {line}",
-        main.display()
+    let (a, before) = operator_web_keeps_its_port(
+        &agent,
+        &main,
+        p,
+        &format!("bind 127.0.0.1:{p}"),
+        "the operator's frontend",
     );
-    assert_owned(&r, &[&owner], "the operator's frontend");
-    before.assert_same(&agent, "PUT for the operator's port");
-    all_reach(p, "OPERATOR", 40);
 
     let r = agent.put(stats, "node-a", &body(&a.ip(), a.port(), json!({})));
     assert_owned(
@@ -203,18 +222,7 @@ fn a_port_set_by_setenv_in_the_global_section_is_refused() {
         operator.addr
     );
     let (agent, main) = attached_without_host_checks(&proxies);
-    let line = line_of(&main, "${OPPORT}");
-    wait_reaches(p, "OPERATOR", SETTLE);
-    let a = Echo::start("127.0.0.2", "A");
-    let before = Untouched::of(&agent);
-    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
-    let owner = format!(
-        "port {p} is bound by frontend operator_web in {} line {line}",
-        main.display()
-    );
-    assert_owned(&r, &[&owner], "a port from setenv");
-    before.assert_same(&agent, "PUT for the setenv port");
-    all_reach(p, "OPERATOR", 40);
+    let (a, _) = operator_web_keeps_its_port(&agent, &main, p, "${OPPORT}", "a port from setenv");
     let q = free_port();
     agent.put_ok(q, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
     wait_reaches(q, "A", SETTLE);
