@@ -173,7 +173,9 @@ impl Owner {
                 }
             }
             let source = PathBuf::from(format!("HAProxy's command line, pid {}", p.pid));
-            found.listeners.extend(c.master_listeners(&source));
+            let master = c.master_listeners(&source);
+            found.listeners.extend(master.listeners);
+            found.unknown.extend(master.unknown);
         }
         sources.push((self.config_main.clone(), ""));
         sources.extend(

@@ -449,6 +449,8 @@ fn haproxys_command_line() {
         "ipv4@127.0.0.1:9998,level,admin",
         "-S",
         "/run/haproxy-master.sock,mode,660",
+        "-S",
+        "fd@7",
         "-C",
         "/etc/haproxy",
         "-sf",
@@ -479,7 +481,15 @@ fn haproxys_command_line() {
             Some("/etc/haproxy/extra.cfg".into())
         ]
     );
-    let m = c.master_listeners(Path::new("HAProxy's command line"));
+    let scan = c.master_listeners(Path::new("HAProxy's command line"));
+    // An inherited socket's port cannot be told: the caller refuses every new port for it.
+    assert_eq!(scan.unknown.len(), 1, "{scan:?}");
+    assert!(
+        scan.unknown[0].starts_with("HAProxy's command line: HAProxy's master CLI (-S fd@7)")
+            && scan.unknown[0].contains("fd@"),
+        "{scan:?}"
+    );
+    let m = scan.listeners;
     assert_eq!(m.len(), 1, "the unix one is no port: {m:?}");
     assert_eq!(
         (m[0].host.clone(), m[0].first_port),
