@@ -345,8 +345,9 @@ fn config_benches(c: &mut Criterion, cases: &mut Vec<Case>) {
     let file = dir.path().join("haproxy.cfg");
     std::fs::write(&file, &text).unwrap();
     let env = |_: &str| lbagent::haproxy::binds::Lookup::Unset;
-    let found = lbagent::haproxy::binds::scan(&text, &file, &env);
-    assert!(found.warnings.is_empty(), "{:?}", found.warnings);
+    let found =
+        lbagent::haproxy::binds::scan(&text, &file, &mut lbagent::haproxy::binds::Env::new(&env));
+    assert!(found.unknown.is_empty(), "{:?}", found.unknown);
     assert!(found.listeners.len() > 200, "{}", found.listeners.len());
     let rows = text.lines().count();
     assert_eq!(rows, CONFIG_LINES);
@@ -356,12 +357,18 @@ fn config_benches(c: &mut Criterion, cases: &mut Vec<Case>) {
         b.iter(|| split_only(black_box(&text), ' '))
     });
     g.bench_function("scan", |b| {
-        b.iter(|| lbagent::haproxy::binds::scan(black_box(&text), &file, &env))
+        b.iter(|| {
+            lbagent::haproxy::binds::scan(
+                black_box(&text),
+                &file,
+                &mut lbagent::haproxy::binds::Env::new(&env),
+            )
+        })
     });
     g.bench_function("read_and_scan", |b| {
         b.iter(|| {
             let t = std::fs::read_to_string(black_box(&file)).unwrap();
-            lbagent::haproxy::binds::scan(&t, &file, &env)
+            lbagent::haproxy::binds::scan(&t, &file, &mut lbagent::haproxy::binds::Env::new(&env))
         })
     });
     g.finish();

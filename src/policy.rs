@@ -117,6 +117,11 @@ impl CidrList {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         self.nets.is_empty() || self.nets.iter().any(|n| n.contains(ip))
     }
+
+    /// Whether it holds every address (written `""` or `"any"`).
+    pub fn is_any(&self) -> bool {
+        self.nets.is_empty()
+    }
 }
 
 impl FromStr for CidrList {

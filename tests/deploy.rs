@@ -1086,7 +1086,7 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 },
             };
             scope
-                .check(&change)
+                .check(&change, None)
                 .unwrap_or_else(|e| panic!("{what}: outside its key's scope: {}", e.message));
             key_ids_by_namespace
                 .entry(namespace.to_string())

@@ -66,6 +66,55 @@ fn assert_owned(r: &Response, names: &[&str], what: &str) {
     }
 }
 
+/// An attached agent whose HAProxy main file ends with `proxies`, without host checks (as with
+/// HAProxy in another namespace: only the config tells the agent what HAProxy binds), and the
+/// path of that file.
+fn attached_without_host_checks(proxies: &str) -> (Agent, std::path::PathBuf) {
+    let agent = Agent::attached_with(
+        proxies,
+        Options {
+            extra: vec!["--no-host-checks".into()],
+            ..Options::default()
+        },
+    );
+    let main = agent.root.join("haproxy/main.cfg");
+    (agent, main)
+}
+
+/// The 1-based number of the first line of `file` holding `needle`.
+fn line_of(file: &Path, needle: &str) -> usize {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in {}", file.display()))
+        + 1
+}
+
+/// A signed PUT for `p`, which `frontend operator_web` binds on the line of `main` holding
+/// `needle`, is refused naming it, with nothing written or reloaded, and 40 connections to `p`
+/// all reach the operator's server. Returns the node's server and what was left untouched.
+fn operator_web_keeps_its_port(
+    agent: &Agent,
+    main: &Path,
+    p: u16,
+    needle: &str,
+    what: &str,
+) -> (Echo, Untouched) {
+    let line = line_of(main, needle);
+    wait_reaches(p, "OPERATOR", SETTLE);
+    let a = Echo::start("127.0.0.2", "A");
+    let before = Untouched::of(agent);
+    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
+    let owner = format!(
+        "port {p} is bound by frontend operator_web in {} line {line}",
+        main.display()
+    );
+    assert_owned(&r, &[&owner], what);
+    before.assert_same(agent, what);
+    all_reach(p, "OPERATOR", 40);
+    (a, before)
+}
+
 /// `n` connections to `port`, each answered by the operator's server alone.
 fn all_reach(port: u16, reply: &str, n: usize) {
     let answers: Vec<String> = (0..n)
@@ -95,32 +144,14 @@ fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
          backend operator_be\n    server op {}\n",
         operator.addr
     );
-    let agent = Agent::attached_with(
-        &proxies,
-        Options {
-            extra: vec!["--no-host-checks".into()],
-            ..Options::default()
-        },
+    let (agent, main) = attached_without_host_checks(&proxies);
+    let (a, before) = operator_web_keeps_its_port(
+        &agent,
+        &main,
+        p,
+        &format!("bind 127.0.0.1:{p}"),
+        "the operator's frontend",
     );
-    let main = agent.root.join("haproxy/main.cfg");
-    let line = std::fs::read_to_string(&main)
-        .unwrap()
-        .lines()
-        .position(|l| l.contains(&format!("bind 127.0.0.1:{p}")))
-        .unwrap()
-        + 1;
-    wait_reaches(p, "OPERATOR", SETTLE);
-    let a = Echo::start("127.0.0.2", "A");
-    let before = Untouched::of(&agent);
-
-    let r = agent.put(p, "node-a", &body(&a.ip(), a.port(), json!({})));
-    let owner = format!(
-        "port {p} is bound by frontend operator_web in {} line {line}",
-        main.display()
-    );
-    assert_owned(&r, &[&owner], "the operator's frontend");
-    before.assert_same(&agent, "PUT for the operator's port");
-    all_reach(p, "OPERATOR", 40);
 
     let r = agent.put(stats, "node-a", &body(&a.ip(), a.port(), json!({})));
     assert_owned(
@@ -153,22 +184,101 @@ fn a_port_the_main_config_binds_is_refused_and_keeps_its_traffic() {
             other => Err(format!("{other:?}")),
         }
     });
-    let health = eventually(SETTLE, "/healthz reports the shared port", || {
+    // `/healthz` (unauthenticated) names the port only; the log names both owners.
+    eventually(SETTLE, "/healthz reports the shared port", || {
         let h = agent.get("/healthz").json();
-        let conflicts = h["port_conflicts"].to_string();
-        if conflicts.contains(&format!("port {q}")) && conflicts.contains("listen late_web") {
-            Ok(h)
-        } else {
-            Err(h.to_string())
+        match h["port_conflicts"] == json!([q]) {
+            true => Ok(()),
+            false => Err(h.to_string()),
         }
     });
+    let log = agent.log();
+    let logged = log
+        .lines()
+        .find(|l| l.contains("also bound outside its file") && l.contains(&format!("port {q}")))
+        .unwrap_or_else(|| panic!("no conflict logged:\n{log}"));
     assert!(
-        health["port_conflicts"][0]
-            .as_str()
-            .unwrap()
-            .contains(&format!("fe_{q}")),
-        "{health}"
+        logged.contains(&format!("fe_{q}")) && logged.contains("listen late_web"),
+        "{logged}"
     );
+    assert!(
+        !agent.get("/healthz").body.contains("main.cfg"),
+        "/healthz names the operator's file"
+    );
+}
+
+/// The reviewer's attack: `global setenv OPPORT <p>` and `bind "127.0.0.1:${OPPORT}"`. The
+/// agent expands the variable as HAProxy does, so a PUT for p is refused naming the frontend,
+/// without host checks (HAProxy's own environment not readable), and p keeps its traffic; a
+/// port nobody binds still gets its frontend.
+#[test]
+fn a_port_set_by_setenv_in_the_global_section_is_refused() {
+    let operator = Echo::start("127.0.0.1", "OPERATOR");
+    let p = free_port();
+    let proxies = format!(
+        "global\n    setenv OPPORT {p}\n\n\
+         frontend operator_web\n    bind \"127.0.0.1:${{OPPORT}}\"\n    default_backend operator_be\n\n\
+         backend operator_be\n    server op {}\n",
+        operator.addr
+    );
+    let (agent, main) = attached_without_host_checks(&proxies);
+    let (a, _) = operator_web_keeps_its_port(&agent, &main, p, "${OPPORT}", "a port from setenv");
+    let q = free_port();
+    agent.put_ok(q, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_reaches(q, "A", SETTLE);
+}
+
+/// A listener whose port the agent cannot know: `"${LBAGENT_TEST_UNSET_PORT-<d>}"` without
+/// host checks (HAProxy's environment may set it, the agent cannot read it) and an inherited
+/// `fd@` socket. Any port may be theirs, so every new frontend is refused, 409 `port_owned`
+/// naming the file, the line and why, before any file is written.
+#[test]
+fn a_listener_whose_port_cannot_be_told_refuses_every_new_frontend() {
+    let d = free_port();
+    let a = Echo::start("127.0.0.2", "A");
+    for (bind, why) in [
+        (
+            format!("bind \":${{LBAGENT_TEST_UNSET_PORT-{d}}}\""),
+            "cannot resolve",
+        ),
+        ("bind fd@${LBAGENT_TEST_FD}".to_string(), "fd@"),
+    ] {
+        let proxies = format!(
+            "frontend operator_web\n    {bind}\n    default_backend operator_be\n\n\
+             backend operator_be\n    server op 127.0.0.1:9\n"
+        );
+        // Only the agent's scan reads this file: HAProxy is given none of it (an `fd@` it
+        // does not have would stop it), as a file HAProxy loads but the agent cannot see
+        // through would be.
+        let extra_dir = tempfile::tempdir().unwrap();
+        let extra = extra_dir.path().join("operator.cfg");
+        std::fs::write(&extra, &proxies).unwrap();
+        let agent = Agent::attached_with(
+            "",
+            Options {
+                extra: vec![
+                    "--no-host-checks".into(),
+                    "--haproxy-extra-config".into(),
+                    extra.display().to_string(),
+                ],
+                ..Options::default()
+            },
+        );
+        let before = Untouched::of(&agent);
+        let fresh = free_port();
+        let r = agent.put(fresh, "node-a", &body(&a.ip(), a.port(), json!({})));
+        assert_owned(
+            &r,
+            &[
+                &format!("{} line 2", extra.display()),
+                "frontend operator_web",
+                why,
+                "refuses new frontends",
+            ],
+            &bind,
+        );
+        before.assert_same(&agent, &bind);
+    }
 }
 
 /// A port bound in another `-f` file is refused: found on HAProxy's command line (a `conf.d`
@@ -180,14 +290,19 @@ fn ports_of_other_files_and_the_agents_own_are_refused() {
     let conf_d_path = conf_d.path().canonicalize().unwrap();
     let operator = Echo::start("127.0.0.1", "OPERATOR");
     let s = free_port();
+    // A symlink into the directory, as configuration management often lays them out: HAProxy
+    // follows it (stat), so the agent must too.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("stats-page.conf");
     std::fs::write(
-        conf_d_path.join("stats.cfg"),
+        &target,
         format!(
             "listen stats_page\n    bind 127.0.0.1:{s}\n    server op {}\n",
             operator.addr
         ),
     )
     .unwrap();
+    std::os::unix::fs::symlink(&target, conf_d_path.join("stats.cfg")).unwrap();
     // Not loaded by HAProxy (no `.cfg`): its port is free.
     let free = free_port();
     std::fs::write(
@@ -245,6 +360,21 @@ fn ports_of_other_files_and_the_agents_own_are_refused() {
             "reload",
         );
         wait_reaches(free, "A", SETTLE);
+
+        // A dangling `.cfg` symlink: what HAProxy would load cannot be read, so every new
+        // frontend is refused, naming it, until it is fixed.
+        let dangling = conf_d_path.join("zz-gone.cfg");
+        std::os::unix::fs::symlink(elsewhere.path().join("gone.conf"), &dangling).unwrap();
+        let fresh = free_port();
+        let before = Untouched::of(&agent);
+        let r = agent.put(fresh, "node-a", &body(&a.ip(), a.port(), json!({})));
+        assert_owned(
+            &r,
+            &[&dangling.display().to_string(), "cannot read"],
+            "a dangling symlink",
+        );
+        before.assert_same(&agent, "PUT with a dangling symlink");
+        std::fs::remove_file(&dangling).unwrap();
     }
 }
 

@@ -279,13 +279,41 @@ fn a_scoped_key_is_held_to_its_scope_and_sighup_changes_it() {
             vec!["edge-1".to_string(), "edge-2".to_string()]
         )]
     );
-    let r = a.signed_as(
-        MQTT,
-        MQTT_SECRET,
+    // The operator's own server on that frontend, outside the key's nodes: removing the
+    // frontend would remove it, so the key may not, until the operator takes it off.
+    let ops = Echo::start("127.0.0.9", "OPS");
+    a.put_ok(
+        other,
+        "ops-9",
+        &body(&ops.ip(), ops.port(), json!({})),
+        "runtime",
+    );
+    let delete_frontend = || {
+        a.signed_as(
+            MQTT,
+            MQTT_SECRET,
+            "DELETE",
+            &format!("/v1/frontends/{other}"),
+            "",
+        )
+    };
+    let r = delete_frontend();
+    assert_refused(
+        &r,
+        "nodes",
+        "a frontend holding a node outside the key's nodes",
+    );
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("\"ops-9\""),
+        "{r:?}"
+    );
+    let r = a.signed(
         "DELETE",
-        &format!("/v1/frontends/{other}"),
+        &format!("/v1/frontends/{other}/servers/ops-9"),
         "",
     );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = delete_frontend();
     assert_eq!(r.status, 200, "may_delete_frontend = true: {r:?}");
     eventually(
         Duration::from_secs(10),

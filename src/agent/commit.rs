@@ -3,14 +3,42 @@
 
 use super::*;
 
+/// The ports whose changes wait for a reload: those of a queued reload set, and those of this
+/// group's changes that add or remove a frontend. A later change of such a port joins the
+/// reload set behind them instead of going to HAProxy at once: `DELETE /v1/frontends/P` then a
+/// `PUT` of a server on P must leave P with that server, not apply the PUT first (200) and let
+/// the queued delete remove it. The reload set applies its changes in order.
+pub(super) struct ReloadPorts(BTreeSet<u16>);
+
+impl ReloadPorts {
+    pub(super) fn of_queue(queue: &std::collections::VecDeque<Vec<(Change, Requester)>>) -> Self {
+        ReloadPorts(
+            queue
+                .iter()
+                .flatten()
+                .map(|(c, _)| c.frontend_port())
+                .collect(),
+        )
+    }
+
+    /// Whether the next change of the group, on `port`, goes to the reload set; `needs_reload`:
+    /// it adds or removes a frontend itself.
+    pub(super) fn takes(&mut self, port: u16, needs_reload: bool) -> bool {
+        if needs_reload {
+            self.0.insert(port);
+        }
+        self.0.contains(&port)
+    }
+}
+
 impl Owner {
-    pub(super) async fn apply_group(&mut self, group: Vec<(Change, ReplyTx)>) {
+    pub(super) async fn apply_group(&mut self, group: Vec<(Change, Requester)>) {
         self.apply_changes(group, true).await
     }
 
     /// [`Self::apply_group`]; `policy: false` for the agent's own changes (a lease's delete),
     /// which must go through even if the policy no longer allows the port.
-    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, ReplyTx)>, policy: bool) {
+    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, Requester)>, policy: bool) {
         if group.is_empty() {
             return;
         }
@@ -21,9 +49,10 @@ impl Owner {
         }
         let mut accepted = Vec::new();
         let mut reloads = Vec::new();
+        let mut reload_ports = ReloadPorts::of_queue(&self.reload_sets);
         for (change, reply) in group {
             let allowed = if policy {
-                self.check_policy(&change)
+                self.check_policy(&change, reply.scope.as_deref())
             } else {
                 Ok(())
             };
@@ -40,7 +69,7 @@ impl Owner {
             {
                 self.leases.renew(*frontend_port, node, Instant::now());
             }
-            if self.needs_reload(&change) {
+            if reload_ports.takes(change.frontend_port(), self.needs_reload(&change)) {
                 reloads.push((change, reply));
                 continue;
             }
@@ -344,5 +373,64 @@ impl Owner {
         self.set_up(false);
         self.out_of_sync = true;
         self.last_error = Some(e.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The order: a frontend's delete, then a PUT of a server on the same port, in one
+    /// group. Both go to the reload set (which applies them in order); another port's runtime
+    /// change does not wait.
+    #[test]
+    fn a_port_with_a_reload_change_keeps_its_later_changes_in_order() {
+        let mut ports = ReloadPorts(BTreeSet::new());
+        assert!(
+            !ports.takes(9000, false),
+            "a runtime change before any reload"
+        );
+        assert!(ports.takes(443, true), "DELETE /v1/frontends/443");
+        assert!(
+            ports.takes(443, false),
+            "PUT a server on 443 after its delete"
+        );
+        assert!(!ports.takes(9000, false), "another port's runtime change");
+        assert!(ports.takes(443, false), "DELETE a server on 443");
+    }
+
+    /// What the reload set does with such a set: applied in order, the frontend is recreated
+    /// with the PUT's server and mode, as if the two had been applied one after the other.
+    #[test]
+    fn a_delete_then_a_put_of_one_port_end_as_applied_in_order() {
+        use crate::model::{Mode, NodeName, ServerSpec, ServerState};
+        let spec = |ip: &str| ServerSpec {
+            node_ip: ip.parse().unwrap(),
+            node_port: 30443,
+            state: ServerState::Ready,
+            service: None,
+            weight: None,
+            lease: false,
+        };
+        let put = |node: &str, mode, ip| Change::PutServer {
+            frontend_port: 443,
+            node: NodeName::new(node).unwrap(),
+            mode,
+            spec: spec(ip),
+        };
+        let mut state = DesiredState::default();
+        state.apply(&put("edge-9", Mode::Tcp, "10.0.0.9")).unwrap();
+        for c in [
+            Change::DeleteFrontend { frontend_port: 443 },
+            put("node-a", Mode::Http, "10.0.0.1"),
+        ] {
+            state.apply_with_transition(&c).unwrap();
+        }
+        let fe = &state.frontends[&443];
+        assert_eq!(fe.mode, Mode::Http);
+        assert_eq!(
+            fe.servers.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["node-a"]
+        );
     }
 }

@@ -123,9 +123,11 @@ pub struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases_suspended: Option<String>,
     /// Ports of the agent's frontends that HAProxy's own configuration binds too (added after
-    /// the agent's frontend): HAProxy splits their connections. Checked at each reload.
+    /// the agent's frontend): HAProxy splits their connections. Checked at each reload. Only
+    /// the ports: `/healthz` is unauthenticated, and which file and line of the operator's
+    /// bind them is for the log.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub port_conflicts: Vec<String>,
+    pub port_conflicts: Vec<u16>,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -166,10 +168,10 @@ pub struct StateView {
     pub frontends: Vec<FrontendView>,
 }
 
-/// A change for the owner, and where its answer goes. Reads do not go through the owner.
+/// A change for the owner, and who asked. Reads do not go through the owner.
 struct Msg {
     change: Change,
-    reply: ReplyTx,
+    reply: Requester,
 }
 
 /// The cheap, cloneable way to talk to the owner task.
@@ -183,8 +185,15 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    pub async fn apply(&self, change: Change) -> Result<ApplyOk, ApplyError> {
-        let (reply, rx) = oneshot::channel();
+    /// Applies `change` for a key with `scope` (`None`: unscoped). The owner checks the scope
+    /// against the frontend as it is when the change applies, then the global policy.
+    pub async fn apply(
+        &self,
+        change: Change,
+        scope: Option<Arc<Scope>>,
+    ) -> Result<ApplyOk, ApplyError> {
+        let (answer, rx) = oneshot::channel();
+        let reply = Requester { answer, scope };
         self.tx
             .send(Msg { change, reply })
             .await
@@ -278,8 +287,31 @@ impl ManagedFile {
     }
 }
 
-/// Where a change's answer goes.
-type ReplyTx = oneshot::Sender<Result<ApplyOk, ApplyError>>;
+/// Who asked for a change: where its answer goes, and the scope of the key that asked (`None`:
+/// an unscoped key, or the agent's own change), checked by the owner's policy step.
+struct Requester {
+    answer: oneshot::Sender<Result<ApplyOk, ApplyError>>,
+    scope: Option<Arc<Scope>>,
+}
+
+impl Requester {
+    /// The agent's own change (a lease's delete): no key, no scope.
+    fn own() -> (Requester, oneshot::Receiver<Result<ApplyOk, ApplyError>>) {
+        let (answer, rx) = oneshot::channel();
+        (
+            Requester {
+                answer,
+                scope: None,
+            },
+            rx,
+        )
+    }
+
+    /// Answers; false when the asker is gone (nothing to do then).
+    fn send(self, answer: Result<ApplyOk, ApplyError>) -> bool {
+        self.answer.send(answer).is_ok()
+    }
+}
 
 /// A change that passed policy and applied to the in-memory state, awaiting store and HAProxy.
 struct Accepted {
@@ -287,7 +319,7 @@ struct Accepted {
     effect: Effect,
     undo: Undo,
     transition: Transition,
-    reply: ReplyTx,
+    reply: Requester,
 }
 
 /// Most requests group-committed together.
@@ -323,7 +355,7 @@ struct Owner {
     /// reloads them away.
     suspect_ports: BTreeSet<u16>,
     /// Changes waiting for a reload, one reload per set, the next one run between messages.
-    reload_sets: std::collections::VecDeque<Vec<(Change, ReplyTx)>>,
+    reload_sets: std::collections::VecDeque<Vec<(Change, Requester)>>,
     /// Whether HAProxy shares this host's namespaces, so its ports can be tried with a bind and
     /// its command line read from /proc ([`AgentParts::host_checks`]).
     host_checks: bool,
@@ -350,8 +382,11 @@ struct Owner {
     /// writer holds).
     config_main: std::path::PathBuf,
     config_managed: std::path::PathBuf,
-    /// [`Health::port_conflicts`].
-    port_conflicts: Vec<String>,
+    /// [`Health::port_conflicts`], each with who else binds it (for the log).
+    port_conflicts: Vec<(u16, String)>,
+    /// Whether the log was told that host checks are on but HAProxy's process (or its
+    /// environment) cannot be read: said once, not at every scan.
+    unseen_haproxy_told: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
@@ -422,6 +457,7 @@ pub fn spawn(
         config_main,
         config_managed,
         port_conflicts: Vec::new(),
+        unseen_haproxy_told: Default::default(),
     };
     owner.publish();
     let handle = AgentHandle {
@@ -573,11 +609,19 @@ impl Owner {
             generation: self.state.generation,
             draining: self.draining.names(),
             leases_suspended: self.leases_suspended.clone(),
-            port_conflicts: self.port_conflicts.clone(),
+            port_conflicts: self.port_conflicts.iter().map(|(p, _)| *p).collect(),
         }
     }
 
-    fn check_policy(&self, change: &Change) -> Result<(), Denied> {
+    /// The policy step of a change: the key's scope, against the frontend as it is now, then
+    /// the global policy.
+    fn check_policy(&self, change: &Change, scope: Option<&Scope>) -> Result<(), Denied> {
+        let frontend = self
+            .state
+            .frontends
+            .get(&change.frontend_port())
+            .map(|f| &**f);
+        crate::policy::check_scope(scope, change, frontend)?;
         self.policy.check_frontend_port(change.frontend_port())?;
         if let Change::PutServer {
             frontend_port,

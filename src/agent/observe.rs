@@ -288,7 +288,7 @@ impl Owner {
                 let mut group = Vec::with_capacity(overdue.len());
                 let mut answers = Vec::with_capacity(overdue.len());
                 for o in overdue {
-                    let (reply, answer) = oneshot::channel();
+                    let (reply, answer) = Requester::own();
                     group.push((
                         Change::DeleteServer {
                             frontend_port: o.frontend_port,

@@ -10,13 +10,14 @@
 //! The files are read again for each group of changes that creates a frontend (they change
 //! under the agent; reading and scanning a 1,000-line config takes well under a millisecond,
 //! see `benches/parse.rs`), and after every reload or restart of HAProxy, when frontends the
-//! agent already has are compared with them (`/healthz` `port_conflicts`).
+//! agent already has are compared with them (the log, and the ports in `/healthz`
+//! `port_conflicts`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::haproxy::binds::{self, cmdline::CommandLine, Listener, Lookup};
+use crate::haproxy::binds::{self, cmdline::CommandLine, Env, Listener, Lookup};
 
 use super::*;
 
@@ -41,16 +42,16 @@ struct HaproxyProcess {
     environ: Option<HashMap<String, String>>,
 }
 
-/// The listeners found, and what could not be told.
+/// The listeners found, and those whose port could not be told (file, line and why).
 struct Found {
     listeners: Vec<Listener>,
-    warnings: Vec<String>,
+    unknown: Vec<String>,
 }
 
 impl Owner {
     /// For each of `ports`, why the agent may not create a frontend there: the owner of the
-    /// port, in words. A file HAProxy loads that cannot be read refuses every port (the agent
-    /// cannot tell what it binds).
+    /// port, in words. A file HAProxy loads that cannot be read, or a listener whose port
+    /// cannot be told, refuses every port (any port may be the one it binds).
     pub(super) fn owned_ports(&self, ports: &BTreeSet<u16>) -> BTreeMap<u16, String> {
         let mut owned = BTreeMap::new();
         if let Some(api) = self.port_owners.api {
@@ -73,15 +74,29 @@ impl Owner {
                 return owned;
             }
         };
-        for w in &found.warnings {
-            tracing::warn!(warning = %w, "HAProxy's configuration: a listener whose port cannot be told");
-        }
         let bind = self.render.frontend_bind;
         for &p in ports {
             if let Some(l) = found.listeners.iter().find(|l| l.overlaps(bind, p)) {
                 owned
                     .entry(p)
                     .or_insert_with(|| format!("port {p} is bound by {l}"));
+            }
+        }
+        if let Some(unknown) = found.unknown.first() {
+            for u in &found.unknown {
+                tracing::warn!(listener = %u, "HAProxy's configuration: a listener whose port cannot be told; new frontends are refused");
+            }
+            let more = match found.unknown.len() {
+                1 => String::new(),
+                n => format!(" (and {} more such listeners)", n - 1),
+            };
+            for &p in ports {
+                owned.entry(p).or_insert_with(|| {
+                    format!(
+                        "port {p}: {unknown}{more}; the agent refuses new frontends until it can \
+                         tell which ports HAProxy's own sections bind"
+                    )
+                });
             }
         }
         owned
@@ -92,7 +107,7 @@ impl Owner {
     /// shares it with the agent. Said in the log and `/healthz`; nothing is changed.
     pub(super) fn check_port_conflicts(&mut self) {
         let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
-        let conflicts: Vec<String> = if ports.is_empty() {
+        let conflicts: Vec<(u16, String)> = if ports.is_empty() {
             Vec::new()
         } else {
             match tokio::task::block_in_place(|| self.find_listeners()) {
@@ -102,10 +117,13 @@ impl Owner {
                         .iter()
                         .filter_map(|&p| {
                             let l = found.listeners.iter().find(|l| l.overlaps(bind, p))?;
-                            Some(format!(
-                                "port {p}: the agent's {} and {l} both bind it; HAProxy splits \
-                                 its connections between them",
-                                frontend_name(p)
+                            Some((
+                                p,
+                                format!(
+                                    "port {p}: the agent's {} and {l} both bind it; HAProxy \
+                                     splits its connections between them",
+                                    frontend_name(p)
+                                ),
                             ))
                         })
                         .collect()
@@ -117,7 +135,7 @@ impl Owner {
             }
         };
         if conflicts != self.port_conflicts {
-            for c in &conflicts {
+            for (_, c) in &conflicts {
                 tracing::warn!(conflict = %c, "a port of the agent's is also bound outside its file");
             }
             self.port_conflicts = conflicts;
@@ -128,47 +146,54 @@ impl Owner {
     /// configs, the `-f` files and directories and the `-S` of HAProxy's command line (when
     /// HAProxy shares this host's namespaces), and the sockets the agent was given.
     fn find_listeners(&self) -> Result<Found, String> {
-        let process = self
-            .host_checks
-            .then_some(self.identity)
-            .flatten()
-            .and_then(|(pid, _)| haproxy_process(pid));
-        let mut sources: Vec<(PathBuf, &'static str)> = vec![(self.config_main.clone(), "")];
-        sources.extend(
-            self.port_owners
-                .extra_configs
-                .iter()
-                .map(|p| (p.clone(), " (--haproxy-extra-config)")),
-        );
+        let worker = self.host_checks.then_some(self.identity).flatten();
+        let process = worker.and_then(|(pid, _)| haproxy_process(pid));
+        self.tell_unseen_haproxy(worker.map(|(pid, _)| pid), process.as_ref());
+        // In HAProxy's load order when its command line is known (an environment change of
+        // one file holds for the next ones), then what else the agent was told of.
+        let mut sources: Vec<(PathBuf, &'static str)> = Vec::new();
         let mut found = Found {
             listeners: Vec::new(),
-            warnings: Vec::new(),
+            unknown: Vec::new(),
         };
         let command_line = process.as_ref().map(|p| CommandLine::parse(&p.args));
         if let (Some(p), Some(c)) = (&process, &command_line) {
             for (written, path) in c.configs.iter().zip(c.config_paths(p.cwd.as_deref())) {
                 match path {
                     Some(path) => sources.push((path, " (HAProxy's command line)")),
-                    None => found.warnings.push(format!(
-                        "HAProxy (pid {}) loads {}, relative to a directory the agent cannot \
-                         see; give it with --haproxy-extra-config",
-                        p.pid,
-                        written.display()
-                    )),
+                    None => {
+                        return Err(format!(
+                            "HAProxy (pid {}) loads {}, relative to a directory the agent cannot \
+                             see; the agent refuses new frontends until it can read it: give it \
+                             with --haproxy-extra-config",
+                            p.pid,
+                            written.display()
+                        ))
+                    }
                 }
             }
             let source = PathBuf::from(format!("HAProxy's command line, pid {}", p.pid));
-            found.listeners.extend(c.master_listeners(&source));
+            let master = c.master_listeners(&source);
+            found.listeners.extend(master.listeners);
+            found.unknown.extend(master.unknown);
         }
+        sources.push((self.config_main.clone(), ""));
+        sources.extend(
+            self.port_owners
+                .extra_configs
+                .iter()
+                .map(|p| (p.clone(), " (--haproxy-extra-config)")),
+        );
         let managed = canonical(&self.config_managed);
         let mut seen = std::collections::HashSet::new();
         let environ = process.as_ref().and_then(|p| p.environ.as_ref());
-        let env = |name: &str| match environ {
+        let base = |name: &str| match environ {
             Some(vars) => vars
                 .get(name)
                 .map_or(Lookup::Unset, |v| Lookup::Value(v.clone())),
             None => std::env::var(name).map_or(Lookup::Unknown, Lookup::Guess),
         };
+        let mut env = Env::new(&base);
         for (path, from) in sources {
             for file in config_files(&path).map_err(|e| unreadable(&path, from, &e))? {
                 let key = canonical(&file);
@@ -177,9 +202,9 @@ impl Owner {
                 }
                 let text =
                     std::fs::read_to_string(&file).map_err(|e| unreadable(&file, from, &e))?;
-                let scan = binds::scan(&text, &file, &env);
+                let scan = binds::scan(&text, &file, &mut env);
                 found.listeners.extend(scan.listeners);
-                found.warnings.extend(scan.warnings);
+                found.unknown.extend(scan.unknown);
             }
         }
         for (what, addr) in &self.port_owners.sockets {
@@ -200,6 +225,32 @@ impl Owner {
     }
 }
 
+impl Owner {
+    /// With host checks on, HAProxy's command line and environment are expected in /proc: when
+    /// they are not (another PID namespace, another user's process), its `-f` files are not
+    /// found and its variables are uncertain. Said once in the log, with what to do.
+    fn tell_unseen_haproxy(&self, worker: Option<u64>, process: Option<&HaproxyProcess>) {
+        use std::sync::atomic::Ordering;
+        let why = match (worker, process) {
+            (Some(pid), None) => format!(
+                "HAProxy's worker (pid {pid}) is not a HAProxy process the agent can see in \
+                 /proc (another PID namespace?): its -f files are not read (give them with \
+                 --haproxy-extra-config) and its environment variables are uncertain"
+            ),
+            (Some(_), Some(p)) if p.environ.is_none() => format!(
+                "HAProxy's environment (/proc/{}/environ) cannot be read (another user's \
+                 process): a listener whose port is in an environment variable may refuse every \
+                 new frontend",
+                p.pid
+            ),
+            _ => return,
+        };
+        if !self.unseen_haproxy_told.swap(true, Ordering::Relaxed) {
+            tracing::warn!(reason = %why, "host checks are on, but HAProxy's process cannot be fully read");
+        }
+    }
+}
+
 fn unreadable(path: &Path, from: &str, e: &std::io::Error) -> String {
     format!(
         "cannot read {}{from}, which HAProxy loads: {e}; the agent refuses new frontends until \
@@ -212,22 +263,28 @@ fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// The files HAProxy loads for one `-f`: the file, or a directory's `*.cfg` regular files.
+/// The files HAProxy loads for one `-f`: the file, or a directory's `*.cfg` regular files (or
+/// symlinks to them).
 fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !std::fs::metadata(path)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut names = Vec::new();
     for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        if entry.metadata()?.is_file() {
-            names.push(entry.file_name().to_string_lossy().into_owned());
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    let mut files = Vec::new();
+    for name in binds::cmdline::dir_configs(names) {
+        let file = path.join(name);
+        // Followed, as HAProxy's stat() does: a symlinked `.cfg` is loaded. A dangling one
+        // cannot be read, so the scan fails closed rather than skip what HAProxy may load.
+        let meta = std::fs::metadata(&file)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+        if meta.is_file() {
+            files.push(file);
         }
     }
-    Ok(binds::cmdline::dir_configs(names)
-        .into_iter()
-        .map(|n| path.join(n))
-        .collect())
+    Ok(files)
 }
 
 /// HAProxy's process behind the worker `pid` that `show info` names: its master when it has

@@ -16,7 +16,7 @@ impl Owner {
     /// Before that, a port HAProxy's own configuration binds, or the agent's API port, is
     /// refused for what it is ([`ApplyError::PortOwned`], see `ports.rs`): the files are read
     /// once for the group.
-    pub(super) fn queue_reloads(&mut self, group: Vec<(Change, ReplyTx)>) {
+    pub(super) fn queue_reloads(&mut self, group: Vec<(Change, Requester)>) {
         let creates = |state: &DesiredState, change: &Change| {
             matches!(change, Change::PutServer { .. })
                 && !state.frontends.contains_key(&change.frontend_port())
@@ -93,12 +93,12 @@ impl Owner {
             }
             return;
         }
-        let mut applied: Vec<(Change, Undo, ReplyTx)> = Vec::new();
+        let mut applied: Vec<(Change, Undo, Requester)> = Vec::new();
         let mut transitions = Vec::new();
         for (change, reply) in set {
             // Again: changes applied earlier (in this group, or this set) may have used up
             // the cap, or conflict with this one.
-            if let Err(d) = self.check_policy(&change) {
+            if let Err(d) = self.check_policy(&change, reply.scope.as_deref()) {
                 let _ = reply.send(Err(d.into()));
                 continue;
             }
@@ -137,7 +137,7 @@ impl Owner {
             }
             if named.is_empty() {
                 // Nothing says which: one reload per frontend from here on.
-                let mut by_port: std::collections::BTreeMap<u16, Vec<(Change, ReplyTx)>> =
+                let mut by_port: std::collections::BTreeMap<u16, Vec<(Change, Requester)>> =
                     std::collections::BTreeMap::new();
                 for (change, reply) in rest {
                     by_port

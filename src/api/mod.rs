@@ -487,17 +487,14 @@ impl Api {
         }
     }
 
-    /// Checks a change against the key's scope, hands it to the owner (the global policy) and
-    /// answers. (The audit trail is written by [`Self::handle`], for refusals before this too.)
+    /// Hands a change to the owner with the key's scope (the owner checks it, then the global
+    /// policy) and answers. (The audit trail is written by [`Self::handle`], for refusals before this too.)
     async fn change(&self, change: Change, node: Option<NodeName>, auth: &Authenticated) -> Reply {
         let key_id = auth.key_id.as_str();
         let port = change.frontend_port();
         let started = Instant::now();
         let audit = format!("{change:?}");
-        let result = match crate::policy::check_scope(auth.scope.as_deref(), &change) {
-            Ok(()) => self.agent.apply(change).await,
-            Err(denied) => Err(denied.into()),
-        };
+        let result = self.agent.apply(change, auth.scope.clone()).await;
         match &result {
             Ok(ok) if ok.applied != Applied::Unchanged => {
                 tracing::debug!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{random_bytes, KEY_ID_MAX, MAX_KEYS_FILE, MIN_SECRET_LEN};
-use crate::policy::Scope;
+use crate::policy::{CidrList, Scope};
 use crate::secret_file::SecretFileError;
 
 /// The live API keys: key id → secret bytes, and the scopes of the keys written as tables. Its
@@ -286,7 +286,21 @@ fn parse_key_table(key_id: &str, fields: toml::Table) -> Result<(Vec<u8>, Scope)
                 frontend_ports = Some(parsed_field(key_id, "frontend_ports", value)?)
             }
             "nodes" => nodes = Some(parsed_field(key_id, "nodes", value)?),
-            "node_cidrs" => node_cidrs = Some(parsed_field(key_id, "node_cidrs", value)?),
+            "node_cidrs" => {
+                let cidrs: CidrList = parsed_field(key_id, "node_cidrs", value)?;
+                // `""` and `"any"` mean any address to the global flag; in a scope, where
+                // leaving the field out says that, they are a mistake (a list lost its text).
+                if cidrs.is_any() {
+                    return Err(KeysError::InvalidField {
+                        key_id: key_id.to_string(),
+                        field: "node_cidrs",
+                        message: "is empty or \"any\": leave node_cidrs out for any address the \
+                                  global policy allows, or list address prefixes like 10.0.0.0/8"
+                            .into(),
+                    });
+                }
+                node_cidrs = Some(cidrs)
+            }
             "may_delete_frontend" => match value {
                 toml::Value::Boolean(b) => may_delete_frontend = b,
                 _ => {

@@ -778,6 +778,11 @@ fn scoped_key_errors_name_the_key_and_the_field() {
             format!("{secret}{ports}node_cidrs = [\"10.0.0.0/8\"]\n"),
             "node_cidrs",
         ),
+        (format!("{secret}{ports}node_cidrs = \"\"\n"), "node_cidrs"),
+        (
+            format!("{secret}{ports}node_cidrs = \"any\"\n"),
+            "node_cidrs",
+        ),
         (
             format!("{secret}{ports}may_delete_frontend = \"no\"\n"),
             "may_delete_frontend",

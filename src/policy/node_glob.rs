@@ -131,10 +131,13 @@ mod tests {
     }
 
     proptest! {
+        /// Over node names (`NodeName` wants a letter or digit first). Not over `.` and `..`:
+        /// globset takes its candidates as paths, and those two have no file name, so a
+        /// pattern such as `?.` does not match `..`; neither is a node name.
         #[test]
         fn matches_like_the_plain_definition(
             pattern in "[ab.*?-]{1,8}",
-            name in "[ab.-]{0,10}",
+            name in "[ab][ab.-]{0,9}",
         ) {
             prop_assert_eq!(
                 glob(&pattern).is_match(&name),

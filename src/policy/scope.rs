@@ -1,12 +1,13 @@
 //! A key's scope: the frontend ports, node names and node addresses one key of the keys file
-//! may change, and whether it may remove a whole frontend. Checked after authentication and
-//! before the owner applies the global policy, which still applies: a scope only narrows what
-//! the `--allow-*` flags allow, never widens it.
+//! may change, and whether it may remove a whole frontend. Checked by the owner, against the
+//! frontend as it is when the change applies (a frontend's delete removes every server on it),
+//! before the global policy, which still applies: a scope only narrows what the `--allow-*`
+//! flags allow, never widens it.
 
 use std::net::IpAddr;
 
 use super::{CidrList, Denied, NodeGlob, PortList};
-use crate::model::Change;
+use crate::model::{Change, FrontendSpec};
 
 /// What a scoped key may do. Built from the key's table in the keys file.
 #[derive(Clone, Debug)]
@@ -29,7 +30,12 @@ impl Scope {
     /// A server is in scope when its frontend port and its node name are: deleting one needs
     /// nothing more, and a server put needs its address inside `node_cidrs` too. The addresses
     /// bound what the key can point traffic at; removing a server points nothing anywhere.
-    pub fn check(&self, change: &Change) -> Result<(), Denied> {
+    ///
+    /// `frontend`: the change's frontend as it is now. Removing it removes every server on it,
+    /// so a key that may delete frontends may delete one only when every one of its servers'
+    /// nodes is inside `nodes`: else a key limited to `node-*` could remove an operator's
+    /// `edge-9` with the frontend.
+    pub fn check(&self, change: &Change, frontend: Option<&FrontendSpec>) -> Result<(), Denied> {
         let port = change.frontend_port();
         if !self.frontend_ports.contains(port) {
             return Err(self.denied(
@@ -48,7 +54,20 @@ impl Scope {
                      delete its servers one by one"
                 ),
             )),
-            Change::DeleteFrontend { .. } => Ok(()),
+            Change::DeleteFrontend { .. } => match (&self.nodes, frontend) {
+                (Some(g), Some(fe)) => match fe.servers.keys().find(|n| !g.is_match(n.as_str())) {
+                    Some(outside) => Err(self.denied(
+                        "nodes",
+                        format!(
+                            "may not remove the whole frontend {port}: it holds node {:?}, \
+                             outside its nodes ({g})",
+                            outside.as_str()
+                        ),
+                    )),
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            },
             Change::DeleteServer { node, .. } => self.check_node(node.as_str()),
             Change::PutServer { node, spec, .. } => {
                 self.check_node(node.as_str())?;
@@ -96,9 +115,14 @@ impl Scope {
     }
 }
 
-/// The scope check of a request: nothing to check for an unscoped key (`None`).
-pub fn check_scope(scope: Option<&Scope>, change: &Change) -> Result<(), Denied> {
-    scope.map_or(Ok(()), |s| s.check(change))
+/// The scope check of a request against its frontend as it is now: nothing to check for an
+/// unscoped key (`None`).
+pub fn check_scope(
+    scope: Option<&Scope>,
+    change: &Change,
+    frontend: Option<&FrontendSpec>,
+) -> Result<(), Denied> {
+    scope.map_or(Ok(()), |s| s.check(change, frontend))
 }
 
 #[cfg(test)]
@@ -140,7 +164,7 @@ mod tests {
     }
 
     fn refused(s: &Scope, change: &Change) -> Denied {
-        let d = s.check(change).expect_err("outside the scope");
+        let d = s.check(change, None).expect_err("outside the scope");
         assert!(d.message.starts_with("key \"mqtt-sidecar\" "), "{d:?}");
         assert!(d.message.contains(d.rule), "{d:?}");
         d
@@ -149,17 +173,20 @@ mod tests {
     #[test]
     fn inside_the_scope_passes() {
         let s = scope();
-        assert!(s.check(&put(1883, "node-a", "10.1.2.3")).is_ok());
-        assert!(s.check(&put(8883, "node-b", "10.9.9.9")).is_ok());
-        assert!(s.check(&delete_server(1883, "node-a")).is_ok());
+        assert!(s.check(&put(1883, "node-a", "10.1.2.3"), None).is_ok());
+        assert!(s.check(&put(8883, "node-b", "10.9.9.9"), None).is_ok());
+        assert!(s.check(&delete_server(1883, "node-a"), None).is_ok());
         let may_delete = Scope {
             may_delete_frontend: true,
             ..scope()
         };
         assert!(may_delete
-            .check(&Change::DeleteFrontend {
-                frontend_port: 1883
-            })
+            .check(
+                &Change::DeleteFrontend {
+                    frontend_port: 1883
+                },
+                None
+            )
             .is_ok());
     }
 
@@ -210,17 +237,51 @@ mod tests {
             node_cidrs: None,
             ..scope()
         };
-        assert!(s.check(&put(1883, "edge-1", "192.0.2.1")).is_ok());
+        assert!(s.check(&put(1883, "edge-1", "192.0.2.1"), None).is_ok());
         assert!(s.sees_node("anything"));
         let s = scope();
         assert!(s.sees_frontend(1883) && s.sees_frontend(8883) && !s.sees_frontend(443));
         assert!(s.sees_node("node-a") && !s.sees_node("edge-1"));
-        assert!(check_scope(None, &put(443, "edge-1", "192.0.2.1")).is_ok());
+        assert!(check_scope(None, &put(443, "edge-1", "192.0.2.1"), None).is_ok());
         assert_eq!(
-            check_scope(Some(&s), &put(443, "node-a", "10.0.0.1"))
+            check_scope(Some(&s), &put(443, "node-a", "10.0.0.1"), None)
                 .unwrap_err()
                 .rule,
             "frontend_ports"
+        );
+    }
+
+    /// A key that may delete frontends, limited to `node-*`: it may remove a frontend whose
+    /// servers are all its nodes', not one that also holds the operator's `edge-9`.
+    #[test]
+    fn deleting_a_frontend_needs_every_node_on_it_in_scope() {
+        let s = Scope {
+            may_delete_frontend: true,
+            ..scope()
+        };
+        let mut fe = FrontendSpec::default();
+        let add = |fe: &mut FrontendSpec, node: &str| {
+            let Change::PutServer { node, spec, .. } = put(1883, node, "10.0.0.1") else {
+                unreachable!()
+            };
+            fe.servers.insert(node, spec);
+        };
+        add(&mut fe, "node-a");
+        add(&mut fe, "node-b");
+        let delete = Change::DeleteFrontend {
+            frontend_port: 1883,
+        };
+        assert!(s.check(&delete, Some(&fe)).is_ok());
+        add(&mut fe, "edge-9");
+        let d = s
+            .check(&delete, Some(&fe))
+            .expect_err("edge-9 is not the key's");
+        assert_eq!(d.rule, "nodes");
+        assert!(
+            d.message.starts_with("key \"mqtt-sidecar\" ")
+                && d.message.contains("\"edge-9\"")
+                && d.message.contains("node-*"),
+            "{d:?}"
         );
     }
 }

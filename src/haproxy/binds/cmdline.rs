@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{parse_address, Address, Listener};
+use super::{parse_address, Address, Listener, Scan};
 
 /// HAProxy's command line, as far as its listeners go.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,29 +68,34 @@ impl CommandLine {
             .collect()
     }
 
-    /// The master CLI's TCP listeners; `source` names where the command line came from.
-    pub fn master_listeners(&self, source: &Path) -> Vec<Listener> {
-        self.master_cli
-            .iter()
-            .filter_map(|arg| {
-                let address = arg.split(',').next().unwrap_or_default();
-                match parse_address(address, false, false) {
-                    Address::Tcp {
-                        host,
-                        first_port,
-                        last_port,
-                    } => Some(Listener {
-                        owner: format!("HAProxy's master CLI (-S {address})"),
-                        file: source.to_path_buf(),
-                        line: 0,
-                        host,
-                        first_port,
-                        last_port,
-                    }),
-                    _ => None,
-                }
-            })
-            .collect()
+    /// The master CLI's TCP listeners, and those whose port cannot be told (an `fd@` one);
+    /// `source` names where the command line came from.
+    pub fn master_listeners(&self, source: &Path) -> Scan {
+        let mut out = Scan::default();
+        for arg in &self.master_cli {
+            let address = arg.split(',').next().unwrap_or_default();
+            let owner = format!("HAProxy's master CLI (-S {address})");
+            match parse_address(address, &[], false) {
+                Address::Tcp {
+                    host,
+                    first_port,
+                    last_port,
+                } => out.listeners.push(Listener {
+                    owner,
+                    file: source.to_path_buf(),
+                    line: 0,
+                    host,
+                    first_port,
+                    last_port,
+                }),
+                Address::NotTcp => {}
+                Address::Unknown(why) => out.unknown.push(format!(
+                    "{}: {owner} listens on {address:?}: {why}",
+                    source.display()
+                )),
+            }
+        }
+        out
     }
 }
 

@@ -15,15 +15,23 @@
 //!
 //! UNIX sockets (`/path`, `unix@`, `abns@`, `abnsz@`, `uxst@`, `uxdg@`), UDP and QUIC
 //! listeners (`udp@`, `quic4@`...), `sockpair@` and `rhttp@` are not TCP ports and are left
-//! out. An inherited `fd@` socket's port cannot be told from the text: a warning says so.
+//! out.
 //!
-//! Conservative where the text does not decide: every branch of a `.if` block counts, a
-//! `disabled` section counts, a host name counts as every address (HAProxy resolves it at
-//! start), and an address with an environment variable the caller could not resolve for sure
-//! ([`Lookup::Guess`], [`Lookup::Unknown`]) counts as every address (its port still has to be
-//! read, or a warning says it could not be).
+//! Environment variables are expanded as HAProxy does, in the environment the `setenv`,
+//! `presetenv`, `unsetenv` and `resetenv` lines of `global` sections make ([`Env`], carried
+//! across files in load order).
+//!
+//! Conservative where the text does not decide: every branch of a `.if` block counts (an
+//! environment change inside one makes its variables uncertain), a `disabled` section counts,
+//! a host name counts as every address (HAProxy resolves it at start), and a host with an
+//! environment variable the caller could not resolve for sure ([`Lookup::Guess`],
+//! [`Lookup::Unknown`]) counts as every address. A listener whose port cannot be told (an
+//! uncertain variable in the port, a default `${PORT-443}` whose variable may be set, `fd@`,
+//! an unknown prefix, no port) is in [`Scan::unknown`]: the caller refuses every new port
+//! while there is one, since any port may be it.
 
 pub mod cmdline;
+mod env;
 mod words;
 
 #[cfg(test)]
@@ -31,8 +39,10 @@ mod tests;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use env::Env;
 pub use words::Lookup;
 
 /// Where a listener's address is, as far as the text tells.
@@ -115,11 +125,12 @@ impl fmt::Display for Listener {
     }
 }
 
-/// What a scan found: the listeners, and what it could not tell (each naming file and line).
+/// What a scan found: the listeners, and those whose port it could not tell (each naming file
+/// and line, and why).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scan {
     pub listeners: Vec<Listener>,
-    pub warnings: Vec<String>,
+    pub unknown: Vec<String>,
 }
 
 /// The section keywords of HAProxy 2.6 to 3.2. A keyword missing here would leave its lines in
@@ -152,11 +163,14 @@ const DIRECTIVES: &[&str] = &[
 
 /// Reads the TCP listeners of one config file's `text`; `file` names it in what is found.
 /// `env` resolves environment variables (HAProxy's environment, or as good a guess as the
-/// caller has); the pseudo-variables `.FILE`, `.LINE` and `.SECTION` are resolved here.
-pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
+/// caller has), and takes this file's environment changes for the next files; the
+/// pseudo-variables `.FILE`, `.LINE` and `.SECTION` are resolved here.
+pub fn scan(text: &str, file: &Path, env: &mut Env<'_>) -> Scan {
     let mut out = Scan::default();
     // The current section: its keyword and name.
     let mut section: Option<(String, String)> = None;
+    // How many `.if` blocks the line is in.
+    let mut conditions = 0usize;
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let section_name = section
@@ -173,7 +187,7 @@ pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
             ".FILE" => Lookup::Value(file.display().to_string()),
             ".LINE" => Lookup::Value(line.to_string()),
             ".SECTION" => Lookup::Value(section_name.clone()),
-            _ => env(name),
+            _ => env.get(name),
         };
         let words = words::split(raw, &lookup);
         let Some(first) = words.first() else {
@@ -181,6 +195,11 @@ pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
         };
         let keyword = first.text.as_str();
         if DIRECTIVES.contains(&keyword) {
+            match keyword {
+                ".if" => conditions += 1,
+                ".endif" => conditions = conditions.saturating_sub(1),
+                _ => {}
+            }
             continue;
         }
         if SECTIONS.contains(&keyword) {
@@ -191,6 +210,9 @@ pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
         let Some((kind, name)) = &section else {
             continue;
         };
+        if kind == "global" {
+            env.apply(keyword, &words, conditions > 0);
+        }
         let found = match (kind.as_str(), keyword) {
             ("frontend" | "listen" | "log-forward", "bind") => {
                 words.get(1).map(|w| (format!("{kind} {name}"), w))
@@ -209,8 +231,18 @@ pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
         };
         let v6only = words[2..].iter().any(|w| w.text == "v6only");
         let at = |what: String| format!("{} line {line}: {what}", file.display());
+        let mut start = 0;
         for address in addresses.text.split(',') {
-            match parse_address(address, addresses.unresolved, v6only) {
+            let end = start + address.len();
+            // The uncertain parts of the word, as ranges of this address.
+            let uncertain: Vec<Range<usize>> = addresses
+                .uncertain
+                .iter()
+                .filter(|r| r.start <= end && r.end >= start)
+                .map(|r| r.start.max(start) - start..r.end.min(end) - start)
+                .collect();
+            start = end + 1;
+            match parse_address(address, &uncertain, v6only) {
                 Address::Tcp {
                     host,
                     first_port,
@@ -225,7 +257,7 @@ pub fn scan(text: &str, file: &Path, env: &dyn Fn(&str) -> Lookup) -> Scan {
                 }),
                 Address::NotTcp => {}
                 Address::Unknown(why) => {
-                    out.warnings
+                    out.unknown
                         .push(at(format!("{owner} listens on {address:?}: {why}")));
                 }
             }
@@ -258,11 +290,35 @@ enum Family {
 
 /// Reads one address as HAProxy's `str2sa_range` would for a listener: an optional family
 /// prefix (`ipv4@`, `ipv6@`...), then `[host]:port` or `host:port` where the port is the text
-/// after the last colon and may be a range `8000-8010`. `unresolved`: an environment variable
-/// in it was not resolved for sure, so the host is not known (the port may still be).
-pub fn parse_address(text: &str, unresolved: bool, v6only: bool) -> Address {
-    if text.starts_with('/') {
+/// after the last colon and may be a range `8000-8010`. `uncertain`: the byte ranges of
+/// `text` where an environment variable was not resolved for sure: in the host, the host is
+/// not known; in the prefix or the port, the port is not.
+pub fn parse_address(text: &str, uncertain: &[Range<usize>], v6only: bool) -> Address {
+    // Whether the part `at` of `text` holds an uncertain variable (one expanded to nothing
+    // counts where it stands, also at the part's ends).
+    let in_part = |at: Range<usize>| {
+        uncertain.iter().any(|r| {
+            if r.is_empty() {
+                at.start <= r.start && r.start <= at.end
+            } else {
+                r.start < at.end && at.start < r.end
+            }
+        })
+    };
+    let env_port = "its port is in an environment variable the agent cannot resolve for sure \
+                    (HAProxy's environment cannot be read; a default, or the agent's own value, \
+                    may not be what HAProxy has)";
+    if text.starts_with('/') && !in_part(0..1) {
         return Address::NotTcp;
+    }
+    if let Some(at) = text.find('@') {
+        if in_part(0..at + 1) {
+            return Address::Unknown(format!(
+                "its address family ({:?}) is in {}",
+                &text[..at + 1],
+                "an environment variable the agent cannot resolve"
+            ));
+        }
     }
     let (family, rest) = match text.split_once('@') {
         Some((prefix, rest)) => match prefix {
@@ -280,25 +336,28 @@ pub fn parse_address(text: &str, unresolved: bool, v6only: bool) -> Address {
         },
         None => (Family::Any, text),
     };
+    let offset = text.len() - rest.len();
     let (host, port) = match rest.strip_prefix('[') {
         Some(bracketed) => match bracketed.split_once("]:") {
             Some((host, port)) => (host, port),
+            None if in_part(offset..text.len()) => return Address::Unknown(env_port.into()),
             None => return Address::Unknown("no port after the bracketed address".into()),
         },
         None => match rest.rsplit_once(':') {
             Some(split) => split,
+            None if in_part(offset..text.len()) => return Address::Unknown(env_port.into()),
             None => return Address::Unknown("no port".into()),
         },
     };
+    let port_at = text.len() - port.len();
+    if in_part(port_at..text.len()) {
+        return Address::Unknown(env_port.into());
+    }
     let Some((first_port, last_port)) = port_range(port) else {
-        let why = if unresolved {
-            "its port is in an environment variable the agent cannot resolve".to_string()
-        } else {
-            format!("{port:?} is not a port or a port range")
-        };
-        return Address::Unknown(why);
+        return Address::Unknown(format!("{port:?} is not a port or a port range"));
     };
-    let host = if unresolved {
+    let host_at = port_at - 1 - host.len() - usize::from(rest.starts_with('['));
+    let host = if in_part(host_at..host_at + host.len()) {
         Host::Unknown
     } else {
         match (host, family) {

@@ -7,13 +7,17 @@ fn no_env(_: &str) -> Lookup {
 }
 
 fn scan_text(text: &str) -> Scan {
-    scan(text, Path::new("/etc/haproxy/haproxy.cfg"), &no_env)
+    scan(
+        text,
+        Path::new("/etc/haproxy/haproxy.cfg"),
+        &mut Env::new(&no_env),
+    )
 }
 
 /// (owner, line, host, first, last) of each listener.
 fn found(text: &str) -> Vec<(String, usize, Host, u16, u16)> {
     let s = scan_text(text);
-    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert!(s.unknown.is_empty(), "{:?}", s.unknown);
     s.listeners
         .into_iter()
         .map(|l| (l.owner, l.line, l.host, l.first_port, l.last_port))
@@ -25,7 +29,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn host_of(address: &str) -> Host {
-    match parse_address(address, false, false) {
+    match parse_address(address, &[], false) {
         Address::Tcp { host, .. } => host,
         other => panic!("{address}: {other:?}"),
     }
@@ -66,7 +70,11 @@ fn words_follow_haproxys_quoting() {
     assert_eq!(texts("bind 'open quote"), ["bind", "open quote"]);
     assert_eq!(texts("\"\" x"), ["", "x"]);
     let w = split(r#"bind "${GONE}:443" "$IP""#, &env);
-    assert!(w[1].unresolved && !w[2].unresolved, "{w:?}");
+    assert!(
+        w[1].uncertain.len() == 1 && w[1].uncertain[0] == (0..0),
+        "{w:?}"
+    );
+    assert!(!w[2].is_uncertain(), "{w:?}");
     assert!(split("", &env).is_empty() && split("   # only", &env).is_empty());
 }
 
@@ -270,8 +278,10 @@ frontend \"quoted name\"   # a comment
 frontend f2 from defs
 \tbind\t:7008
     bind \"127.0.0.1:${GUESS}\"
+    bind \":${UNKNOWN-7010}\"
+    bind \":${UNSET-7011}\"
 ";
-    let s = scan(text, Path::new("/f.cfg"), &env);
+    let s = scan(text, Path::new("/f.cfg"), &mut Env::new(&env));
     let got: Vec<(String, usize, Host, u16)> = s
         .listeners
         .iter()
@@ -290,14 +300,22 @@ frontend f2 from defs
             (fe.clone(), 17, Host::AnyV4, 7006),
             (fe.clone(), 19, Host::AnyV4, 7007),
             ("frontend f2".into(), 24, Host::AnyV4, 7008),
-            // The agent's own value of a variable HAProxy's environment may not share: its port
-            // is taken, its host is not trusted.
-            ("frontend f2".into(), 25, Host::Unknown, 7009),
+            // A default of a variable known to be unset is what HAProxy uses.
+            ("frontend f2".into(), 27, Host::AnyV4, 7011),
         ]
     );
-    // `fd@${FD}` outside quotes is literal text: still an inherited socket.
-    let lines: Vec<&str> = s.warnings.iter().map(|w| w.as_str()).collect();
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    // `fd@${FD}` outside quotes is literal text: still an inherited socket. The agent's own
+    // value of a variable HAProxy's environment may not share (line 25), and a default of a
+    // variable that may be set there (line 26), are no port the agent can trust.
+    let lines: Vec<&str> = s.unknown.iter().map(|w| w.as_str()).collect();
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    for (i, line) in [(5, 25), (6, 26)] {
+        assert!(
+            lines[i].starts_with(&format!("/f.cfg line {line}: "))
+                && lines[i].contains("cannot resolve"),
+            "{lines:?}"
+        );
+    }
     assert!(
         lines[0].starts_with("/f.cfg line 9: ") && lines[0].contains("cannot resolve"),
         "{lines:?}"
@@ -337,7 +355,7 @@ fn addresses_that_are_not_tcp_ports() {
         "quic6@:443",
         "rhttp@be/srv",
     ] {
-        assert_eq!(parse_address(a, false, false), Address::NotTcp, "{a}");
+        assert_eq!(parse_address(a, &[], false), Address::NotTcp, "{a}");
     }
     for a in [
         "fd@3",
@@ -351,7 +369,7 @@ fn addresses_that_are_not_tcp_ports() {
         ":+1",
     ] {
         assert!(
-            matches!(parse_address(a, false, false), Address::Unknown(_)),
+            matches!(parse_address(a, &[], false), Address::Unknown(_)),
             "{a}"
         );
     }
@@ -431,6 +449,8 @@ fn haproxys_command_line() {
         "ipv4@127.0.0.1:9998,level,admin",
         "-S",
         "/run/haproxy-master.sock,mode,660",
+        "-S",
+        "fd@7",
         "-C",
         "/etc/haproxy",
         "-sf",
@@ -461,7 +481,15 @@ fn haproxys_command_line() {
             Some("/etc/haproxy/extra.cfg".into())
         ]
     );
-    let m = c.master_listeners(Path::new("HAProxy's command line"));
+    let scan = c.master_listeners(Path::new("HAProxy's command line"));
+    // An inherited socket's port cannot be told: the caller refuses every new port for it.
+    assert_eq!(scan.unknown.len(), 1, "{scan:?}");
+    assert!(
+        scan.unknown[0].starts_with("HAProxy's command line: HAProxy's master CLI (-S fd@7)")
+            && scan.unknown[0].contains("fd@"),
+        "{scan:?}"
+    );
+    let m = scan.listeners;
     assert_eq!(m.len(), 1, "the unix one is no port: {m:?}");
     assert_eq!(
         (m[0].host.clone(), m[0].first_port),
@@ -494,4 +522,105 @@ fn haproxys_command_line() {
         ),
         ["a.cfg", "b.cfg"]
     );
+}
+
+/// `setenv`, `presetenv`, `unsetenv` and `resetenv` of `global` change what later lines (and
+/// later files, through the same [`Env`]) expand, as HAProxy applies them while it reads.
+#[test]
+fn the_global_sections_environment_changes_are_followed() {
+    let base = |name: &str| match name {
+        "SET" => Lookup::Value("7100".into()),
+        "KEPT" => Lookup::Value("7101".into()),
+        "NOBODY" => Lookup::Unknown,
+        _ => Lookup::Unset,
+    };
+    let mut env = Env::new(&base);
+    let first = "\
+global
+    setenv OPPORT 7200
+    presetenv SET 1
+    presetenv FRESH 7201
+    setenv BOTH \"127.0.0.3:${OPPORT}\"
+    presetenv NOBODY 7204
+frontend operator_web
+    bind \"127.0.0.1:${OPPORT}\"
+    bind \":${SET}\"
+    bind \":${FRESH}\"
+    bind \"$BOTH\"
+    bind \":${NOBODY}\"
+";
+    let s = scan(first, Path::new("/a.cfg"), &mut env);
+    // Set only if HAProxy's environment lacks it, which is not known.
+    assert_eq!(s.unknown.len(), 1, "{:?}", s.unknown);
+    assert!(
+        s.unknown[0].starts_with("/a.cfg line 12: "),
+        "{:?}",
+        s.unknown
+    );
+    let ports: Vec<(Host, u16)> = s
+        .listeners
+        .iter()
+        .map(|l| (l.host.clone(), l.first_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Host::Ip(ip("127.0.0.1")), 7200),
+            (Host::AnyV4, 7100),
+            (Host::AnyV4, 7201),
+            (Host::Ip(ip("127.0.0.3")), 7200),
+        ]
+    );
+    // The next file sees what the first one set; then unsetenv, resetenv (which unsets
+    // NOBODY: its presetenv now holds) and a setenv inside an `.if` (the agent does not
+    // evaluate conditions: its value is uncertain).
+    let second = "\
+global
+    unsetenv FRESH
+    resetenv KEPT OPPORT
+.if defined(X)
+    setenv MAYBE 7300
+.endif
+    presetenv NOBODY 7301
+listen later
+    bind \":${OPPORT}\"
+    bind \":${KEPT}\"
+    bind \":${FRESH-7202}\"
+    bind \":${SET-7203}\"
+    bind \":${MAYBE}\"
+    bind \":${NOBODY}\"
+";
+    let s = scan(second, Path::new("/b.cfg"), &mut env);
+    let ports: Vec<u16> = s.listeners.iter().map(|l| l.first_port).collect();
+    assert_eq!(ports, [7200, 7101, 7202, 7203, 7301]);
+    assert_eq!(s.unknown.len(), 1, "{:?}", s.unknown);
+    assert!(
+        s.unknown[0].starts_with("/b.cfg line 13: "),
+        "{:?}",
+        s.unknown
+    );
+}
+
+/// Where an uncertain variable stands decides what is unknown: in the host, only the host; in
+/// the port or the address family, the port.
+#[test]
+fn an_uncertain_part_makes_only_its_part_unknown() {
+    let tcp = |a: &str, u: Range<usize>| match parse_address(a, std::slice::from_ref(&u), false) {
+        Address::Tcp {
+            host, first_port, ..
+        } => Some((host, first_port)),
+        _ => None,
+    };
+    assert_eq!(tcp("10.0.0.1:80", 0..8), Some((Host::Unknown, 80)));
+    assert_eq!(tcp(":80", 0..0), Some((Host::Unknown, 80)));
+    assert_eq!(tcp("[::1]:80", 1..4), Some((Host::Unknown, 80)));
+    assert_eq!(
+        tcp("[::1]:80", 6..8),
+        None,
+        "the port of a bracketed address"
+    );
+    assert_eq!(tcp("10.0.0.1:", 9..9), None, "a port expanded to nothing");
+    assert_eq!(tcp("10.0.0.1:443", 9..12), None, "a default port");
+    assert_eq!(tcp("ipv4@10.0.0.1:80", 0..4), None, "the family");
+    assert_eq!(tcp("ipv4@10.0.0.1:80", 5..13), Some((Host::Unknown, 80)));
 }

@@ -2,15 +2,25 @@
 //! words split on unprotected spaces and tabs, `#` starts a comment, backslash escapes, weak
 //! (`"..."`, environment variables expanded) and strong (`'...'`) quoting.
 
+use std::ops::Range;
+
 /// One word of a line, unquoted and unescaped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Word {
     pub text: String,
-    /// An environment variable in it could not be resolved: what HAProxy made of it is unknown.
-    pub unresolved: bool,
+    /// Where in `text` (byte ranges, empty for a variable expanded to nothing) an environment
+    /// variable could not be resolved for sure: what HAProxy made of those parts is unknown.
+    pub uncertain: Vec<Range<usize>>,
+}
+
+impl Word {
+    pub fn is_uncertain(&self) -> bool {
+        !self.uncertain.is_empty()
+    }
 }
 
 /// What an environment variable holds, as far as the caller knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
     Value(String),
     /// Not set in HAProxy's environment: HAProxy expands it to nothing (or to its default).
@@ -18,7 +28,8 @@ pub enum Lookup {
     /// HAProxy's environment could not be read; the agent's own has this value, which may or
     /// may not be HAProxy's: used, and the word marked unresolved.
     Guess(String),
-    /// Not known: HAProxy's environment could not be read and the agent's lacks it.
+    /// Not known: HAProxy's environment could not be read and the agent's lacks it (a default,
+    /// `${NAME-default}`, is used, and the word marked unresolved: HAProxy may have a value).
     Unknown,
 }
 
@@ -38,7 +49,7 @@ pub fn split(line: &str, env: &dyn Fn(&str) -> Lookup) -> Vec<Word> {
     fn word(cur: &mut Option<Word>) -> &mut Word {
         cur.get_or_insert_with(|| Word {
             text: String::new(),
-            unresolved: false,
+            uncertain: Vec::new(),
         })
     }
     while let Some(c) = chars.next() {
@@ -93,21 +104,28 @@ pub fn split(line: &str, env: &dyn Fn(&str) -> Lookup) -> Vec<Word> {
                     Lookup::Unset => (default.unwrap_or_default(), false),
                     Lookup::Unknown => (default.unwrap_or_default(), true),
                 };
+                let push = |w: &mut Word, text: &str| {
+                    let start = w.text.len();
+                    w.text.push_str(text);
+                    if unresolved {
+                        w.uncertain.push(start..w.text.len());
+                    }
+                };
                 let w = word(&mut cur);
-                w.unresolved |= unresolved;
                 if split_list {
                     // `${LIST[*]}`: one word per space-separated item.
                     let mut items = value.split_whitespace().peekable();
+                    if items.peek().is_none() {
+                        push(w, "");
+                    }
                     while let Some(item) = items.next() {
-                        let w = word(&mut cur);
-                        w.text.push_str(item);
-                        w.unresolved |= unresolved;
+                        push(word(&mut cur), item);
                         if items.peek().is_some() {
                             words.extend(cur.take());
                         }
                     }
                 } else {
-                    w.text.push_str(&value);
+                    push(w, &value);
                 }
             }
             (c, _) => word(&mut cur).text.push(c),
