@@ -107,6 +107,18 @@ pub struct Settings {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<DurationSetting>,
+    /// Most API connections open at once; at the cap the oldest connection that never
+    /// authenticated is closed for a new one [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most API connections from one address (an IPv6 /64) at once, under --max-connections;
+    /// many sidecars may share one NAT address [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Bytes of request bodies over 4 KiB read at once, across all connections, before their
+    /// signature is checked; 65536 to 1073741824 [default: 4194304, 4 MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub body_budget: Option<usize>,
     /// Turn `/metrics` off.
     #[arg(long)]
     #[serde(default)]
@@ -160,6 +172,9 @@ impl Settings {
             allow_node_ports,
             allow_node_cidrs,
             max_servers_per_frontend,
+            max_connections,
+            max_connections_per_peer,
+            body_budget,
             auth_window,
             reconcile_interval,
             lease,
@@ -234,6 +249,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     };
     // Every value is checked before anything is created or started.
     let durations = Durations::resolve(&settings)?;
+    let limits = resolve_limits(&settings)?;
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9900)));
@@ -417,9 +433,10 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let api = Arc::new(Api {
         agent: handle,
         verifier,
-        metrics,
+        metrics: metrics.clone(),
         metrics_enabled: !settings.no_metrics,
         legacy_token,
+        limits: api::limits::Limits::new(limits, &metrics),
     });
     println!(
         "lbagent: listening on http://{} (keys: {})",
@@ -489,6 +506,46 @@ impl Durations {
         }
         Ok(resolved)
     }
+}
+
+/// The connection and body limits: each the flag's (or the file's) value or its default,
+/// checked against its range.
+fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
+    use api::limits::{
+        LimitSettings, DEFAULT_BODY_BUDGET, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    };
+    let within = |flag: &str, v: usize, range: std::ops::RangeInclusive<usize>| {
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!(
+                "--{flag} {v}: must be from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        }
+    };
+    let max_connections = within(
+        "max-connections",
+        s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        1..=1 << 20,
+    )?;
+    Ok(LimitSettings {
+        max_connections,
+        max_connections_per_peer: within(
+            "max-connections-per-peer",
+            s.max_connections_per_peer
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_PEER.min(max_connections)),
+            1..=max_connections,
+        )?,
+        // At least one body of the largest size fits.
+        body_budget: within(
+            "body-budget",
+            s.body_budget.unwrap_or(DEFAULT_BODY_BUDGET),
+            api::MAX_BODY..=1 << 30,
+        )?,
+    })
 }
 
 /// Reads the legacy token, refusing a file others can read (like the keys file).

@@ -44,6 +44,18 @@ pub struct Metrics {
     pub servers_draining: Gauge,
     /// Draining servers whose connections were shut at the drain timeout.
     pub drain_timeouts: Counter,
+    /// Open API connections.
+    pub connections_open: Gauge,
+    /// Connections that never authenticated, closed to make room for a newer one at a cap.
+    pub connections_evicted: Counter,
+    /// New connections closed at once: every connection at the cap had authenticated.
+    pub connections_refused: Counter,
+    /// Requests answered 429 because their peer failed to authenticate too often.
+    pub rate_limited: Counter,
+    /// The shared budget for request bodies read before their signature is checked, and what
+    /// of it is in use.
+    pub body_budget_bytes: Gauge,
+    pub body_budget_in_use: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,7 +142,49 @@ impl Metrics {
             "Draining servers whose remaining connections were shut at the drain timeout",
             drain_timeouts.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Open connections to the API",
+            connections_open.clone(),
+        );
+        let connections_evicted = Counter::default();
+        registry.register(
+            "http_connections_evicted",
+            "Connections that never authenticated, closed to make room for a newer one at the per-peer or server cap",
+            connections_evicted.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "New connections closed at once because every connection at the cap had authenticated",
+            connections_refused.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "http_rate_limited",
+            "Requests answered 429 because their peer failed to authenticate too often",
+            rate_limited.clone(),
+        );
+        let body_budget_bytes = Gauge::default();
+        registry.register(
+            "http_body_budget_bytes",
+            "The budget shared by request bodies being read before their signature is checked",
+            body_budget_bytes.clone(),
+        );
+        let body_budget_in_use = Gauge::default();
+        registry.register(
+            "http_body_budget_in_use_bytes",
+            "Bytes of the body budget reserved by bodies being read or checked",
+            body_budget_in_use.clone(),
+        );
         Metrics {
+            connections_open,
+            connections_evicted,
+            connections_refused,
+            rate_limited,
+            body_budget_bytes,
+            body_budget_in_use,
             lease_expiries,
             lease_expiry_suspended,
             servers_draining,

@@ -3,12 +3,12 @@
 //! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
 //! signature verifier's nonce cache.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -35,11 +35,15 @@ pub struct Api {
     pub metrics_enabled: bool,
     /// The old webhook's token: enables `POST /hooks/update-haproxy` (migration only).
     pub legacy_token: Option<Vec<u8>>,
+    /// What strangers may hold: connections, body bytes, failed authentications.
+    pub limits: Limits,
 }
 
+pub mod limits;
 mod serve;
 
-pub use serve::{serve, MAX_CONNECTIONS};
+use limits::{ConnectionMark, Limits};
+pub use serve::serve;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -190,6 +194,27 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
     })
 }
 
+fn too_large(message: &str) -> Reply {
+    error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+}
+
+/// The body's announced length: a Content-Length (none for no body) of at most [`MAX_BODY`].
+/// A chunked body is refused, so every body's length is known before it is read (lbctl, the
+/// old sidecars' curl and the examples all send Content-Length).
+fn body_length(body: &Incoming) -> Result<usize, Reply> {
+    match hyper::body::Body::size_hint(body).exact() {
+        Some(len) if len > MAX_BODY as u64 => Err(too_large(&format!(
+            "body of {len} bytes is over the {MAX_BODY}-byte limit"
+        ))),
+        Some(len) => Ok(len as usize),
+        None => Err(error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send the body with a Content-Length header (chunked bodies are not accepted)",
+        )),
+    }
+}
+
 fn apply_error(e: ApplyError) -> Reply {
     match &e {
         ApplyError::Denied(d) => error(StatusCode::FORBIDDEN, "forbidden", d.message.clone()),
@@ -217,7 +242,8 @@ fn apply_error(e: ApplyError) -> Reply {
 }
 
 impl Api {
-    async fn handle(&self, req: Request<Incoming>) -> Reply {
+    /// Answers one request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let path_with_query = req
@@ -227,7 +253,9 @@ impl Api {
             .unwrap_or_else(|| path.clone());
         let route = Route::parse(&path);
         let label = route.label(&method);
-        let reply = self.route(req, &method, &route, &path_with_query).await;
+        let reply = self
+            .route(req, peer, &method, &route, &path_with_query)
+            .await;
         self.metrics
             .requests
             .get_or_create(&RouteLabels {
@@ -241,6 +269,7 @@ impl Api {
     async fn route(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         method: &Method,
         route: &Route<'_>,
         path_with_query: &str,
@@ -294,63 +323,31 @@ impl Api {
             _ => {}
         }
 
-        // Everything under /v1: body first (bounded), then the signature, then the content.
+        // Everything under /v1, and the legacy hook: what the head alone can refuse is refused
+        // before a byte of the body is read; the body is then read under the shared budget,
+        // and only then is the signature checked and the content parsed.
+        let started = Instant::now();
+        let deadline = started + BODY_TIMEOUT;
+        let peer_key = limits::peer_key(peer.ip());
         let (parts, body) = req.into_parts();
-        if let Some(len) = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > MAX_BODY as u64 {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("body of {len} bytes is over the 65536-byte limit"),
-                );
-            }
-        }
-        // A deadline on the body too: the header timeout does not cover it, and an unsigned
-        // client trickling bytes would otherwise hold the connection forever.
-        let collected =
-            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
-        let Ok(collected) = collected else {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
-            );
+        let len = match body_length(&body) {
+            Ok(len) => len,
+            Err(r) => return r,
         };
-        let body = match collected {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "body is over the 65536-byte limit",
-                    );
-                }
-                return bad_request(format!("could not read the body: {e}"));
-            }
-        };
+        let mark = parts.extensions.get::<ConnectionMark>();
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         if let (Route::LegacyHook, Some(token)) = (route, &self.legacy_token) {
             if !crate::legacy::token_matches(token, header(crate::legacy::TOKEN_HEADER)) {
-                self.metrics
-                    .auth_failures
-                    .get_or_create(&ReasonLabels {
-                        reason: "legacy_token",
-                    })
-                    .inc();
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    format!("header {} is missing or wrong", crate::legacy::TOKEN_HEADER),
-                );
+                let message = format!("header {} is missing or wrong", crate::legacy::TOKEN_HEADER);
+                return self.auth_failed(peer_key, "legacy_token", message, path_with_query);
             }
+            if let Some(m) = mark {
+                m.authenticated();
+            }
+            let (body, _reservation) = match self.read_body(body, len, deadline).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
             return match crate::legacy::parse(&body) {
                 Ok(change) => {
                     let node = match &change {
@@ -370,6 +367,23 @@ impl Api {
             nonce: header(crate::auth::HEADER_NONCE),
             signature: header(crate::auth::HEADER_SIGNATURE),
         };
+        if let Err(f) = self
+            .verifier
+            .check_head(&headers, crate::clock::unix_seconds())
+        {
+            return self.auth_failed(peer_key, f.reason.as_str(), f.message, path_with_query);
+        }
+        // A peer that failed too often gets its small requests read and checked still (a
+        // sidecar behind the same NAT address keeps working), but no large body.
+        if let Some(retry) = self.limits.failures.limited(peer_key, started) {
+            if len > limits::SMALL_BODY {
+                return self.rate_limited(peer_key, retry);
+            }
+        }
+        let (body, _reservation) = match self.read_body(body, len, deadline).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
         let key_id = match self.verifier.verify(
             method.as_str(),
             path_with_query,
@@ -379,16 +393,12 @@ impl Api {
         ) {
             Ok(k) => k,
             Err(f) => {
-                self.metrics
-                    .auth_failures
-                    .get_or_create(&ReasonLabels {
-                        reason: f.reason.as_str(),
-                    })
-                    .inc();
-                tracing::info!(reason = f.reason.as_str(), path = %path_with_query, "request refused: {}", f.message);
-                return error(StatusCode::UNAUTHORIZED, "unauthorized", f.message);
+                return self.auth_failed(peer_key, f.reason.as_str(), f.message, path_with_query)
             }
         };
+        if let Some(m) = mark {
+            m.authenticated();
+        }
 
         match route {
             Route::Frontends => match self.agent.view().await {
@@ -479,6 +489,95 @@ impl Api {
                 json_reply(status, body)
             }
             Err(e) => apply_error(e),
+        }
+    }
+
+    /// Counts a failed authentication of `peer` and answers it: 401, or 429 once the peer has
+    /// used its burst of failures.
+    fn auth_failed(
+        &self,
+        peer: IpAddr,
+        reason: &'static str,
+        message: String,
+        path_with_query: &str,
+    ) -> Reply {
+        self.metrics
+            .auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        match self.limits.failures.failed(peer, Instant::now()) {
+            Some(retry) => {
+                tracing::debug!(reason, %peer, path = %path_with_query, "request refused, peer rate-limited: {message}");
+                self.rate_limited(peer, retry)
+            }
+            None => {
+                tracing::info!(reason, %peer, path = %path_with_query, "request refused: {message}");
+                error(StatusCode::UNAUTHORIZED, "unauthorized", message)
+            }
+        }
+    }
+
+    fn rate_limited(&self, peer: IpAddr, retry: Duration) -> Reply {
+        self.metrics.rate_limited.inc();
+        let secs = retry.as_secs().max(1);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many failed authentications from {peer}; retry after {secs} s \
+                 (a correctly signed request of at most {} bytes is still served)",
+                limits::SMALL_BODY
+            ),
+        );
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        r
+    }
+
+    /// Reads a body of `len` bytes (announced, at most [`MAX_BODY`]) once the budget has room
+    /// for it, all by `deadline`. The reservation is held for as long as the body is.
+    async fn read_body(
+        &self,
+        body: Incoming,
+        len: usize,
+        deadline: Instant,
+    ) -> Result<(Bytes, limits::BodyReservation), Reply> {
+        let Some(reservation) = self.limits.budget.reserve(len, deadline).await else {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "no room to read a body of {len} bytes within {BODY_TIMEOUT:?}: too many \
+                     large bodies are being read; bodies of at most {} bytes do not wait",
+                    limits::SMALL_BODY
+                ),
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return Err(r);
+        };
+        // A deadline on the body too: the header timeout does not cover it, and an unsigned
+        // client trickling bytes would otherwise hold the connection forever.
+        let collected =
+            tokio::time::timeout_at(deadline.into(), Limited::new(body, MAX_BODY).collect()).await;
+        let Ok(collected) = collected else {
+            return Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+            ));
+        };
+        match collected {
+            Ok(b) => Ok((b.to_bytes(), reservation)),
+            Err(e) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return Err(too_large(&format!(
+                        "body is over the {MAX_BODY}-byte limit"
+                    )));
+                }
+                Err(bad_request(format!("could not read the body: {e}")))
+            }
         }
     }
 

@@ -1,20 +1,31 @@
-//! The accept loop: connection limits, HTTP/1 on each connection, graceful shutdown.
+//! The accept loop: each new connection is admitted against the connection caps (see
+//! [`super::limits`]), then served HTTP/1 with bounded heads and timeouts, over any transport
+//! ([`serve_connection`]), until it ends, is evicted, or the server shuts down.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::{peer_key, Admission};
 use super::Api;
 
-/// Most connections served at once; more wait in the kernel's accept queue. Sidecars hold one
-/// keep-alive connection each, so this is far above normal use and far below the file limit.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// Largest request head (request line and headers) read; a larger one is answered 431. It is
+/// also the most hyper buffers of a connection's input at once. A signed request's head is
+/// ~400 bytes.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// How long a request head may take to arrive, counted from the connection's start or from
+/// the end of its previous request: it also closes idle keep-alive connections.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counts a request in `lbagent_http_requests_in_flight` for as long as it lives, also when
 /// its connection goes away before the answer.
@@ -41,18 +52,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
     loop {
-        // Wait for a free slot before accepting, so a flood cannot use up file descriptors
-        // the agent needs for HAProxy's socket, its store and its config files.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -65,26 +66,19 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
+        // Admitted before anything is read, so the caps also bound the file descriptors
+        // strangers hold, which the agent needs for HAProxy's sockets and its files.
+        let admission = match api.limits.connections.admit(peer_key(peer.ip())) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused: every connection at the cap has authenticated");
+                continue;
+            }
+        };
         stream.set_nodelay(true).ok();
         let api = api.clone();
-        let service = service_fn(move |req| {
-            let api = api.clone();
-            async move {
-                let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-                Ok::<_, Infallible>(api.handle(req).await)
-            }
-        });
-        let conn = http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let watcher = graceful.watcher();
+        tokio::spawn(serve_connection(stream, peer, api, admission, watcher));
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -92,5 +86,43 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some connections were still open after {grace:?}; closing them");
+    }
+}
+
+/// Serves HTTP/1 on one admitted connection from `peer`, over any transport `io` (TCP, or TLS
+/// over it), until it ends, is evicted to make room for a newer one, or the server shuts down.
+pub async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    api: Arc<Api>,
+    admission: Admission,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mark = admission.mark();
+    let service = service_fn(move |mut req| {
+        let api = api.clone();
+        req.extensions_mut().insert(mark.clone());
+        async move {
+            let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
+            Ok::<_, Infallible>(api.handle(req, peer).await)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        ended = watcher.watch(conn) => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = admission.evicted() => {
+            tracing::debug!(%peer, "connection closed to make room: it never authenticated");
+        }
     }
 }

@@ -32,7 +32,7 @@ mod keys;
 mod verify;
 
 pub use keys::{Keys, KeysError};
-pub use verify::{AuthFailure, AuthFailureReason, AuthHeaders, Verifier};
+pub use verify::{AuthFailure, AuthFailureReason, AuthHeaders, CheckedHead, Verifier};
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

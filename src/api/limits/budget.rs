@@ -1,0 +1,98 @@
+//! The body budget: bytes of request bodies being read before their signature is checked, shared
+//! by every connection. A body takes its Content-Length from the budget before it is read and
+//! gives it back when its request is answered; a small body is read on its connection's own
+//! allowance ([`SMALL_BODY`]), so a real change never waits behind large fake bodies.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::SMALL_BODY;
+use crate::metrics::Metrics;
+
+/// The shared budget.
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    in_use: Gauge,
+}
+
+/// The right to read a body of some length: on the connection's own allowance, or bytes of the
+/// shared budget, given back when this drops.
+pub enum BodyReservation {
+    Own,
+    Shared {
+        _permit: OwnedSemaphorePermit,
+        in_use: Gauge,
+        bytes: i64,
+    },
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        if let BodyReservation::Shared { in_use, bytes, .. } = self {
+            in_use.dec_by(*bytes);
+        }
+    }
+}
+
+impl BodyBudget {
+    pub fn new(total: usize, metrics: &Metrics) -> BodyBudget {
+        metrics.body_budget_bytes.set(total as i64);
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            in_use: metrics.body_budget_in_use.clone(),
+        }
+    }
+
+    /// Reserves room for a body of `len` bytes, waiting for it until `deadline`; `None` when
+    /// the budget had no room by then. `len` must be at most the budget's total (the caller has
+    /// refused longer bodies), else this waits until the deadline.
+    pub async fn reserve(&self, len: usize, deadline: Instant) -> Option<BodyReservation> {
+        if len <= SMALL_BODY {
+            return Some(BodyReservation::Own);
+        }
+        let permits = u32::try_from(len).ok().filter(|_| len <= self.total)?;
+        let acquire = self.bytes.clone().acquire_many_owned(permits);
+        let permit = tokio::time::timeout_at(deadline.into(), acquire)
+            .await
+            .ok()?
+            .ok()?;
+        self.in_use.inc_by(len as i64);
+        Some(BodyReservation::Shared {
+            _permit: permit,
+            in_use: self.in_use.clone(),
+            bytes: len as i64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn large_bodies_share_the_budget_small_ones_do_not_wait() {
+        let metrics = Metrics::new();
+        let budget = BodyBudget::new(100_000, &metrics);
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let a = budget.reserve(60_000, soon()).await.expect("room");
+        assert_eq!(metrics.body_budget_in_use.get(), 60_000);
+        assert!(budget.reserve(60_000, soon()).await.is_none(), "no room");
+        assert!(matches!(
+            budget.reserve(SMALL_BODY, soon()).await,
+            Some(BodyReservation::Own)
+        ));
+        drop(a);
+        assert_eq!(metrics.body_budget_in_use.get(), 0);
+        assert!(budget.reserve(60_000, soon()).await.is_some());
+        assert!(
+            budget.reserve(200_000, soon()).await.is_none(),
+            "over the total"
+        );
+    }
+}
