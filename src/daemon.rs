@@ -250,6 +250,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     // Every value is checked before anything is created or started.
     let durations = Durations::resolve(&settings)?;
     let limits = resolve_limits(&settings)?;
+    raise_file_limit(limits.max_connections);
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9900)));
@@ -505,6 +506,30 @@ impl Durations {
             ));
         }
         Ok(resolved)
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: the default soft limit (often 1024)
+/// is below `--max-connections`, and accepting would fail with EMFILE long before the cap.
+fn raise_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+        }
+    }
+    // Room for HAProxy's sockets, the store and config files beside the connections.
+    let needed = max_connections as u64 + 256;
+    let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            "the open-file limit is below --max-connections + 256 ({needed}); raise it \
+             (LimitNOFILE= in the systemd unit) or lower --max-connections"
+        );
     }
 }
 

@@ -533,21 +533,21 @@ impl Api {
         r
     }
 
-    /// Reads a body of `len` bytes (announced, at most [`MAX_BODY`]) once the budget has room
-    /// for it, all by `deadline`. The reservation is held for as long as the body is.
+    /// Reads a body of `len` bytes (announced, at most [`MAX_BODY`]) if the budget has room for
+    /// it, by `deadline`. The reservation is held for as long as the body is.
     async fn read_body(
         &self,
         body: Incoming,
         len: usize,
         deadline: Instant,
     ) -> Result<(Bytes, limits::BodyReservation), Reply> {
-        let Some(reservation) = self.limits.budget.reserve(len, deadline).await else {
+        let Some(reservation) = self.limits.budget.reserve(len) else {
             let mut r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 format!(
-                    "no room to read a body of {len} bytes within {BODY_TIMEOUT:?}: too many \
-                     large bodies are being read; bodies of at most {} bytes do not wait",
+                    "no room now to read a body of {len} bytes: too many large bodies are being \
+                     read; bodies of at most {} bytes are always read",
                     limits::SMALL_BODY
                 ),
             );

@@ -5,8 +5,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -15,13 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::limits::{peer_key, Admission};
+use super::limits::{peer_key, read_first_request, Admission, FirstRequest, Prefixed, MAX_HEAD};
 use super::Api;
-
-/// Largest request head (request line and headers) read; a larger one is answered 431. It is
-/// also the most hyper buffers of a connection's input at once. A signed request's head is
-/// ~400 bytes.
-pub const MAX_HEAD: usize = 16 * 1024;
 
 /// How long a request head may take to arrive, counted from the connection's start or from
 /// the end of its previous request: it also closes idle keep-alive connections.
@@ -91,8 +87,11 @@ pub async fn serve(
 
 /// Serves HTTP/1 on one admitted connection from `peer`, over any transport `io` (TCP, or TLS
 /// over it), until it ends, is evicted to make room for a newer one, or the server shuts down.
+/// The first request is read before hyper takes the connection (see
+/// [`super::limits::read_first_request`]); a connection that has not authenticated is closed
+/// after each answer, so a stranger holds hyper's buffers only while it is being answered.
 pub async fn serve_connection<I>(
-    io: I,
+    mut io: I,
     peer: SocketAddr,
     api: Arc<Api>,
     admission: Admission,
@@ -100,13 +99,28 @@ pub async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let first = tokio::select! {
+        first = read_first_request(&mut io, Instant::now() + HEADER_TIMEOUT) => first,
+        _ = admission.evicted() => return,
+    };
+    let FirstRequest::Ready(first) = first else {
+        return;
+    };
+    let io = Prefixed::new(first, io);
     let mark = admission.mark();
     let service = service_fn(move |mut req| {
         let api = api.clone();
+        let mark = mark.clone();
         req.extensions_mut().insert(mark.clone());
         async move {
             let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-            Ok::<_, Infallible>(api.handle(req, peer).await)
+            let mut reply = api.handle(req, peer).await;
+            if !mark.is_authenticated() {
+                reply
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(reply)
         }
     });
     let conn = http1::Builder::new()

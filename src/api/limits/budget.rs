@@ -1,10 +1,11 @@
 //! The body budget: bytes of request bodies being read before their signature is checked, shared
 //! by every connection. A body takes its Content-Length from the budget before it is read and
-//! gives it back when its request is answered; a small body is read on its connection's own
-//! allowance ([`SMALL_BODY`]), so a real change never waits behind large fake bodies.
+//! gives it back when its request is answered; when the budget has no room the request is
+//! answered 503 at once rather than waiting, since a waiting connection holds hyper's buffers.
+//! A small body is read on its connection's own allowance ([`SMALL_BODY`]), so a real change
+//! never meets the large fake bodies.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -48,19 +49,13 @@ impl BodyBudget {
         }
     }
 
-    /// Reserves room for a body of `len` bytes, waiting for it until `deadline`; `None` when
-    /// the budget had no room by then. `len` must be at most the budget's total (the caller has
-    /// refused longer bodies), else this waits until the deadline.
-    pub async fn reserve(&self, len: usize, deadline: Instant) -> Option<BodyReservation> {
+    /// Reserves room for a body of `len` bytes; `None` when the budget has no room now.
+    pub fn reserve(&self, len: usize) -> Option<BodyReservation> {
         if len <= SMALL_BODY {
             return Some(BodyReservation::Own);
         }
         let permits = u32::try_from(len).ok().filter(|_| len <= self.total)?;
-        let acquire = self.bytes.clone().acquire_many_owned(permits);
-        let permit = tokio::time::timeout_at(deadline.into(), acquire)
-            .await
-            .ok()?
-            .ok()?;
+        let permit = self.bytes.clone().try_acquire_many_owned(permits).ok()?;
         self.in_use.inc_by(len as i64);
         Some(BodyReservation::Shared {
             _permit: permit,
@@ -73,26 +68,21 @@ impl BodyBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    #[tokio::test]
-    async fn large_bodies_share_the_budget_small_ones_do_not_wait() {
+    #[test]
+    fn large_bodies_share_the_budget_small_ones_do_not() {
         let metrics = Metrics::new();
         let budget = BodyBudget::new(100_000, &metrics);
-        let soon = || Instant::now() + Duration::from_millis(50);
-        let a = budget.reserve(60_000, soon()).await.expect("room");
+        let a = budget.reserve(60_000).expect("room");
         assert_eq!(metrics.body_budget_in_use.get(), 60_000);
-        assert!(budget.reserve(60_000, soon()).await.is_none(), "no room");
+        assert!(budget.reserve(60_000).is_none(), "no room");
         assert!(matches!(
-            budget.reserve(SMALL_BODY, soon()).await,
+            budget.reserve(SMALL_BODY),
             Some(BodyReservation::Own)
         ));
         drop(a);
         assert_eq!(metrics.body_budget_in_use.get(), 0);
-        assert!(budget.reserve(60_000, soon()).await.is_some());
-        assert!(
-            budget.reserve(200_000, soon()).await.is_none(),
-            "over the total"
-        );
+        assert!(budget.reserve(60_000).is_some());
+        assert!(budget.reserve(200_000).is_none(), "over the total");
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -140,6 +141,7 @@ impl Connections {
             mark: ConnectionMark {
                 table: self.clone(),
                 id,
+                authenticated: Arc::new(AtomicBool::new(false)),
             },
             evict,
         })
@@ -198,12 +200,19 @@ impl Drop for Admission {
 pub struct ConnectionMark {
     table: Arc<Connections>,
     id: u64,
+    authenticated: Arc<AtomicBool>,
 }
 
 impl ConnectionMark {
     /// The connection carried an authenticated request: it is no longer evicted for newcomers.
     pub fn authenticated(&self) {
-        self.table.authenticated(self.id);
+        if !self.authenticated.swap(true, Ordering::Relaxed) {
+            self.table.authenticated(self.id);
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
     }
 }
 

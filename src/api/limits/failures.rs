@@ -66,8 +66,8 @@ impl FailureLimiter {
         (tokens < 1.0).then(|| self.retry_after(tokens))
     }
 
-    /// Counts a failed authentication of `peer`; `Some(retry after)` when it has now used its
-    /// burst, so this failure is answered 429.
+    /// Counts a failed authentication of `peer`; `Some(retry after)` when it had already used
+    /// its burst, so this failure is answered 429.
     pub fn failed(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
         let now_ms = self.ms(now);
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,7 +96,7 @@ impl FailureLimiter {
             },
         );
         t.by_age.insert((now_ms, peer));
-        (was_limited || tokens < 1.0).then(|| self.retry_after(tokens))
+        was_limited.then(|| self.retry_after(tokens))
     }
 
     /// Peers remembered.
@@ -125,8 +125,9 @@ mod tests {
     fn a_burst_then_one_per_second_per_peer() {
         let l = FailureLimiter::new(3, 1, 100);
         let t0 = Instant::now();
-        assert_eq!(l.failed(ip(1), t0), None);
-        assert_eq!(l.failed(ip(1), t0), None);
+        for _ in 0..3 {
+            assert_eq!(l.failed(ip(1), t0), None);
+        }
         assert_eq!(
             l.failed(ip(1), t0),
             Some(Duration::from_secs(1)),
@@ -137,6 +138,7 @@ mod tests {
         assert_eq!(l.failed(ip(2), t0), None);
         let later = t0 + Duration::from_millis(1000);
         assert_eq!(l.limited(ip(1), later), None, "a token back after a second");
+        assert_eq!(l.failed(ip(1), later), None, "the token regained");
         assert!(l.failed(ip(1), later).is_some());
         assert_eq!(l.limited(ip(1), t0 + Duration::from_secs(10)), None);
     }

@@ -5,14 +5,17 @@
 //! - [`connections`]: the table of open connections, per peer, with eviction.
 //! - [`budget`]: the shared body budget.
 //! - [`failures`]: failed authentications per peer, a token bucket each.
+//! - [`first_request`]: a connection's first request, read before hyper buffers anything.
 
 mod budget;
 mod connections;
 mod failures;
+mod first_request;
 
 pub use budget::{BodyBudget, BodyReservation};
 pub use connections::{Admission, ConnectionMark, Connections, Refused};
 pub use failures::FailureLimiter;
+pub use first_request::{read_first_request, FirstRequest, Prefixed};
 
 use std::net::IpAddr;
 
@@ -25,10 +28,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
 /// Default for `--body-budget`: 64 bodies of the largest size being read at once.
 pub const DEFAULT_BODY_BUDGET: usize = 4 << 20;
-/// A body this small is read on its connection's own allowance, without waiting for the shared
-/// budget: a real PUT is ~200 bytes, so a signed change never queues behind large fake bodies.
-/// What this allows at most is bounded by the connection cap.
-pub const SMALL_BODY: usize = 4096;
+/// A body this small is read on its connection's own allowance, outside the shared budget: a
+/// real PUT is ~200 bytes, so a signed change never competes with large fake bodies. What this
+/// allows at most is bounded by the connection cap.
+pub const SMALL_BODY: usize = 2048;
+/// Largest request head (request line and headers); a larger one is answered 431. A signed
+/// request's head is ~400 bytes. With [`SMALL_BODY`] it bounds what a connection that has not
+/// authenticated holds: see docs/security.md, Limits.
+pub const MAX_HEAD: usize = 8 * 1024;
 /// Failed authentications a peer may have in a burst before it is answered 429.
 pub const FAILURE_BURST: u32 = 20;
 /// Failed authentications per second a peer regains after its burst.
