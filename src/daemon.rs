@@ -115,10 +115,15 @@ pub struct Settings {
     /// many sidecars may share one NAT address [default: 256].
     #[arg(long, value_name = "N")]
     pub max_connections_per_peer: Option<usize>,
-    /// Bytes of request bodies over 4 KiB read at once, across all connections, before their
-    /// signature is checked; 65536 to 1073741824 [default: 4194304, 4 MiB].
+    /// Bytes of request bodies over 2 KiB (and of the buffers of the connections reading them)
+    /// held at once, across all connections, before their signature is checked; 81920 to
+    /// 1073741824 [default: 4194304, 4 MiB].
     #[arg(long, value_name = "BYTES")]
     pub body_budget: Option<usize>,
+    /// Failed authentications one address (an IPv6 /64) may have in a burst before its
+    /// failures are answered 429; one more is allowed per second; 1 to 1000000 [default: 20].
+    #[arg(long, value_name = "N")]
+    pub auth_failure_burst: Option<u32>,
     /// Turn `/metrics` off.
     #[arg(long)]
     #[serde(default)]
@@ -175,6 +180,7 @@ impl Settings {
             max_connections,
             max_connections_per_peer,
             body_budget,
+            auth_failure_burst,
             auth_window,
             reconcile_interval,
             lease,
@@ -537,7 +543,7 @@ fn raise_file_limit(max_connections: usize) {
 /// checked against its range.
 fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
     use api::limits::{
-        LimitSettings, DEFAULT_BODY_BUDGET, DEFAULT_MAX_CONNECTIONS,
+        LimitSettings, DEFAULT_BODY_BUDGET, DEFAULT_FAILURE_BURST, DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_CONNECTIONS_PER_PEER,
     };
     let within = |flag: &str, v: usize, range: std::ops::RangeInclusive<usize>| {
@@ -568,8 +574,13 @@ fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
         body_budget: within(
             "body-budget",
             s.body_budget.unwrap_or(DEFAULT_BODY_BUDGET),
-            api::MAX_BODY..=1 << 30,
+            api::MAX_BODY + api::limits::CONNECTION_BUFFERS..=1 << 30,
         )?,
+        auth_failure_burst: within(
+            "auth-failure-burst",
+            s.auth_failure_burst.unwrap_or(DEFAULT_FAILURE_BURST) as usize,
+            1..=1_000_000,
+        )? as u32,
     })
 }
 

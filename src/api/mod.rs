@@ -1,7 +1,9 @@
 //! The HTTP API: routes, body limits, authentication, input validation and the JSON answers.
-//! A request flows one way: read (≤ 64 KiB) → verify the signature → parse and validate →
-//! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
-//! signature verifier's nonce cache.
+//! A request flows one way: the head checked (length, auth headers, key, timestamp, nonce) →
+//! the body read (≤ 64 KiB, under the shared budget when over 2 KiB) → verify the signature →
+//! parse and validate → the owner task (policy, state, store, HAProxy) → answer. What may be
+//! held before a request is authenticated is bounded in [`limits`]; the accept loop is in
+//! `serve`. Nothing here holds state but the verifier's nonce cache and those limits.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -198,20 +200,35 @@ fn too_large(message: &str) -> Reply {
     error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
 }
 
+/// Why a body's length is refused from the head.
+enum LengthRefused {
+    TooLarge(u64),
+    Chunked,
+}
+
+impl From<LengthRefused> for Reply {
+    fn from(r: LengthRefused) -> Reply {
+        match r {
+            LengthRefused::TooLarge(len) => too_large(&format!(
+                "body of {len} bytes is over the {MAX_BODY}-byte limit"
+            )),
+            LengthRefused::Chunked => error(
+                StatusCode::LENGTH_REQUIRED,
+                "length_required",
+                "send the body with a Content-Length header (chunked bodies are not accepted)",
+            ),
+        }
+    }
+}
+
 /// The body's announced length: a Content-Length (none for no body) of at most [`MAX_BODY`].
 /// A chunked body is refused, so every body's length is known before it is read (lbctl, the
 /// old sidecars' curl and the examples all send Content-Length).
-fn body_length(body: &Incoming) -> Result<usize, Reply> {
+fn body_length(body: &Incoming) -> Result<usize, LengthRefused> {
     match hyper::body::Body::size_hint(body).exact() {
-        Some(len) if len > MAX_BODY as u64 => Err(too_large(&format!(
-            "body of {len} bytes is over the {MAX_BODY}-byte limit"
-        ))),
+        Some(len) if len > MAX_BODY as u64 => Err(LengthRefused::TooLarge(len)),
         Some(len) => Ok(len as usize),
-        None => Err(error(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send the body with a Content-Length header (chunked bodies are not accepted)",
-        )),
+        None => Err(LengthRefused::Chunked),
     }
 }
 
@@ -332,7 +349,7 @@ impl Api {
         let (parts, body) = req.into_parts();
         let len = match body_length(&body) {
             Ok(len) => len,
-            Err(r) => return r,
+            Err(r) => return r.into(),
         };
         let mark = parts.extensions.get::<ConnectionMark>();
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());

@@ -11,10 +11,10 @@ use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::limits::{peer_key, read_first_request, Admission, FirstRequest, Prefixed, MAX_HEAD};
 use super::Api;
@@ -48,7 +48,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -73,11 +73,17 @@ pub async fn serve(
         };
         stream.set_nodelay(true).ok();
         let api = api.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(serve_connection(stream, peer, api, admission, watcher));
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            api,
+            admission,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -90,17 +96,20 @@ pub async fn serve(
 /// The first request is read before hyper takes the connection (see
 /// [`super::limits::read_first_request`]); a connection that has not authenticated is closed
 /// after each answer, so a stranger holds hyper's buffers only while it is being answered.
+/// Once `shutdown` is cancelled the request in progress is answered, and the connection closed.
 pub async fn serve_connection<I>(
     mut io: I,
     peer: SocketAddr,
     api: Arc<Api>,
     admission: Admission,
-    watcher: Watcher,
+    shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let first = tokio::select! {
-        first = read_first_request(&mut io, Instant::now() + HEADER_TIMEOUT) => first,
+        first = read_first_request(&mut io, Instant::now() + HEADER_TIMEOUT, &shutdown, || {
+            InFlight::new(&api.metrics.requests_in_flight)
+        }) => first,
         _ = admission.evicted() => return,
     };
     let FirstRequest::Ready(first) = first else {
@@ -108,14 +117,16 @@ pub async fn serve_connection<I>(
     };
     let io = Prefixed::new(first, io);
     let mark = admission.mark();
+    let closing = shutdown.clone();
     let service = service_fn(move |mut req| {
         let api = api.clone();
         let mark = mark.clone();
+        let closing = closing.clone();
         req.extensions_mut().insert(mark.clone());
         async move {
             let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
             let mut reply = api.handle(req, peer).await;
-            if !mark.is_authenticated() {
+            if !mark.is_authenticated() || closing.is_cancelled() {
                 reply
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -129,14 +140,25 @@ pub async fn serve_connection<I>(
         .max_header_size(MAX_HEAD)
         .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(io), service);
-    tokio::select! {
-        ended = watcher.watch(conn) => {
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        // hyper closes a connection told to shut down before it has read a request, so one
+        // whose first request arrived after the shutdown began is answered (with
+        // `Connection: close`, above) rather than told.
+        _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = admission.evicted() => Ok(()),
             }
         }
         _ = admission.evicted() => {
             tracing::debug!(%peer, "connection closed to make room: it never authenticated");
+            Ok(())
         }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -11,6 +11,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::SMALL_BODY;
+
+/// What hyper holds for a connection while it reads a body (an 8 KiB read buffer and an 8 KiB
+/// write buffer), charged to the budget with the body: else many bodies just over
+/// [`SMALL_BODY`] would each hold far more than they take.
+pub const CONNECTION_BUFFERS: usize = 16 * 1024;
 use crate::metrics::Metrics;
 
 /// The shared budget.
@@ -49,11 +54,13 @@ impl BodyBudget {
         }
     }
 
-    /// Reserves room for a body of `len` bytes; `None` when the budget has no room now.
+    /// Reserves room for a body of `len` bytes, and for the buffers of the connection reading
+    /// it; `None` when the budget has no room now.
     pub fn reserve(&self, len: usize) -> Option<BodyReservation> {
         if len <= SMALL_BODY {
             return Some(BodyReservation::Own);
         }
+        let len = len + CONNECTION_BUFFERS;
         let permits = u32::try_from(len).ok().filter(|_| len <= self.total)?;
         let permit = self.bytes.clone().try_acquire_many_owned(permits).ok()?;
         self.in_use.inc_by(len as i64);
@@ -74,7 +81,10 @@ mod tests {
         let metrics = Metrics::new();
         let budget = BodyBudget::new(100_000, &metrics);
         let a = budget.reserve(60_000).expect("room");
-        assert_eq!(metrics.body_budget_in_use.get(), 60_000);
+        assert_eq!(
+            metrics.body_budget_in_use.get(),
+            (60_000 + CONNECTION_BUFFERS) as i64
+        );
         assert!(budget.reserve(60_000).is_none(), "no room");
         assert!(matches!(
             budget.reserve(SMALL_BODY),

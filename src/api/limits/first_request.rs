@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use super::{MAX_HEAD, SMALL_BODY};
 
@@ -26,15 +27,22 @@ pub enum FirstRequest {
 }
 
 /// Reads until the first request's head is complete (and its body, when its Content-Length is
-/// at most [`SMALL_BODY`]), or the head is over [`MAX_HEAD`], or `deadline`.
-pub async fn read_first_request<I: AsyncRead + Unpin>(
+/// at most [`SMALL_BODY`]), or the head is over [`MAX_HEAD`], or `deadline`. While the small
+/// body is awaited, the request is in flight: `in_flight` makes what counts it. Once `stop` is
+/// cancelled (the server shuts down) a head not yet complete is given up; a request in flight
+/// is read on.
+pub async fn read_first_request<I: AsyncRead + Unpin, G>(
     io: &mut I,
     deadline: Instant,
+    stop: &CancellationToken,
+    in_flight: impl FnOnce() -> G,
 ) -> FirstRequest {
     let mut buf: Vec<u8> = Vec::new();
     // Where the search for the head's end resumes.
     let mut searched = 0;
     let mut want: Option<usize> = None;
+    let mut in_flight = Some(in_flight);
+    let mut _counted = None;
     loop {
         if let Some(total) = want {
             if buf.len() >= total {
@@ -42,7 +50,10 @@ pub async fn read_first_request<I: AsyncRead + Unpin>(
             }
         } else if let Some(end) = head_end(&buf, searched) {
             match small_body_length(&buf[..end]) {
-                Some(len) => want = Some(end + len),
+                Some(len) => {
+                    want = Some(end + len);
+                    _counted = in_flight.take().map(|f| f());
+                }
                 None => return FirstRequest::Ready(buf),
             }
             continue;
@@ -60,7 +71,11 @@ pub async fn read_first_request<I: AsyncRead + Unpin>(
         let room = (buf.capacity() - buf.len()).min(limit - buf.len());
         let start = buf.len();
         buf.resize(start + room, 0);
-        let read = tokio::time::timeout_at(deadline.into(), io.read(&mut buf[start..])).await;
+        let read = tokio::time::timeout_at(deadline.into(), io.read(&mut buf[start..]));
+        let read = tokio::select! {
+            read = read => read,
+            _ = stop.cancelled(), if want.is_none() => return FirstRequest::Gone,
+        };
         match read {
             Ok(Ok(n)) if n > 0 => buf.truncate(start + n),
             _ => return FirstRequest::Gone,
@@ -182,7 +197,13 @@ mod tests {
             client.write_all(p).await.unwrap();
         }
         drop(client);
-        read_first_request(&mut server, Instant::now() + Duration::from_secs(5)).await
+        read_first_request(
+            &mut server,
+            Instant::now() + Duration::from_secs(5),
+            &CancellationToken::new(),
+            || (),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -192,7 +213,13 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(&req[..20]).await.unwrap();
         let reading = tokio::spawn(async move {
-            let r = read_first_request(&mut server, Instant::now() + Duration::from_secs(5)).await;
+            let r = read_first_request(
+                &mut server,
+                Instant::now() + Duration::from_secs(5),
+                &CancellationToken::new(),
+                || (),
+            )
+            .await;
             (r, server)
         });
         tokio::task::yield_now().await;
@@ -232,8 +259,31 @@ mod tests {
     async fn a_peer_that_leaves_or_is_too_slow_is_gone() {
         assert_eq!(first(&[b"GET / HTT"]).await, FirstRequest::Gone);
         let (_client, mut server) = tokio::io::duplex(1024);
-        let r = read_first_request(&mut server, Instant::now() + Duration::from_millis(20)).await;
+        let soon = Instant::now() + Duration::from_millis(20);
+        let r = read_first_request(&mut server, soon, &CancellationToken::new(), || ()).await;
         assert_eq!(r, FirstRequest::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_gives_up_heads_but_not_requests_in_flight() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTT").await.unwrap();
+        let soon = Instant::now() + Duration::from_secs(5);
+        let r = read_first_request(&mut server, soon, &stop, || ()).await;
+        assert_eq!(r, FirstRequest::Gone);
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let req = b"PUT / HTTP/1.1\r\nContent-Length: 2\r\n\r\n";
+        client.write_all(req).await.unwrap();
+        let reading =
+            tokio::spawn(async move { read_first_request(&mut server, soon, &stop, || ()).await });
+        tokio::task::yield_now().await;
+        client.write_all(b"ok").await.unwrap();
+        let FirstRequest::Ready(got) = reading.await.unwrap() else {
+            panic!()
+        };
+        assert!(got.ends_with(b"\r\n\r\nok"));
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ mod connections;
 mod failures;
 mod first_request;
 
-pub use budget::{BodyBudget, BodyReservation};
+pub use budget::{BodyBudget, BodyReservation, CONNECTION_BUFFERS};
 pub use connections::{Admission, ConnectionMark, Connections, Refused};
 pub use failures::FailureLimiter;
 pub use first_request::{read_first_request, FirstRequest, Prefixed};
@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default for `--max-connections-per-peer`: many sidecars may share one NAT address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
-/// Default for `--body-budget`: 64 bodies of the largest size being read at once.
+/// Default for `--body-budget`: 51 bodies of the largest size being read at once.
 pub const DEFAULT_BODY_BUDGET: usize = 4 << 20;
 /// A body this small is read on its connection's own allowance, outside the shared budget: a
 /// real PUT is ~200 bytes, so a signed change never competes with large fake bodies. What this
@@ -36,8 +36,9 @@ pub const SMALL_BODY: usize = 2048;
 /// request's head is ~400 bytes. With [`SMALL_BODY`] it bounds what a connection that has not
 /// authenticated holds: see docs/security.md, Limits.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Failed authentications a peer may have in a burst before it is answered 429.
-pub const FAILURE_BURST: u32 = 20;
+/// Default for `--auth-failure-burst`: failed authentications a peer may have in a burst before
+/// it is answered 429.
+pub const DEFAULT_FAILURE_BURST: u32 = 20;
 /// Failed authentications per second a peer regains after its burst.
 pub const FAILURES_PER_SECOND: u32 = 1;
 /// Peers whose failures are remembered at once; past it the one seen longest ago is forgotten.
@@ -49,6 +50,7 @@ pub struct LimitSettings {
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
     pub body_budget: usize,
+    pub auth_failure_burst: u32,
 }
 
 impl Default for LimitSettings {
@@ -57,6 +59,7 @@ impl Default for LimitSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             body_budget: DEFAULT_BODY_BUDGET,
+            auth_failure_burst: DEFAULT_FAILURE_BURST,
         }
     }
 }
@@ -77,7 +80,11 @@ impl Limits {
                 metrics,
             )),
             budget: BodyBudget::new(settings.body_budget, metrics),
-            failures: FailureLimiter::new(FAILURE_BURST, FAILURES_PER_SECOND, MAX_FAILING_PEERS),
+            failures: FailureLimiter::new(
+                settings.auth_failure_burst,
+                FAILURES_PER_SECOND,
+                MAX_FAILING_PEERS,
+            ),
         }
     }
 }

@@ -1,0 +1,174 @@
+//! A signed change's latency while strangers flood the agent (#10 point 4: answered in
+//! ≤ 100 ms), against the same request without a flood, measured in the same run, and the
+//! agent's peak RSS (VmHWM) under each flood (≤ 64 MiB). The change is a sidecar's renewal
+//! (`PUT` of the same server), on a fresh connection from 127.0.0.1 each time, as `lbctl
+//! phone-home` sends it. The floods are those of `tests/limits.rs`: 4,000 connections (16
+//! loopback addresses × 250, or all from 127.0.0.1) holding unfinished 60 KB bodies, small
+//! bodies, or heads, and 1,000 holding unfinished 360 KB headers.
+//!
+//!     cargo bench --bench flood        # about a minute
+//!
+//! Under `cargo test --benches` (no `--bench` argument) it runs floods of 200 connections and
+//! 5 requests each, to check that it still works, and prints no table.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod util;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::agent::{body, try_http_from, Agent};
+use common::flood::{loopback_sources, proc_status_kib, raise_file_limit, Flood, Hold};
+use common::free_port;
+use serde_json::json;
+
+/// The target for a signed change under a flood.
+const TARGET: Duration = Duration::from_millis(100);
+
+fn renew(agent: &Agent, port: u16) -> Duration {
+    let path = format!("/v1/frontends/{port}/servers/node-a");
+    let b = body("127.0.0.1", 30080, json!({})).to_string();
+    let h = agent.auth_headers("PUT", &path, b.as_bytes());
+    let started = Instant::now();
+    let r = try_http_from(
+        IpAddr::from([127, 0, 0, 1]),
+        agent.addr,
+        "PUT",
+        &path,
+        &h,
+        b.as_bytes(),
+    )
+    .expect("the signed change is answered");
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    took
+}
+
+/// Latencies of `n` renewals, sorted.
+fn renewals(agent: &Agent, port: u16, n: usize) -> Vec<Duration> {
+    let mut v: Vec<Duration> = (0..n).map(|_| renew(agent, port)).collect();
+    v.sort();
+    v
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let measuring = util::measuring();
+    let (per_source, requests) = if measuring { (250, 50) } else { (13, 5) };
+    assert!(
+        raise_file_limit() >= 6000,
+        "the floods need 6000 open files"
+    );
+    let agent = Agent::managed();
+    let port = free_port();
+    agent.put_ok(
+        port,
+        "node-a",
+        &body("127.0.0.1", 30080, json!({})),
+        "reload",
+    );
+    let many = loopback_sources(2, 16);
+    let same = [IpAddr::from([127, 0, 0, 1])];
+    let floods: Vec<(&str, &[IpAddr], usize, Hold)> = vec![
+        (
+            "unfinished 60 KB bodies, 16 addresses",
+            &many,
+            per_source,
+            Hold::Body {
+                content_length: 60_000,
+                sent: 59_000,
+                auth: true,
+            },
+        ),
+        (
+            "unfinished 2 KB bodies, 16 addresses",
+            &many,
+            per_source,
+            Hold::Body {
+                content_length: 2000,
+                sent: 1500,
+                auth: true,
+            },
+        ),
+        (
+            "unfinished 7 KB heads, 16 addresses",
+            &many,
+            per_source,
+            Hold::Headers { bytes: 7000 },
+        ),
+        (
+            "unfinished 7 KB heads, from the client's address",
+            &same,
+            per_source * 16,
+            Hold::Headers { bytes: 7000 },
+        ),
+        (
+            "unfinished 360 KB headers, 4 addresses",
+            &many[..4],
+            per_source,
+            Hold::Headers { bytes: 360_000 },
+        ),
+    ];
+
+    // Warm: the agent's first requests build its caches.
+    renewals(&agent, port, 5);
+    let baseline = renewals(&agent, port, requests);
+    let mut rows = Vec::new();
+    for (what, sources, per, hold) in floods {
+        let flood = Flood::open(agent.addr, sources, per, hold, Duration::from_secs(20));
+        let under = renewals(&agent, port, requests);
+        let peak = proc_status_kib(agent.pid(), "VmHWM");
+        rows.push((what, flood.connected, under, peak));
+        drop(flood);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.metric("lbagent_http_connections") > 2.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the flood's connections stay open"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if !measuring {
+        return;
+    }
+    let base_p50 = percentile(&baseline, 0.5);
+    println!("signed change (PUT renewal, fresh connection), {requests} requests per row");
+    println!(
+        "{:<50} {:>6} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7}",
+        "flood", "conns", "p50 ms", "p99 ms", "max ms", "×p50", "peak MiB", "≤100ms"
+    );
+    println!(
+        "{:<50} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>7}",
+        "none (baseline)",
+        0,
+        ms(base_p50),
+        ms(percentile(&baseline, 0.99)),
+        ms(*baseline.last().unwrap()),
+        "1.00",
+        "",
+        ""
+    );
+    for (what, conns, under, peak) in rows {
+        let max = *under.last().unwrap();
+        println!(
+            "{:<50} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>9.1} {:>7}",
+            what,
+            conns,
+            ms(percentile(&under, 0.5)),
+            ms(percentile(&under, 0.99)),
+            ms(max),
+            percentile(&under, 0.5).as_secs_f64() / base_p50.as_secs_f64(),
+            peak as f64 / 1024.0,
+            if max <= TARGET { "yes" } else { "NO" }
+        );
+    }
+}
