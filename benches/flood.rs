@@ -18,29 +18,18 @@ mod util;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::agent::{body, try_http_from, Agent};
-use common::flood::{loopback_sources, proc_status_kib, raise_file_limit, Flood, Hold};
-use common::free_port;
-use serde_json::json;
+use common::agent::Agent;
+use common::flood::{
+    agent_with_a_frontend, loopback_sources, proc_status_kib, signed_change, wait_flood_gone,
+    Flood, Hold,
+};
 
 /// The target for a signed change under a flood.
 const TARGET: Duration = Duration::from_millis(100);
 
 fn renew(agent: &Agent, port: u16) -> Duration {
-    let path = format!("/v1/frontends/{port}/servers/node-a");
-    let b = body("127.0.0.1", 30080, json!({})).to_string();
-    let h = agent.auth_headers("PUT", &path, b.as_bytes());
-    let started = Instant::now();
-    let r = try_http_from(
-        IpAddr::from([127, 0, 0, 1]),
-        agent.addr,
-        "PUT",
-        &path,
-        &h,
-        b.as_bytes(),
-    )
-    .expect("the signed change is answered");
-    let took = started.elapsed();
+    let (r, took) =
+        signed_change(agent, IpAddr::from([127, 0, 0, 1]), port).expect("the change is answered");
     assert_eq!(r.status, 200, "{r:?}");
     took
 }
@@ -63,18 +52,7 @@ fn ms(d: Duration) -> f64 {
 fn main() {
     let measuring = util::measuring();
     let (per_source, requests) = if measuring { (250, 50) } else { (13, 5) };
-    assert!(
-        raise_file_limit() >= 6000,
-        "the floods need 6000 open files"
-    );
-    let agent = Agent::managed();
-    let port = free_port();
-    agent.put_ok(
-        port,
-        "node-a",
-        &body("127.0.0.1", 30080, json!({})),
-        "reload",
-    );
+    let (agent, port) = agent_with_a_frontend();
     let many = loopback_sources(2, 16);
     let same = [IpAddr::from([127, 0, 0, 1])];
     let floods: Vec<(&str, &[IpAddr], usize, Hold)> = vec![

@@ -9,11 +9,13 @@
 mod common;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::agent::{body, http, http_head_only, try_http_from, Agent, Response};
-use common::flood::{loopback_sources, proc_status_kib, raise_file_limit, Flood, Hold};
-use common::free_port;
+use common::agent::{body, http, http_head_only, raw_http, try_http_from, Agent, Response};
+use common::flood::{
+    agent_with_a_frontend, loopback_sources, proc_status_kib, signed_change, wait_flood_gone,
+    Flood, Hold,
+};
 use serde_json::json;
 
 /// The target: the agent's peak RSS under a flood.
@@ -27,37 +29,9 @@ fn localhost() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
 
-/// A managed agent with one frontend whose server the legitimate client renews.
-fn agent_with_a_frontend() -> (Agent, u16) {
-    assert!(
-        raise_file_limit() >= 6000,
-        "the flood needs 6000 open files"
-    );
-    let agent = Agent::managed();
-    let port = free_port();
-    agent.put_ok(
-        port,
-        "node-a",
-        &body("127.0.0.1", 30080, json!({})),
-        "reload",
-    );
-    (agent, port)
-}
-
-/// The legitimate client's signed change (a renewal, as a sidecar's heartbeat), from `source`,
-/// on a fresh connection; returns the answer and how long it took.
-fn signed_change(agent: &Agent, source: IpAddr, port: u16) -> (Response, Duration) {
-    let path = format!("/v1/frontends/{port}/servers/node-a");
-    let b = body("127.0.0.1", 30080, json!({})).to_string();
-    let h = agent.auth_headers("PUT", &path, b.as_bytes());
-    let started = Instant::now();
-    let r = try_http_from(source, agent.addr, "PUT", &path, &h, b.as_bytes())
-        .unwrap_or_else(|e| panic!("the signed change got no answer: {e}\n{}", agent.log()));
-    (r, started.elapsed())
-}
-
 fn assert_change_answered(agent: &Agent, source: IpAddr, port: u16, what: &str) {
-    let (r, took) = signed_change(agent, source, port);
+    let (r, took) = signed_change(agent, source, port)
+        .unwrap_or_else(|e| panic!("the signed change got no answer: {e}\n{}", agent.log()));
     assert_eq!(r.status, 200, "{what}: {r:?}\n{}", agent.log());
     assert!(
         took < ANSWER_DEADLINE,
@@ -84,14 +58,6 @@ fn body_flood() -> Hold {
         sent: 59_000,
         auth: true,
     }
-}
-
-/// Waits until the agent has closed what a dropped flood left.
-fn wait_flood_gone(agent: &Agent) {
-    common::agent::eventually(Duration::from_secs(20), "flood connections closed", || {
-        let open = agent.metric("lbagent_http_connections");
-        (open <= 2.0).then_some(()).ok_or(format!("{open} open"))
-    });
 }
 
 #[test]
@@ -290,48 +256,19 @@ fn what_the_head_can_refuse_is_refused_before_the_body() {
 }
 
 fn chunked_put(agent: &Agent, path: &str) -> Response {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(agent.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let h = agent.auth_headers("PUT", path, b"");
     let mut req = format!(
         "PUT {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
     );
-    for (k, v) in h {
+    for (k, v) in agent.auth_headers("PUT", path, b"") {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    let headers = out
-        .split("\r\n\r\n")
-        .next()
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body,
-    }
+    raw_http(agent.addr, req.as_bytes()).unwrap()
 }
 
 #[test]
 fn failed_authentications_are_rate_limited_per_peer() {
-    let agent = Agent::managed();
-    let port = free_port();
-    agent.put_ok(
-        port,
-        "node-a",
-        &body("127.0.0.1", 30080, json!({})),
-        "reload",
-    );
+    let (agent, port) = agent_with_a_frontend();
     let path = format!("/v1/frontends/{port}/servers/node-a");
     let b = body("127.0.0.1", 30080, json!({})).to_string();
     let attacker = IpAddr::from([127, 0, 0, 2]);
@@ -353,7 +290,7 @@ fn failed_authentications_are_rate_limited_per_peer() {
     // Another peer is not affected.
     assert_eq!(bad(IpAddr::from([127, 0, 0, 3])).status, 401);
     // A sidecar behind the same address still gets its (small, signed) change through ...
-    let (r, _) = signed_change(&agent, attacker, port);
+    let (r, _) = signed_change(&agent, attacker, port).unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     // ... but a large body from it is not read.
     let big = format!(

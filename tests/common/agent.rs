@@ -204,9 +204,7 @@ pub fn try_http(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> std::io::Result<Response> {
-    let mut s = connect(addr)?;
-    write_request(&mut s, method, path, headers, body, false)?;
-    read_response(&mut s)
+    exchange(connect(addr)?, method, path, headers, body)
 }
 
 /// [`try_http`] from the loopback source address `source`.
@@ -218,8 +216,25 @@ pub fn try_http_from(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> std::io::Result<Response> {
-    let mut s = connect_from(source, addr)?;
+    exchange(connect_from(source, addr)?, method, path, headers, body)
+}
+
+fn exchange(
+    mut s: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     write_request(&mut s, method, path, headers, body, false)?;
+    read_response(&mut s)
+}
+
+/// `bytes` sent as they are on a fresh connection, and the answer: for requests the other
+/// helpers cannot write (a chunked body, say).
+pub fn raw_http(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+    let mut s = connect(addr)?;
+    s.write_all(bytes)?;
     read_response(&mut s)
 }
 

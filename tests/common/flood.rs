@@ -225,3 +225,40 @@ pub fn raise_file_limit() -> u64 {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     getrlimit(Resource::RLIMIT_NOFILE).unwrap().0
 }
+
+/// A managed agent with one frontend whose server (`node-a`) the legitimate client renews,
+/// and the frontend's port.
+pub fn agent_with_a_frontend() -> (super::agent::Agent, u16) {
+    assert!(raise_file_limit() >= 6000, "a flood needs 6000 open files");
+    let agent = super::agent::Agent::managed();
+    let port = super::free_port();
+    agent.put_ok(port, "node-a", &renewal_body(), "reload");
+    (agent, port)
+}
+
+fn renewal_body() -> serde_json::Value {
+    super::agent::body("127.0.0.1", 30080, serde_json::json!({}))
+}
+
+/// The legitimate client's signed change (a renewal of `node-a`, as a sidecar's heartbeat),
+/// from `source`, on a fresh connection; the answer and how long it took.
+pub fn signed_change(
+    agent: &super::agent::Agent,
+    source: IpAddr,
+    port: u16,
+) -> std::io::Result<(super::agent::Response, Duration)> {
+    let path = format!("/v1/frontends/{port}/servers/node-a");
+    let b = renewal_body().to_string();
+    let h = agent.auth_headers("PUT", &path, b.as_bytes());
+    let started = Instant::now();
+    let r = super::agent::try_http_from(source, agent.addr, "PUT", &path, &h, b.as_bytes())?;
+    Ok((r, started.elapsed()))
+}
+
+/// Waits until the agent has closed what a dropped flood left.
+pub fn wait_flood_gone(agent: &super::agent::Agent) {
+    super::agent::eventually(Duration::from_secs(30), "flood connections closed", || {
+        let open = agent.metric("lbagent_http_connections");
+        (open <= 2.0).then_some(()).ok_or(format!("{open} open"))
+    });
+}
