@@ -827,6 +827,45 @@ mod tests {
     }
 
     #[test]
+    fn limit_flags_have_defaults_ranges_and_the_file() {
+        let limits = |args: &[&str]| {
+            let cli =
+                Settings::try_parse_from(std::iter::once("lbagent").chain(args.iter().copied()))
+                    .unwrap();
+            resolve_limits(&cli)
+        };
+        assert_eq!(limits(&[]).unwrap(), api::limits::LimitSettings::default());
+        let l = limits(&["--max-connections", "100", "--body-budget", "100000"]).unwrap();
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_peer, l.body_budget),
+            (100, 100, 100_000),
+            "the per-peer default never exceeds the total"
+        );
+        for (args, needle) in [
+            (&["--max-connections", "0"][..], "--max-connections 0"),
+            (
+                &[
+                    "--max-connections",
+                    "10",
+                    "--max-connections-per-peer",
+                    "11",
+                ],
+                "--max-connections-per-peer 11: must be from 1 to 10",
+            ),
+            (&["--body-budget", "65536"], "--body-budget 65536"),
+            (&["--auth-failure-burst", "0"], "--auth-failure-burst 0"),
+        ] {
+            let e = limits(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let file: Settings =
+            toml::from_str("max-connections-per-peer = 512\nauth-failure-burst = 5\n").unwrap();
+        let merged = Settings::try_parse_from(["lbagent"]).unwrap().merge(file);
+        let l = resolve_limits(&merged).unwrap();
+        assert_eq!((l.max_connections_per_peer, l.auth_failure_burst), (512, 5));
+    }
+
+    #[test]
     fn legacy_token_file_is_a_secret_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = token_file(dir.path(), "old-shared-token\n", 0o600);
