@@ -16,7 +16,7 @@ mod common;
 mod util;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::agent::Agent;
 use common::flood::{
@@ -106,14 +106,7 @@ fn main() {
         let peak = proc_status_kib(agent.pid(), "VmHWM");
         rows.push((what, flood.connected, under, peak));
         drop(flood);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while agent.metric("lbagent_http_connections") > 2.0 {
-            assert!(
-                Instant::now() < deadline,
-                "the flood's connections stay open"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_flood_gone(&agent);
     }
     if !measuring {
         return;
