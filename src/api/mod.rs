@@ -2,22 +2,22 @@
 //! A request flows one way: the head checked (length, auth headers, key, timestamp, nonce) →
 //! the body read (≤ 64 KiB, under the shared budget when over 2 KiB) → verify the signature →
 //! parse and validate → the owner task (policy, state, store, HAProxy) → answer. What may be
-//! held before a request is authenticated is bounded in [`limits`]; the accept loop is in
-//! `serve`. Nothing here holds state but the verifier's nonce cache and those limits.
+//! held before a request is authenticated is bounded in [`limits`]; the checks before the
+//! content are in `intake`, the accept loop in `serve`. Nothing here holds state but the verifier's nonce cache and those limits.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::auth::{AuthHeaders, Verifier};
-use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
+use crate::metrics::{Metrics, RouteLabels};
 use crate::model::{
     backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
 };
@@ -41,6 +41,7 @@ pub struct Api {
     pub limits: Limits,
 }
 
+mod intake;
 pub mod limits;
 mod serve;
 
@@ -196,42 +197,6 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
     })
 }
 
-fn too_large(message: &str) -> Reply {
-    error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
-}
-
-/// Why a body's length is refused from the head.
-enum LengthRefused {
-    TooLarge(u64),
-    Chunked,
-}
-
-impl From<LengthRefused> for Reply {
-    fn from(r: LengthRefused) -> Reply {
-        match r {
-            LengthRefused::TooLarge(len) => too_large(&format!(
-                "body of {len} bytes is over the {MAX_BODY}-byte limit"
-            )),
-            LengthRefused::Chunked => error(
-                StatusCode::LENGTH_REQUIRED,
-                "length_required",
-                "send the body with a Content-Length header (chunked bodies are not accepted)",
-            ),
-        }
-    }
-}
-
-/// The body's announced length: a Content-Length (none for no body) of at most [`MAX_BODY`].
-/// A chunked body is refused, so every body's length is known before it is read (lbctl, the
-/// old sidecars' curl and the examples all send Content-Length).
-fn body_length(body: &Incoming) -> Result<usize, LengthRefused> {
-    match hyper::body::Body::size_hint(body).exact() {
-        Some(len) if len > MAX_BODY as u64 => Err(LengthRefused::TooLarge(len)),
-        Some(len) => Ok(len as usize),
-        None => Err(LengthRefused::Chunked),
-    }
-}
-
 fn apply_error(e: ApplyError) -> Reply {
     match &e {
         ApplyError::Denied(d) => error(StatusCode::FORBIDDEN, "forbidden", d.message.clone()),
@@ -347,7 +312,7 @@ impl Api {
         let deadline = started + BODY_TIMEOUT;
         let peer_key = limits::peer_key(peer.ip());
         let (parts, body) = req.into_parts();
-        let len = match body_length(&body) {
+        let len = match intake::body_length(&body) {
             Ok(len) => len,
             Err(r) => return r.into(),
         };
@@ -506,95 +471,6 @@ impl Api {
                 json_reply(status, body)
             }
             Err(e) => apply_error(e),
-        }
-    }
-
-    /// Counts a failed authentication of `peer` and answers it: 401, or 429 once the peer has
-    /// used its burst of failures.
-    fn auth_failed(
-        &self,
-        peer: IpAddr,
-        reason: &'static str,
-        message: String,
-        path_with_query: &str,
-    ) -> Reply {
-        self.metrics
-            .auth_failures
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
-        match self.limits.failures.failed(peer, Instant::now()) {
-            Some(retry) => {
-                tracing::debug!(reason, %peer, path = %path_with_query, "request refused, peer rate-limited: {message}");
-                self.rate_limited(peer, retry)
-            }
-            None => {
-                tracing::info!(reason, %peer, path = %path_with_query, "request refused: {message}");
-                error(StatusCode::UNAUTHORIZED, "unauthorized", message)
-            }
-        }
-    }
-
-    fn rate_limited(&self, peer: IpAddr, retry: Duration) -> Reply {
-        self.metrics.rate_limited.inc();
-        let secs = retry.as_secs().max(1);
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "too many failed authentications from {peer}; retry after {secs} s \
-                 (a correctly signed request of at most {} bytes is still served)",
-                limits::SMALL_BODY
-            ),
-        );
-        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
-        r
-    }
-
-    /// Reads a body of `len` bytes (announced, at most [`MAX_BODY`]) if the budget has room for
-    /// it, by `deadline`. The reservation is held for as long as the body is.
-    async fn read_body(
-        &self,
-        body: Incoming,
-        len: usize,
-        deadline: Instant,
-    ) -> Result<(Bytes, limits::BodyReservation), Reply> {
-        let Some(reservation) = self.limits.budget.reserve(len) else {
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                format!(
-                    "no room now to read a body of {len} bytes: too many large bodies are being \
-                     read; bodies of at most {} bytes are always read",
-                    limits::SMALL_BODY
-                ),
-            );
-            r.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return Err(r);
-        };
-        // A deadline on the body too: the header timeout does not cover it, and an unsigned
-        // client trickling bytes would otherwise hold the connection forever.
-        let collected =
-            tokio::time::timeout_at(deadline.into(), Limited::new(body, MAX_BODY).collect()).await;
-        let Ok(collected) = collected else {
-            return Err(error(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
-            ));
-        };
-        match collected {
-            Ok(b) => Ok((b.to_bytes(), reservation)),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return Err(too_large(&format!(
-                        "body is over the {MAX_BODY}-byte limit"
-                    )));
-                }
-                Err(bad_request(format!("could not read the body: {e}")))
-            }
         }
     }
 
