@@ -173,6 +173,19 @@ impl AuditLog {
         }
     }
 
+    /// Writes one record unless the writer is [`QUEUE`] lines behind; `false` when it was left
+    /// out (for strangers' records, which must not hold anything up).
+    pub fn try_record(&self, record: &AuditRecord) -> bool {
+        let line = serde_json::to_string(record).unwrap_or_default();
+        match &self.sink {
+            Sink::Log => {
+                tracing::info!(target: "lbagent::audit", "{line}");
+                true
+            }
+            Sink::File(tx) => tx.try_send(Msg::Line(line)).is_ok(),
+        }
+    }
+
     /// Reopens the file, after the lines already recorded (for SIGHUP: logrotate). Returns at
     /// once: the signal loop must not wait behind a full queue.
     pub fn reopen(&self) {

@@ -118,6 +118,23 @@ pub struct Settings {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<DurationSetting>,
+    /// Most API connections open at once; at the cap the oldest connection that never
+    /// authenticated is closed for a new one [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most API connections from one address (an IPv6 /64) at once, under --max-connections;
+    /// many sidecars may share one NAT address [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Bytes of request bodies over 2 KiB (and of the buffers of the connections reading them)
+    /// held at once, across all connections, before their signature is checked; 81920 to
+    /// 1073741824 [default: 4194304, 4 MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub body_budget: Option<usize>,
+    /// Failed authentications one address (an IPv6 /64) may have in a burst before its
+    /// failures are answered 429; one more is allowed per second; 1 to 1000000 [default: 20].
+    #[arg(long, value_name = "N")]
+    pub auth_failure_burst: Option<u32>,
     /// Turn `/metrics` off.
     #[arg(long)]
     #[serde(default)]
@@ -195,6 +212,10 @@ impl Settings {
             allow_node_ports,
             allow_node_cidrs,
             max_servers_per_frontend,
+            max_connections,
+            max_connections_per_peer,
+            body_budget,
+            auth_failure_burst,
             auth_window,
             reconcile_interval,
             lease,
@@ -280,6 +301,8 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     };
     // Every value is checked before anything is created or started.
     let durations = Durations::resolve(&settings)?;
+    let limits = resolve_limits(&settings)?;
+    raise_file_limit(limits.max_connections);
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9900)));
@@ -494,11 +517,12 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let api = Arc::new(Api {
         agent: handle,
         verifier,
-        metrics,
+        metrics: metrics.clone(),
         metrics_enabled: !settings.no_metrics,
         legacy_token,
         audit,
         tls: tls.clone(),
+        limits: api::limits::Limits::new(limits, &metrics),
     });
     let _tls_watch = match &tls {
         Some(tls) => Some(crate::tls::watch::spawn(tls.clone(), shutdown.clone())?),
@@ -600,6 +624,75 @@ impl Durations {
         }
         Ok(resolved)
     }
+}
+
+/// Raises the soft limit on open files to the hard one: the default soft limit (often 1024)
+/// is below `--max-connections`, and accepting would fail with EMFILE long before the cap.
+fn raise_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+        }
+    }
+    // Room for HAProxy's sockets, the store and config files beside the connections.
+    let needed = max_connections as u64 + 256;
+    let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            "the open-file limit is below --max-connections + 256 ({needed}); raise it \
+             (LimitNOFILE= in the systemd unit) or lower --max-connections"
+        );
+    }
+}
+
+/// The connection and body limits: each the flag's (or the file's) value or its default,
+/// checked against its range.
+fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
+    use api::limits::{
+        LimitSettings, DEFAULT_BODY_BUDGET, DEFAULT_FAILURE_BURST, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    };
+    let within = |flag: &str, v: usize, range: std::ops::RangeInclusive<usize>| {
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!(
+                "--{flag} {v}: must be from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        }
+    };
+    let max_connections = within(
+        "max-connections",
+        s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        1..=1 << 20,
+    )?;
+    Ok(LimitSettings {
+        max_connections,
+        max_connections_per_peer: within(
+            "max-connections-per-peer",
+            s.max_connections_per_peer
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_PEER.min(max_connections)),
+            1..=max_connections,
+        )?,
+        // At least one body of the largest size fits.
+        body_budget: within(
+            "body-budget",
+            s.body_budget.unwrap_or(DEFAULT_BODY_BUDGET),
+            api::MAX_BODY + api::limits::CONNECTION_BUFFERS..=1 << 30,
+        )?,
+        auth_failure_burst: within(
+            "auth-failure-burst",
+            s.auth_failure_burst.unwrap_or(DEFAULT_FAILURE_BURST) as usize,
+            1..=1_000_000,
+        )? as u32,
+    })
 }
 
 /// Reads the legacy token, refusing a file others can read (like the keys file).
@@ -993,6 +1086,45 @@ mod tests {
         // The command line wins over the file.
         let file: Settings = toml::from_str("haproxy-extra-config = [\"/x.cfg\"]\n").unwrap();
         assert_eq!(cli.merge(file).haproxy_extra_config, want);
+    }
+
+    #[test]
+    fn limit_flags_have_defaults_ranges_and_the_file() {
+        let limits = |args: &[&str]| {
+            let cli =
+                Settings::try_parse_from(std::iter::once("lbagent").chain(args.iter().copied()))
+                    .unwrap();
+            resolve_limits(&cli)
+        };
+        assert_eq!(limits(&[]).unwrap(), api::limits::LimitSettings::default());
+        let l = limits(&["--max-connections", "100", "--body-budget", "100000"]).unwrap();
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_peer, l.body_budget),
+            (100, 100, 100_000),
+            "the per-peer default never exceeds the total"
+        );
+        for (args, needle) in [
+            (&["--max-connections", "0"][..], "--max-connections 0"),
+            (
+                &[
+                    "--max-connections",
+                    "10",
+                    "--max-connections-per-peer",
+                    "11",
+                ],
+                "--max-connections-per-peer 11: must be from 1 to 10",
+            ),
+            (&["--body-budget", "65536"], "--body-budget 65536"),
+            (&["--auth-failure-burst", "0"], "--auth-failure-burst 0"),
+        ] {
+            let e = limits(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let file: Settings =
+            toml::from_str("max-connections-per-peer = 512\nauth-failure-burst = 5\n").unwrap();
+        let merged = Settings::try_parse_from(["lbagent"]).unwrap().merge(file);
+        let l = resolve_limits(&merged).unwrap();
+        assert_eq!((l.max_connections_per_peer, l.auth_failure_burst), (512, 5));
     }
 
     #[test]

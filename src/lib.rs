@@ -12,7 +12,8 @@
 //! - [`runtime`]: HAProxy's runtime API — the socket client ([`runtime::RuntimeClient`]), its
 //!   typed commands with input validation, and the nom parsers of its answers
 //!   ([`runtime::parse`]). Knows nothing of HTTP or of lbagent's state.
-//! - [`api`]: the HTTP API (routes, body limits, validation, JSON answers) on hyper;
+//! - [`api`]: the HTTP API (routes, body limits, validation, JSON answers) on hyper, and the
+//!   limits on what unauthenticated clients may hold (`api::limits`);
 //!   [`auth`]: HMAC request signatures, keys files, the replay window;
 //!   [`legacy`]: the old webhook's endpoint, for migration; [`secret_file`]: reading the keys
 //!   file and the legacy token, refused when others may read them; [`audit`]: one JSON line

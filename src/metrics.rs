@@ -44,8 +44,23 @@ pub struct Metrics {
     pub servers_draining: Gauge,
     /// Draining servers whose connections were shut at the drain timeout.
     pub drain_timeouts: Counter,
+    /// Open API connections.
+    pub connections_open: Gauge,
+    /// Connections that never authenticated, closed to make room for a newer one at a cap.
+    pub connections_evicted: Counter,
+    /// New connections closed at once: every connection at the cap had authenticated.
+    pub connections_refused: Counter,
+    /// Requests answered 429 because their peer failed to authenticate too often.
+    pub rate_limited: Counter,
+    /// The shared budget for request bodies read before their signature is checked, and what
+    /// of it is in use.
+    pub body_budget_bytes: Gauge,
+    pub body_budget_in_use: Gauge,
     /// Audit records that could not be written to `--audit-log` (they went to the log).
     pub audit_write_failures: Counter,
+    /// Strangers' audit records left out: their address was rate-limited, or the writer was
+    /// behind.
+    pub audit_suppressed: Counter,
     /// The API's certificate; exported only when TLS is on ([`Metrics::with_tls`]).
     pub tls: TlsMetrics,
 }
@@ -161,6 +176,12 @@ impl Metrics {
             "Audit records that could not be written to --audit-log (written to the log instead)",
             audit_write_failures.clone(),
         );
+        let audit_suppressed = Counter::default();
+        registry.register(
+            "audit_suppressed",
+            "Audit records of unauthenticated requests left out: their address was rate-limited, or the writer was behind",
+            audit_suppressed.clone(),
+        );
         let tls = TlsMetrics::default();
         if tls_on {
             registry.register(
@@ -179,9 +200,52 @@ impl Metrics {
                 tls.reload_ok.clone(),
             );
         }
+        let connections_open = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Open connections to the API",
+            connections_open.clone(),
+        );
+        let connections_evicted = Counter::default();
+        registry.register(
+            "http_connections_evicted",
+            "Connections that never authenticated, closed to make room for a newer one at the per-peer or server cap",
+            connections_evicted.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "New connections closed at once because every connection at the cap had authenticated",
+            connections_refused.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "http_rate_limited",
+            "Requests answered 429 because their peer failed to authenticate too often",
+            rate_limited.clone(),
+        );
+        let body_budget_bytes = Gauge::default();
+        registry.register(
+            "http_body_budget_bytes",
+            "The budget shared by request bodies being read before their signature is checked",
+            body_budget_bytes.clone(),
+        );
+        let body_budget_in_use = Gauge::default();
+        registry.register(
+            "http_body_budget_in_use_bytes",
+            "Bytes of the body budget reserved by bodies being read or checked",
+            body_budget_in_use.clone(),
+        );
         Metrics {
             audit_write_failures,
+            audit_suppressed,
             tls,
+            connections_open,
+            connections_evicted,
+            connections_refused,
+            rate_limited,
+            body_budget_bytes,
+            body_budget_in_use,
             lease_expiries,
             lease_expiry_suspended,
             servers_draining,

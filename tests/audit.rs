@@ -135,6 +135,96 @@ fn every_change_request_is_one_line_with_its_key_and_what_it_did() {
     assert_eq!(lines(&rotated).len(), 6);
 }
 
+/// A change whose client goes away right after sending it is applied (the owner has it), so
+/// it must be in the audit trail all the same.
+#[test]
+fn a_change_whose_client_hangs_up_at_once_is_recorded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--audit-log".into(), log.display().to_string()],
+        ..Options::default()
+    });
+    let fe = free_port();
+    let a = Echo::start("127.0.0.2", "A");
+    // The frontend first (a reload, answered), then moves whose clients do not wait.
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    let hang_ups = 10;
+    for i in 0..hang_ups {
+        let path = format!("/v1/frontends/{fe}/servers/node-{i}");
+        let b = body(&a.ip(), a.port(), json!({})).to_string();
+        let mut req = format!(
+            "PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+            b.len()
+        );
+        for (k, v) in agent.auth_headers("PUT", &path, b.as_bytes()) {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(&b);
+        let mut c = std::net::TcpStream::connect(agent.addr).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        drop(c);
+    }
+    // Every server that was added has its line.
+    wait_until(
+        Duration::from_secs(15),
+        "the hung-up changes applied",
+        || agent.desired().1.len() == hang_ups + 1,
+    );
+    let recs = wait_records(&log, hang_ups + 1);
+    let added: usize = recs
+        .iter()
+        .filter(|r| r["outcome"] == "accepted" && r["before"].is_null())
+        .count();
+    assert_eq!(added, hang_ups + 1, "{recs:#?}");
+}
+
+/// Strangers' refusals are recorded up to their address's failure burst, then left out and
+/// counted: they cannot fill the disk. A key holder's changes are still recorded.
+#[test]
+fn a_strangers_flood_is_bounded_in_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let agent = Agent::managed_with(Options {
+        extra: vec![
+            "--audit-log".into(),
+            log.display().to_string(),
+            "--auth-failure-burst".into(),
+            "5".into(),
+        ],
+        ..Options::default()
+    });
+    let fe = free_port();
+    for _ in 0..50 {
+        // An unsigned PUT (401) and a method the route does not have (405), from 127.0.0.1.
+        let r = http(
+            agent.addr,
+            "PUT",
+            &format!("/v1/frontends/{fe}/servers/x"),
+            &[],
+            b"",
+        );
+        assert!(matches!(r.status, 401 | 429), "{r:?}");
+        let r = http(agent.addr, "POST", &format!("/v1/frontends/{fe}"), &[], b"");
+        assert!(matches!(r.status, 405), "{r:?}");
+    }
+    let a = Echo::start("127.0.0.2", "A");
+    agent.put_ok(fe, "node-a", &body(&a.ip(), a.port(), json!({})), "reload");
+    wait_until(Duration::from_secs(10), "the key holder's record", || {
+        lines(&log).iter().any(|r| r["outcome"] == "accepted")
+    });
+    let recs = lines(&log);
+    // The burst of 5, plus at most one a second refilled while the loop ran.
+    assert!(
+        recs.len() <= 5 + 10 + 1,
+        "{} records: {recs:#?}",
+        recs.len()
+    );
+    assert!(agent.metric("lbagent_audit_suppressed_total") >= 80.0);
+}
+
 #[test]
 fn without_a_file_the_records_go_to_the_log() {
     let agent = Agent::managed();

@@ -1,14 +1,16 @@
 //! The HTTP API: routes, body limits, authentication, input validation and the JSON answers.
-//! A request flows one way: read (≤ 64 KiB) → verify the signature → parse and validate →
-//! the owner task (policy, state, store, HAProxy) → answer. Nothing here holds state but the
-//! signature verifier's nonce cache.
+//! A request flows one way: the head checked (length, auth headers, key, timestamp, nonce) →
+//! the body read (≤ 64 KiB, under the shared budget when over 2 KiB) → verify the signature →
+//! parse and validate → the owner task (policy, state, store, HAProxy) → answer. What may be
+//! held before a request is authenticated is bounded in [`limits`]; the checks before the
+//! content are in `intake`, the accept loop in `serve`. Nothing here holds state but the verifier's nonce cache and those limits.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -16,7 +18,7 @@ use serde_json::json;
 use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::{AuthHeaders, Authenticated, Verifier};
-use crate::metrics::{Metrics, ReasonLabels, RouteLabels};
+use crate::metrics::{Metrics, RouteLabels};
 use crate::model::{
     backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
     Transition,
@@ -41,11 +43,16 @@ pub struct Api {
     pub audit: AuditLog,
     /// When set, every connection is TLS: the handshake comes before any HTTP.
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// What strangers may hold: connections, body bytes, failed authentications.
+    pub limits: Limits,
 }
 
+mod intake;
+pub mod limits;
 mod serve;
 
-pub use serve::{serve, MAX_CONNECTIONS};
+use limits::{ConnectionMark, Limits};
+pub use serve::serve;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -146,6 +153,15 @@ struct PutServerBody {
     lease: Option<bool>,
 }
 
+/// The answer when a request's handler failed (a bug): nothing of it is known to be applied.
+fn internal_error() -> Reply {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the request's handler failed; see the agent's log",
+    )
+}
+
 fn bad_request(message: impl Into<String>) -> Reply {
     error(StatusCode::BAD_REQUEST, "bad_request", message)
 }
@@ -240,7 +256,8 @@ fn is_change_request(route: &Route<'_>, method: &Method) -> bool {
 }
 
 impl Api {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    /// Answers one request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let path_with_query = req
@@ -258,18 +275,20 @@ impl Api {
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                 .unwrap_or_else(|| crate::auth::DEFAULT_KEY_ID.to_string()),
         };
-        let reply = self.route(req, &method, &route, &path_with_query).await;
+        let mark = req.extensions().get::<ConnectionMark>().cloned();
+        let reply = self
+            .route(req, peer, &method, &route, &path_with_query)
+            .await;
         if is_change_request(&route, &method) {
-            let record = AuditRecord::new(
+            self.audit_request(
+                &reply,
+                mark,
                 &presented_key,
                 peer,
-                method.as_str(),
+                &method,
                 &path_with_query,
-                reply.status().as_u16(),
-                reply.extensions().get::<Refusal>().map(|r| r.0.clone()),
-                reply.extensions().get::<Transition>().cloned(),
-            );
-            self.audit.record(&record).await;
+            )
+            .await;
         }
         self.metrics
             .requests
@@ -281,9 +300,55 @@ impl Api {
         reply
     }
 
+    /// Records a change request in the audit trail. A key holder's records are never lost
+    /// (they wait for the writer); a stranger's are bounded, so strangers cannot fill the disk
+    /// or hold up key holders: each refusal counts against its address like a failed
+    /// authentication, none is written once the address is rate-limited (429) or while the
+    /// writer is behind, and those left out are counted.
+    async fn audit_request(
+        &self,
+        reply: &Reply,
+        mark: Option<ConnectionMark>,
+        key_id: &str,
+        peer: SocketAddr,
+        method: &Method,
+        path_with_query: &str,
+    ) {
+        let status = reply.status();
+        let authenticated = mark.is_some_and(|m| m.is_authenticated());
+        let stranger_over_limit = !authenticated
+            && (status == StatusCode::TOO_MANY_REQUESTS
+                // A 401 was counted where it was answered.
+                || (status != StatusCode::UNAUTHORIZED
+                    && self
+                        .limits
+                        .failures
+                        .failed(limits::peer_key(peer.ip()), Instant::now())
+                        .is_some()));
+        if stranger_over_limit {
+            self.metrics.audit_suppressed.inc();
+            return;
+        }
+        let record = AuditRecord::new(
+            key_id,
+            peer,
+            method.as_str(),
+            path_with_query,
+            status.as_u16(),
+            reply.extensions().get::<Refusal>().map(|r| r.0.clone()),
+            reply.extensions().get::<Transition>().cloned(),
+        );
+        if authenticated {
+            self.audit.record(&record).await;
+        } else if !self.audit.try_record(&record) {
+            self.metrics.audit_suppressed.inc();
+        }
+    }
+
     async fn route(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         method: &Method,
         route: &Route<'_>,
         path_with_query: &str,
@@ -338,63 +403,31 @@ impl Api {
             _ => {}
         }
 
-        // Everything under /v1: body first (bounded), then the signature, then the content.
+        // Everything under /v1, and the legacy hook: what the head alone can refuse is refused
+        // before a byte of the body is read; the body is then read under the shared budget,
+        // and only then is the signature checked and the content parsed.
+        let started = Instant::now();
+        let deadline = started + BODY_TIMEOUT;
+        let peer_key = limits::peer_key(peer.ip());
         let (parts, body) = req.into_parts();
-        if let Some(len) = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > MAX_BODY as u64 {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("body of {len} bytes is over the 65536-byte limit"),
-                );
-            }
-        }
-        // A deadline on the body too: the header timeout does not cover it, and an unsigned
-        // client trickling bytes would otherwise hold the connection forever.
-        let collected =
-            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
-        let Ok(collected) = collected else {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
-            );
+        let len = match intake::body_length(&body) {
+            Ok(len) => len,
+            Err(r) => return r.into(),
         };
-        let body = match collected {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "body is over the 65536-byte limit",
-                    );
-                }
-                return bad_request(format!("could not read the body: {e}"));
-            }
-        };
+        let mark = parts.extensions.get::<ConnectionMark>();
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         if let (Route::LegacyHook, Some(token)) = (route, &self.legacy_token) {
             if !crate::legacy::token_matches(token, header(crate::legacy::TOKEN_HEADER)) {
-                self.metrics
-                    .auth_failures
-                    .get_or_create(&ReasonLabels {
-                        reason: "legacy_token",
-                    })
-                    .inc();
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    format!("header {} is missing or wrong", crate::legacy::TOKEN_HEADER),
-                );
+                let message = format!("header {} is missing or wrong", crate::legacy::TOKEN_HEADER);
+                return self.auth_failed(peer_key, "legacy_token", message, path_with_query);
             }
+            if let Some(m) = mark {
+                m.authenticated();
+            }
+            let (body, _reservation) = match self.read_body(body, len, deadline).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
             return match crate::legacy::parse(&body) {
                 Ok(change) => {
                     let node = match &change {
@@ -418,6 +451,23 @@ impl Api {
             nonce: header(crate::auth::HEADER_NONCE),
             signature: header(crate::auth::HEADER_SIGNATURE),
         };
+        if let Err(f) = self
+            .verifier
+            .check_head(&headers, crate::clock::unix_seconds())
+        {
+            return self.auth_failed(peer_key, f.reason.as_str(), f.message, path_with_query);
+        }
+        // A peer that failed too often gets its small requests read and checked still (a
+        // sidecar behind the same NAT address keeps working), but no large body.
+        if let Some(retry) = self.limits.failures.limited(peer_key, started) {
+            if len > limits::SMALL_BODY {
+                return self.rate_limited(peer_key, retry);
+            }
+        }
+        let (body, _reservation) = match self.read_body(body, len, deadline).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
         let auth = match self.verifier.verify(
             method.as_str(),
             path_with_query,
@@ -427,16 +477,12 @@ impl Api {
         ) {
             Ok(a) => a,
             Err(f) => {
-                self.metrics
-                    .auth_failures
-                    .get_or_create(&ReasonLabels {
-                        reason: f.reason.as_str(),
-                    })
-                    .inc();
-                tracing::info!(reason = f.reason.as_str(), path = %path_with_query, "request refused: {}", f.message);
-                return error(StatusCode::UNAUTHORIZED, "unauthorized", f.message);
+                return self.auth_failed(peer_key, f.reason.as_str(), f.message, path_with_query)
             }
         };
+        if let Some(m) = mark {
+            m.authenticated();
+        }
 
         match route {
             Route::Frontends => match self.agent.view(auth.scope.as_deref()).await {

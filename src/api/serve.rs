@@ -1,24 +1,27 @@
-//! The accept loop: connection limits, the TLS handshake when TLS is on, HTTP/1 on each
-//! connection, graceful shutdown.
+//! The accept loop: each new connection is admitted against the connection caps (see
+//! [`super::limits`]), then served HTTP/1 with bounded heads and timeouts, over any transport
+//! ([`serve_connection`]), until it ends, is evicted, or the server shuts down.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::limits::{peer_key, read_first_request, Admission, FirstRequest, Prefixed, MAX_HEAD};
 use super::Api;
 
-/// Most connections served at once; more wait in the kernel's accept queue. Sidecars hold one
-/// keep-alive connection each, so this is far above normal use and far below the file limit.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// How long a request head may take to arrive, counted from the connection's start or from
+/// the end of its previous request: it also closes idle keep-alive connections.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counts a request in `lbagent_http_requests_in_flight` for as long as it lives, also when
 /// its connection goes away before the answer.
@@ -45,18 +48,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
     loop {
-        // Wait for a free slot before accepting, so a flood cannot use up file descriptors
-        // the agent needs for HAProxy's socket, its store and its config files.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -69,30 +62,27 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        stream.set_nodelay(true).ok();
-        let api = api.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let served = match api.tls.clone() {
-                None => serve_connection(stream, peer, api, watcher).await,
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => serve_connection(stream, peer, api, watcher).await,
-                    // Plain HTTP, an old TLS version, no client certificate: closed without
-                    // an HTTP answer.
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                },
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        // Admitted before anything is read, so the caps also bound the file descriptors
+        // strangers hold, which the agent needs for HAProxy's sockets and its files.
+        let admission = match api.limits.connections.admit(peer_key(peer.ip())) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused: every connection at the cap has authenticated");
+                continue;
             }
-        });
+        };
+        stream.set_nodelay(true).ok();
+        connections.spawn(serve_stream(
+            stream,
+            peer,
+            api.clone(),
+            admission,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -100,26 +90,112 @@ pub async fn serve(
     }
 }
 
-/// HTTP/1 on one connection, plain or TLS, until it ends or the shutdown closes it.
-async fn serve_connection<S>(
-    stream: S,
+/// One admitted TCP connection: the TLS handshake first when TLS is on (a failed one, such as
+/// plain HTTP or an old TLS version, is closed without an HTTP answer), then HTTP/1.
+async fn serve_stream(
+    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     api: Arc<Api>,
-    watcher: Watcher,
-) -> hyper::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    admission: Admission,
+    shutdown: CancellationToken,
+) {
+    let Some(tls) = api.tls.clone() else {
+        return serve_connection(stream, peer, api, admission, shutdown).await;
+    };
+    let handshake = tokio::select! {
+        h = tls.accept(stream) => h,
+        _ = admission.evicted() => return,
+        _ = shutdown.cancelled() => return,
+    };
+    match handshake {
+        Ok(stream) => serve_connection(stream, peer, api, admission, shutdown).await,
+        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+    }
+}
+
+/// Serves HTTP/1 on one admitted connection from `peer`, over any transport `io` (TCP, or TLS
+/// over it), until it ends, is evicted to make room for a newer one, or the server shuts down.
+/// The first request is read before hyper takes the connection (see
+/// [`super::limits::read_first_request`]); a connection that has not authenticated is closed
+/// after each answer, so a stranger holds hyper's buffers only while it is being answered.
+/// Once `shutdown` is cancelled the request in progress is answered, and the connection closed.
+pub async fn serve_connection<I>(
+    mut io: I,
+    peer: SocketAddr,
+    api: Arc<Api>,
+    admission: Admission,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let api = api.clone();
+    let first = tokio::select! {
+        first = read_first_request(&mut io, Instant::now() + HEADER_TIMEOUT, &shutdown, || {
+            InFlight::new(&api.metrics.requests_in_flight)
+        }) => first,
+        _ = admission.evicted() => return,
+    };
+    let FirstRequest::Ready(first) = first else {
+        return;
+    };
+    let io = Prefixed::new(first, io);
+    let mark = admission.mark();
+    let closing = shutdown.clone();
+    let service = service_fn(move |mut req| {
+        req.extensions_mut().insert(mark.clone());
+        // Spawned here, when hyper hands the request over, not when it first polls the answer:
+        // a change handed to the owner is applied even if the client goes away, and its audit
+        // record must be written all the same; hyper drops the answer's future when the client
+        // closes, possibly before polling it.
+        let handled = tokio::spawn({
+            let api = api.clone();
+            async move {
+                let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
+                api.handle(req, peer).await
+            }
+        });
+        let mark = mark.clone();
+        let closing = closing.clone();
         async move {
-            let _in_flight = InFlight::new(&api.metrics.requests_in_flight);
-            Ok::<_, Infallible>(api.handle(req, peer).await)
+            let mut reply = match handled.await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "a request's handler failed");
+                    super::internal_error()
+                }
+            };
+            if !mark.is_authenticated() || closing.is_cancelled() {
+                reply
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(reply)
         }
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(stream), service);
-    watcher.watch(conn).await
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        // hyper closes a connection told to shut down before it has read a request, so one
+        // whose first request arrived after the shutdown began is answered (with
+        // `Connection: close`, above) rather than told.
+        _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = admission.evicted() => Ok(()),
+            }
+        }
+        _ = admission.evicted() => {
+            tracing::debug!(%peer, "connection closed to make room: it never authenticated");
+            Ok(())
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

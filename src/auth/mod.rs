@@ -42,7 +42,9 @@ mod keys;
 mod verify;
 
 pub use keys::{Keys, KeysError};
-pub use verify::{AuthFailure, AuthFailureReason, AuthHeaders, Authenticated, Verifier};
+pub use verify::{
+    AuthFailure, AuthFailureReason, AuthHeaders, Authenticated, CheckedHead, Verifier,
+};
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

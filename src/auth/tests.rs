@@ -858,3 +858,28 @@ fn verify_returns_the_scope_and_reload_brings_the_new_one() {
     // What was authenticated before keeps the scope it was checked with.
     assert!(a.scope.unwrap().frontend_ports.contains(1883));
 }
+#[test]
+fn the_head_check_refuses_what_it_can_and_records_nothing() {
+    let v = verifier();
+    let r = Req::good();
+    // Passes without the body, any number of times: the nonce is only recorded by `verify`.
+    assert_eq!(
+        v.check_head(&r.headers(), NOW).unwrap().key_id,
+        DEFAULT_KEY_ID
+    );
+    assert!(v.check_head(&r.headers(), NOW).is_ok());
+    assert_eq!(check(&v, &r, NOW).unwrap(), DEFAULT_KEY_ID);
+    let reason = |r: &Req, now| v.check_head(&r.headers(), now).unwrap_err().reason;
+    assert_eq!(reason(&r, NOW), AuthFailureReason::ReplayedNonce);
+    let other = Req::signed(None, SECRET, NOW, "another-nonce-0123456");
+    assert_eq!(reason(&other, NOW + 301), AuthFailureReason::StaleTimestamp);
+    let stranger = Req::signed(Some("nobody"), SECRET, NOW, "another-nonce-0123456");
+    assert_eq!(reason(&stranger, NOW), AuthFailureReason::UnknownKey);
+    // A wrong signature is only seen with the body.
+    let wrong = Req::signed(None, SECRET2, NOW, "another-nonce-0123456");
+    assert!(v.check_head(&wrong.headers(), NOW).is_ok());
+    assert_eq!(
+        check(&v, &wrong, NOW).unwrap_err().reason,
+        AuthFailureReason::BadSignature
+    );
+}

@@ -229,22 +229,14 @@ impl Verifier {
         Duration::from_secs(self.window)
     }
 
-    /// Checks a request and returns the key it was signed with and its scope, or why it is
-    /// refused.
-    ///
-    /// `body` is the raw request body, already capped by the caller (64 KiB); it is hashed here
-    /// and must not be parsed before this returns `Ok`. `now_unix` is the agent's clock in unix
-    /// seconds, passed in so tests can move it. Order: headers present and well-formed → key
-    /// known → timestamp within the window → signature (constant time) → nonce unused, which is
-    /// only then recorded, so a request with a bad signature cannot burn a nonce.
-    pub fn verify(
+    /// Checks what can be checked from the headers alone, before the body is read: headers
+    /// present and well-formed → key known → timestamp within the window → nonce unused (it is
+    /// not recorded here). [`Verifier::verify`] starts with this.
+    pub fn check_head<'a>(
         &self,
-        method: &str,
-        path_with_query: &str,
-        headers: &AuthHeaders,
-        body: &[u8],
+        headers: &AuthHeaders<'a>,
         now_unix: u64,
-    ) -> Result<Authenticated, AuthFailure> {
+    ) -> Result<CheckedHead<'a>, AuthFailure> {
         use AuthFailureReason::*;
 
         let missing =
@@ -285,24 +277,15 @@ impl Verifier {
                 ),
             )
         })?;
-
-        let (mac, scope) = {
-            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            let secret = keys.secret(key_id).ok_or_else(|| {
-                AuthFailure::new(
-                    UnknownKey,
-                    format!("header {HEADER_KEY}: unknown key id {key_id:?}"),
-                )
-            })?;
-            let sts = string_to_sign(
-                method,
-                path_with_query,
-                timestamp_raw,
-                nonce,
-                &body_digest(body),
-            );
-            (mac(secret, &sts), keys.scope(key_id).cloned())
-        };
+        if self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .secret(key_id)
+            .is_none()
+        {
+            return Err(unknown_key(key_id));
+        }
 
         let skew = timestamp.abs_diff(now_unix);
         if skew > self.window {
@@ -329,42 +312,120 @@ impl Verifier {
                 ),
             ));
         }
+        let head = CheckedHead {
+            key_id,
+            timestamp_raw,
+            timestamp,
+            nonce,
+            signature,
+        };
+        self.nonce_cache(now_unix).check_unused(&head)?;
+        Ok(head)
+    }
 
-        if mac.verify_slice(&signature).is_err() {
+    /// Checks a request and returns the key it was signed with and its scope, or why it is
+    /// refused.
+    ///
+    /// `body` is the raw request body, already capped by the caller (64 KiB); it is hashed here
+    /// and must not be parsed before this returns `Ok`. `now_unix` is the agent's clock in unix
+    /// seconds, passed in so tests can move it. Order: [`Verifier::check_head`] → signature
+    /// (constant time) → nonce unused, which is only then recorded, so a request with a bad
+    /// signature cannot burn a nonce.
+    pub fn verify(
+        &self,
+        method: &str,
+        path_with_query: &str,
+        headers: &AuthHeaders,
+        body: &[u8],
+        now_unix: u64,
+    ) -> Result<Authenticated, AuthFailure> {
+        let head = self.check_head(headers, now_unix)?;
+        let sts = string_to_sign(
+            method,
+            path_with_query,
+            head.timestamp_raw,
+            head.nonce,
+            &body_digest(body),
+        );
+        let (mac, scope) = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            // The key may have been revoked by a reload since the head was checked.
+            let secret = keys
+                .secret(head.key_id)
+                .ok_or_else(|| unknown_key(head.key_id))?;
+            (mac(secret, &sts), keys.scope(head.key_id).cloned())
+        };
+        if mac.verify_slice(&head.signature).is_err() {
             return Err(AuthFailure::new(
-                BadSignature,
+                AuthFailureReason::BadSignature,
                 format!("header {HEADER_SIGNATURE}: signature does not match the request"),
             ));
         }
 
-        let entry = NonceCache::entry(key_id, nonce);
+        let mut cache = self.nonce_cache(now_unix);
+        cache.check_unused(&head)?;
+        cache.insert(
+            NonceCache::entry(head.key_id, head.nonce),
+            head.timestamp.saturating_add(self.window),
+        );
+        Ok(Authenticated {
+            key_id: head.key_id.to_string(),
+            scope,
+        })
+    }
+
+    /// The nonce cache, locked, without the entries that have expired by `now_unix`.
+    fn nonce_cache(&self, now_unix: u64) -> std::sync::MutexGuard<'_, NonceCache> {
         let mut cache = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
         cache.prune(now_unix);
-        if cache.contains(&entry) {
+        cache
+    }
+}
+
+/// The auth headers of a request, checked by [`Verifier::check_head`]: well-formed, the key
+/// known, the timestamp in the window, the nonce unused when it was checked.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedHead<'a> {
+    /// The key id (the default one when the header is absent).
+    pub key_id: &'a str,
+    timestamp_raw: &'a str,
+    timestamp: u64,
+    nonce: &'a str,
+    signature: [u8; 32],
+}
+
+fn unknown_key(key_id: &str) -> AuthFailure {
+    AuthFailure::new(
+        AuthFailureReason::UnknownKey,
+        format!("header {HEADER_KEY}: unknown key id {key_id:?}"),
+    )
+}
+
+impl NonceCache {
+    /// Refuses a nonce already used with its key, or any nonce while the cache is full.
+    fn check_unused(&self, head: &CheckedHead) -> Result<(), AuthFailure> {
+        let key_id = head.key_id;
+        if self.contains(&NonceCache::entry(key_id, head.nonce)) {
             return Err(AuthFailure::new(
-                ReplayedNonce,
+                AuthFailureReason::ReplayedNonce,
                 format!("header {HEADER_NONCE}: nonce already used with key {key_id:?}"),
             ));
         }
-        if cache.is_full() {
+        if self.is_full() {
             tracing::warn!(
-                entries = cache.len(),
+                entries = self.len(),
                 "auth nonce cache is full; refusing requests until nonces expire"
             );
             return Err(AuthFailure::new(
-                ReplayedNonce,
+                AuthFailureReason::ReplayedNonce,
                 format!(
                     "header {HEADER_NONCE}: the agent's nonce cache is full ({} live nonces); \
                      request refused rather than forgetting a live nonce, retry later",
-                    cache.len()
+                    self.len()
                 ),
             ));
         }
-        cache.insert(entry, timestamp.saturating_add(self.window));
-        Ok(Authenticated {
-            key_id: key_id.to_string(),
-            scope,
-        })
+        Ok(())
     }
 }
 

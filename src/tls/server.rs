@@ -18,8 +18,14 @@ use tokio_rustls::TlsAcceptor;
 use super::{fingerprint, provider, read_certs, read_key, validity, ALPN_HTTP1, VERSIONS};
 use crate::metrics::TlsMetrics;
 
-/// How long a client may take to finish its handshake; a slow or silent one is closed.
+/// How long a client may take to finish its handshake, waiting for its turn included; a slow
+/// or silent one is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most handshakes in progress at once. rustls holds up to ~80 KiB for a client's unfinished
+/// handshake messages, so this bounds what strangers can make it hold (~10 MiB) before any
+/// request is read; the others wait in their socket's buffer, in the kernel.
+pub const MAX_HANDSHAKES: usize = 128;
 
 /// Where the server's TLS material lives (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
 #[derive(Clone, Debug)]
@@ -64,6 +70,7 @@ pub struct ServerTls {
     files: ServerFiles,
     current: RwLock<Loaded>,
     metrics: TlsMetrics,
+    handshakes: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -86,6 +93,7 @@ impl ServerTls {
             files,
             current: RwLock::new(loaded),
             metrics,
+            handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
         })
     }
 
@@ -149,10 +157,15 @@ impl ServerTls {
         }
     }
 
-    /// The TLS handshake on an accepted connection, within [`HANDSHAKE_TIMEOUT`].
+    /// The TLS handshake on an accepted connection, one of at most [`MAX_HANDSHAKES`] at once,
+    /// within [`HANDSHAKE_TIMEOUT`].
     pub async fn accept(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
-        let acceptor = TlsAcceptor::from(self.read().config.clone());
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        let handshake = async {
+            let _turn = self.handshakes.acquire().await.map_err(io::Error::other)?;
+            let acceptor = TlsAcceptor::from(self.read().config.clone());
+            acceptor.accept(stream).await
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }

@@ -163,7 +163,32 @@ fn write_request(
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    with_timeouts(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+}
+
+/// A connection from the loopback source address `source` (e.g. 127.0.0.2), to look like
+/// another peer to the agent.
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let (std::net::IpAddr::V4(src), SocketAddr::V4(dst)) = (source, addr) else {
+        return Err(std::io::Error::other("connect_from: IPv4 only"));
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)),
+    )?;
+    // On loopback a connect is answered at once, or refused.
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst))?;
+    with_timeouts(TcpStream::from(fd))
+}
+
+fn with_timeouts(s: TcpStream) -> std::io::Result<TcpStream> {
     // A reload is confirmed within the agent's 15 s deadline; leave room above it.
     s.set_read_timeout(Some(Duration::from_secs(40)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -179,8 +204,37 @@ pub fn try_http(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> std::io::Result<Response> {
-    let mut s = connect(addr)?;
+    exchange(connect(addr)?, method, path, headers, body)
+}
+
+/// [`try_http`] from the loopback source address `source`.
+pub fn try_http_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    exchange(connect_from(source, addr)?, method, path, headers, body)
+}
+
+fn exchange(
+    mut s: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     write_request(&mut s, method, path, headers, body, false)?;
+    read_response(&mut s)
+}
+
+/// `bytes` sent as they are on a fresh connection, and the answer: for requests the other
+/// helpers cannot write (a chunked body, say).
+pub fn raw_http(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+    let mut s = connect(addr)?;
+    s.write_all(bytes)?;
     read_response(&mut s)
 }
 
