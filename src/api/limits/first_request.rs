@@ -72,7 +72,10 @@ pub async fn read_first_request<I: AsyncRead + Unpin, G>(
         let start = buf.len();
         buf.resize(start + room, 0);
         let read = tokio::time::timeout_at(deadline.into(), io.read(&mut buf[start..]));
+        // Biased: bytes already there are read before a shutdown is looked at, so a request
+        // whose head has arrived is not dropped by a coin toss.
         let read = tokio::select! {
+            biased;
             read = read => read,
             _ = stop.cancelled(), if want.is_none() => return FirstRequest::Gone,
         };
