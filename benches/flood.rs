@@ -76,16 +76,16 @@ fn main() {
             },
         ),
         (
-            "unfinished 7 KB heads, 16 addresses",
+            "unfinished 3 KB heads, 16 addresses",
             &many,
             per_source,
-            Hold::Headers { bytes: 7000 },
+            Hold::Headers { bytes: 3000 },
         ),
         (
-            "unfinished 7 KB heads, from the client's address",
+            "unfinished 3 KB heads, from the client's address",
             &same,
             per_source * 16,
-            Hold::Headers { bytes: 7000 },
+            Hold::Headers { bytes: 3000 },
         ),
         (
             "unfinished 360 KB headers, 4 addresses",

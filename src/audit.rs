@@ -182,7 +182,8 @@ impl AuditLog {
                 tracing::info!(target: "lbagent::audit", "{line}");
                 true
             }
-            Sink::File(tx) => tx.try_send(Msg::Line(line)).is_ok(),
+            // Only while the queue is at most half full: the other half is key holders'.
+            Sink::File(tx) => tx.capacity() > QUEUE / 2 && tx.try_send(Msg::Line(line)).is_ok(),
         }
     }
 

@@ -343,6 +343,50 @@ fn https_with_the_given_ca_works_old_tls_and_plain_http_get_nothing() {
     assert_eq!(m.get("lbagent_tls_cert_reload_ok"), Some(&1.0));
 }
 
+/// Silent connections that never send a ClientHello hold handshake turns: one address holds at
+/// most a few, so another client's handshake is not stuck behind them.
+#[test]
+fn one_address_cannot_take_every_handshake_turn() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let client = trusting(&ca.pem(), None);
+    let leaf = ca.leaf(&["127.0.0.1"], false);
+    write_leaf(pki.path(), &leaf);
+    let agent = tls_agent(
+        &pki.path().join("tls.crt"),
+        &pki.path().join("tls.key"),
+        client.clone(),
+        &[],
+    );
+    // More silent connections from 127.0.0.2 than there are turns for all addresses.
+    let mut silent: Vec<TcpStream> = (0..200)
+        .map(|_| common::agent::connect_from("127.0.0.2".parse().unwrap(), agent.addr).unwrap())
+        .collect();
+    // The address keeps a few turns; the agent closes the rest at once: within half the
+    // handshake deadline, so it is the cap that closes them, not their timeout.
+    common::wait_until(
+        lbagent::tls::server::HANDSHAKE_TIMEOUT / 2,
+        "the silent connections over the cap closed",
+        || {
+            let closed = silent
+                .iter_mut()
+                .filter(|c| {
+                    use std::io::Read;
+                    c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+                    matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+                })
+                .count();
+            closed >= 200 - 8
+        },
+    );
+    // So a handshake from another address finds a turn.
+    assert_eq!(
+        served_leaf(agent.addr, &client).unwrap(),
+        leaf_der(&leaf.cert)
+    );
+    drop(silent);
+}
+
 #[test]
 fn a_replaced_certificate_is_served_within_5s_and_a_broken_one_keeps_the_old() {
     let pki = tempfile::tempdir().unwrap();

@@ -125,7 +125,17 @@ impl Api {
             ));
         };
         match collected {
-            Ok(b) => Ok((b.to_bytes(), reservation)),
+            Ok(b) => {
+                let bytes = b.to_bytes();
+                // A connection dropped mid-body ends the body cleanly: short is not complete.
+                if bytes.len() != len {
+                    return Err(bad_request(format!(
+                        "the body ended after {} of its {len} bytes",
+                        bytes.len()
+                    )));
+                }
+                Ok((bytes, reservation))
+            }
             Err(e) => {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()

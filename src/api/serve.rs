@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::limits::{peer_key, read_first_request, Admission, FirstRequest, Prefixed, MAX_HEAD};
+use super::limits::{
+    peer_key, read_first_request, Admission, FirstRequest, Prefixed, MAX_FIRST_HEAD, MAX_HEAD,
+};
 use super::Api;
 
 /// How long a request head may take to arrive, counted from the connection's start or from
@@ -49,6 +51,9 @@ pub async fn serve(
     grace: Duration,
 ) {
     let connections = TaskTracker::new();
+    // After the grace period, what is still open is dropped: a peer that stops reading its
+    // answer must not keep the agent from exiting.
+    let hard_stop = CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -72,13 +77,14 @@ pub async fn serve(
             }
         };
         stream.set_nodelay(true).ok();
-        connections.spawn(serve_stream(
-            stream,
-            peer,
-            api.clone(),
-            admission,
-            shutdown.clone(),
-        ));
+        let connection = serve_stream(stream, peer, api.clone(), admission, shutdown.clone());
+        let hard_stop = hard_stop.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = hard_stop.cancelled() => {}
+            }
+        });
     }
     drop(listener);
     connections.close();
@@ -87,6 +93,8 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some connections were still open after {grace:?}; closing them");
+        hard_stop.cancel();
+        connections.wait().await;
     }
 }
 
@@ -99,11 +107,24 @@ async fn serve_stream(
     admission: Admission,
     shutdown: CancellationToken,
 ) {
-    let Some(tls) = api.tls.clone() else {
-        return serve_connection(stream, peer, api, admission, shutdown).await;
-    };
+    match api.tls.clone() {
+        None => serve_connection(stream, peer, api, admission, shutdown).await,
+        // Boxed: a handshake's state is large, and a connection's task is as large as its
+        // largest state; plain connections must not carry it (4,096 of them, in a flood).
+        Some(tls) => Box::pin(serve_tls(tls, stream, peer, api, admission, shutdown)).await,
+    }
+}
+
+async fn serve_tls(
+    tls: Arc<crate::tls::ServerTls>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    api: Arc<Api>,
+    admission: Admission,
+    shutdown: CancellationToken,
+) {
     let handshake = tokio::select! {
-        h = tls.accept(stream) => h,
+        h = tls.accept(stream, peer_key(peer.ip())) => h,
         _ = admission.evicted() => return,
         _ = shutdown.cancelled() => return,
     };
@@ -111,6 +132,27 @@ async fn serve_stream(
         Ok(stream) => serve_connection(stream, peer, api, admission, shutdown).await,
         Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
     }
+}
+
+/// Answers a first request whose head is over [`MAX_FIRST_HEAD`] with 431, written within a
+/// second (the peer may not be reading), and closes.
+async fn refuse_large_head<I: AsyncWrite + Unpin>(mut io: I, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!(
+        "{{\"error\":\"header_too_large\",\"message\":\"the first request's head is over \
+         {MAX_FIRST_HEAD} bytes\"}}\n"
+    );
+    let answer = format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let written = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(answer.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
+    tracing::debug!(%peer, ?written, "first request head too large: 431");
 }
 
 /// Serves HTTP/1 on one admitted connection from `peer`, over any transport `io` (TCP, or TLS
@@ -134,8 +176,10 @@ pub async fn serve_connection<I>(
         }) => first,
         _ = admission.evicted() => return,
     };
-    let FirstRequest::Ready(first) = first else {
-        return;
+    let first = match first {
+        FirstRequest::Ready(first) => first,
+        FirstRequest::TooLarge => return refuse_large_head(io, peer).await,
+        FirstRequest::Gone => return,
     };
     let io = Prefixed::new(first, io);
     let mark = admission.mark();

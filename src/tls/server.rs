@@ -20,12 +20,16 @@ use crate::metrics::TlsMetrics;
 
 /// How long a client may take to finish its handshake, waiting for its turn included; a slow
 /// or silent one is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most handshakes in progress at once. rustls holds up to ~80 KiB for a client's unfinished
 /// handshake messages, so this bounds what strangers can make it hold (~10 MiB) before any
 /// request is read; the others wait in their socket's buffer, in the kernel.
 pub const MAX_HANDSHAKES: usize = 128;
+
+/// Most handshakes one address (as the connection caps count addresses) may have in progress
+/// or waiting: one address cannot take every turn. More are closed at once.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
 
 /// Where the server's TLS material lives (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
 #[derive(Clone, Debug)]
@@ -71,6 +75,30 @@ pub struct ServerTls {
     current: RwLock<Loaded>,
     metrics: TlsMetrics,
     handshakes: tokio::sync::Semaphore,
+    /// Handshakes in progress or waiting, by address.
+    handshaking: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One address's place among the handshakes, given back on drop.
+struct PeerHandshake<'a> {
+    tls: &'a ServerTls,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for PeerHandshake<'_> {
+    fn drop(&mut self) {
+        let mut by_peer = self
+            .tls
+            .handshaking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -94,6 +122,7 @@ impl ServerTls {
             current: RwLock::new(loaded),
             metrics,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
+            handshaking: Default::default(),
         })
     }
 
@@ -157,9 +186,25 @@ impl ServerTls {
         }
     }
 
-    /// The TLS handshake on an accepted connection, one of at most [`MAX_HANDSHAKES`] at once,
-    /// within [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    /// The TLS handshake on a connection accepted from `peer` (an address as the connection
+    /// caps count them), one of at most [`MAX_HANDSHAKES`] at once and
+    /// [`MAX_HANDSHAKES_PER_PEER`] per address, within [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+        peer: std::net::IpAddr,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        let _place = {
+            let mut by_peer = self.handshaking.lock().unwrap_or_else(|e| e.into_inner());
+            let n = by_peer.entry(peer).or_insert(0);
+            if *n >= MAX_HANDSHAKES_PER_PEER {
+                return Err(io::Error::other(format!(
+                    "{MAX_HANDSHAKES_PER_PEER} handshakes from this address already"
+                )));
+            }
+            *n += 1;
+            PeerHandshake { tls: self, peer }
+        };
         let handshake = async {
             let _turn = self.handshakes.acquire().await.map_err(io::Error::other)?;
             let acceptor = TlsAcceptor::from(self.read().config.clone());

@@ -13,21 +13,23 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use super::{MAX_HEAD, SMALL_BODY};
+use super::{MAX_FIRST_HEAD, SMALL_BODY};
 
 /// How the first request ended up.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FirstRequest {
-    /// Everything hyper needs to start on the request (or to refuse it: a head over
-    /// [`MAX_HEAD`] or one that does not parse is handed over as it is, for hyper's 431 or 400).
+    /// Everything hyper needs to start on the request (or to refuse it: a head that does not
+    /// parse is handed over as it is, for hyper's 400).
     Ready(Vec<u8>),
+    /// The head is over [`MAX_FIRST_HEAD`]: answered 431 without hyper.
+    TooLarge,
     /// The peer closed the connection, or the read failed, or the deadline passed: nothing to
     /// answer.
     Gone,
 }
 
 /// Reads until the first request's head is complete (and its body, when its Content-Length is
-/// at most [`SMALL_BODY`]), or the head is over [`MAX_HEAD`], or `deadline`. While the small
+/// at most [`SMALL_BODY`]), or the head is over [`MAX_FIRST_HEAD`], or `deadline`. While the small
 /// body is awaited, the request is in flight: `in_flight` makes what counts it. Once `stop` is
 /// cancelled (the server shuts down) a head not yet complete is given up; a request in flight
 /// is read on.
@@ -57,13 +59,13 @@ pub async fn read_first_request<I: AsyncRead + Unpin, G>(
                 None => return FirstRequest::Ready(buf),
             }
             continue;
-        } else if buf.len() >= MAX_HEAD {
-            return FirstRequest::Ready(buf);
+        } else if buf.len() >= MAX_FIRST_HEAD {
+            return FirstRequest::TooLarge;
         } else {
             searched = buf.len().saturating_sub(3);
         }
         // Room for what may come, grown as it comes: a trickling peer holds what it has sent.
-        let limit = want.unwrap_or(MAX_HEAD);
+        let limit = want.unwrap_or(MAX_FIRST_HEAD);
         if buf.capacity() == buf.len() {
             // Exact: amortized growth could double past the limit.
             buf.reserve_exact((buf.len().max(512)).min(limit - buf.len()));
@@ -99,6 +101,25 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     Some(from + end)
 }
 
+/// A `Content-Length` value read as hyper reads it: a comma-separated list of one value,
+/// repeated (`2000, 2000`); `None` for anything else, which hyper refuses too. Reading it
+/// any other way would let a small body through here as a large one to hyper, or back.
+fn content_length(value: &[u8]) -> Option<usize> {
+    let mut len = None;
+    for part in std::str::from_utf8(value).ok()?.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let v = part.parse::<usize>().ok()?;
+        if len.is_some_and(|l| l != v) {
+            return None;
+        }
+        len = Some(v);
+    }
+    len
+}
+
 /// The body length when the head announces a body of at most [`SMALL_BODY`] bytes (0 when
 /// none); `None` when it is larger, chunked, or the head does not parse: hyper takes over.
 fn small_body_length(head: &[u8]) -> Option<usize> {
@@ -113,11 +134,7 @@ fn small_body_length(head: &[u8]) -> Option<usize> {
             return None;
         }
         if h.name.eq_ignore_ascii_case("content-length") {
-            len = std::str::from_utf8(h.value)
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()?;
+            len = content_length(h.value)?;
         }
     }
     (len <= SMALL_BODY).then_some(len)
@@ -251,11 +268,12 @@ mod tests {
             first(&[bare_lf]).await,
             FirstRequest::Ready(bare_lf.to_vec())
         );
-        let huge = vec![b'a'; 3 * MAX_HEAD];
-        let FirstRequest::Ready(got) = first(&[b"GET / HTTP/1.1\r\nX: ", &huge]).await else {
-            panic!()
-        };
-        assert_eq!(got.len(), MAX_HEAD, "stops at the cap, for hyper's 431");
+        let huge = vec![b'a'; 3 * MAX_FIRST_HEAD];
+        assert_eq!(
+            first(&[b"GET / HTTP/1.1\r\nX: ", &huge]).await,
+            FirstRequest::TooLarge,
+            "stops at the cap"
+        );
     }
 
     #[tokio::test]
@@ -287,6 +305,24 @@ mod tests {
             panic!()
         };
         assert!(got.ends_with(b"\r\n\r\nok"));
+    }
+
+    #[test]
+    fn content_length_is_read_as_hyper_reads_it() {
+        assert_eq!(content_length(b"2000"), Some(2000));
+        assert_eq!(content_length(b"2000, 2000"), Some(2000));
+        assert_eq!(content_length(b" 7 "), Some(7));
+        for bad in [&b"2000, 3"[..], b"", b"+5", b"-1", b"1e3", b"5,", b"0x10"] {
+            assert_eq!(
+                content_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A listed length is a small body read here, not a large one left to hyper.
+        let listed = b"PUT /x HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n".as_slice();
+        assert_eq!(small_body_length(listed), Some(3));
     }
 
     #[tokio::test]

@@ -36,6 +36,10 @@ pub const SMALL_BODY: usize = 2048;
 /// request's head is ~400 bytes. With [`SMALL_BODY`] it bounds what a connection that has not
 /// authenticated holds: see docs/security.md, Limits.
 pub const MAX_HEAD: usize = 8 * 1024;
+/// Largest head of a connection's first request, read before hyper (see
+/// [`read_first_request`]); a larger one is answered 431 there. Half of [`MAX_HEAD`]: every
+/// stranger's connection holds its first head, and a signed head is ~400 bytes.
+pub const MAX_FIRST_HEAD: usize = 4 * 1024;
 /// Default for `--auth-failure-burst`: failed authentications a peer may have in a burst before
 /// it is answered 429.
 pub const DEFAULT_FAILURE_BURST: u32 = 20;
