@@ -28,14 +28,23 @@ fn wait_records(path: &Path, n: usize) -> Vec<Value> {
     lines(path)
 }
 
-#[test]
-fn every_change_request_is_one_line_with_its_key_and_what_it_did() {
+/// A managed agent writing its audit trail to a file in a temp dir of its own, with `extra`
+/// flags; the temp dir lives as long as the first value.
+fn auditing_agent(extra: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, Agent) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.log");
+    let mut flags = vec!["--audit-log".to_string(), log.display().to_string()];
+    flags.extend(extra.iter().map(|f| f.to_string()));
     let agent = Agent::managed_with(Options {
-        extra: vec!["--audit-log".into(), log.display().to_string()],
+        extra: flags,
         ..Options::default()
     });
+    (dir, log, agent)
+}
+
+#[test]
+fn every_change_request_is_one_line_with_its_key_and_what_it_did() {
+    let (dir, log, agent) = auditing_agent(&[]);
     let fe = free_port();
     let a = Echo::start("127.0.0.2", "A");
     let path = format!("/v1/frontends/{fe}/servers/node-a");
@@ -140,12 +149,7 @@ fn every_change_request_is_one_line_with_its_key_and_what_it_did() {
 #[test]
 fn a_change_whose_client_hangs_up_at_once_is_recorded() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("audit.log");
-    let agent = Agent::managed_with(Options {
-        extra: vec!["--audit-log".into(), log.display().to_string()],
-        ..Options::default()
-    });
+    let (_dir, log, agent) = auditing_agent(&[]);
     let fe = free_port();
     let a = Echo::start("127.0.0.2", "A");
     // The frontend first (a reload, answered), then moves whose clients do not wait.
@@ -185,17 +189,7 @@ fn a_change_whose_client_hangs_up_at_once_is_recorded() {
 /// counted: they cannot fill the disk. A key holder's changes are still recorded.
 #[test]
 fn a_strangers_flood_is_bounded_in_the_trail() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("audit.log");
-    let agent = Agent::managed_with(Options {
-        extra: vec![
-            "--audit-log".into(),
-            log.display().to_string(),
-            "--auth-failure-burst".into(),
-            "5".into(),
-        ],
-        ..Options::default()
-    });
+    let (_dir, log, agent) = auditing_agent(&["--auth-failure-burst", "5"]);
     let fe = free_port();
     for _ in 0..50 {
         // An unsigned PUT (401) and a method the route does not have (405), from 127.0.0.1.
