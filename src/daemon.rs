@@ -119,7 +119,7 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<DurationSetting>,
     /// Most API connections open at once; at the cap the oldest connection that never
-    /// authenticated is closed for a new one [default: 4096].
+    /// authenticated is closed for a new one [default: 4096; 1024 with TLS on].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
     /// Most API connections from one address (an IPv6 /64) at once, under --max-connections;
@@ -655,7 +655,7 @@ fn raise_file_limit(max_connections: usize) {
 fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
     use api::limits::{
         LimitSettings, DEFAULT_BODY_BUDGET, DEFAULT_FAILURE_BURST, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MAX_CONNECTIONS_TLS,
     };
     let within = |flag: &str, v: usize, range: std::ops::RangeInclusive<usize>| {
         if range.contains(&v) {
@@ -670,7 +670,11 @@ fn resolve_limits(s: &Settings) -> Result<api::limits::LimitSettings, String> {
     };
     let max_connections = within(
         "max-connections",
-        s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        s.max_connections.unwrap_or(if tls_on(s) {
+            DEFAULT_MAX_CONNECTIONS_TLS
+        } else {
+            DEFAULT_MAX_CONNECTIONS
+        }),
         1..=1 << 20,
     )?;
     Ok(LimitSettings {
@@ -1097,6 +1101,14 @@ mod tests {
             resolve_limits(&cli)
         };
         assert_eq!(limits(&[]).unwrap(), api::limits::LimitSettings::default());
+        // With TLS on, fewer by default: each connection may hold more.
+        let tls = limits(&["--tls-self-signed"]).unwrap();
+        assert_eq!(
+            tls.max_connections,
+            api::limits::DEFAULT_MAX_CONNECTIONS_TLS
+        );
+        let tls = limits(&["--tls-self-signed", "--max-connections", "3000"]).unwrap();
+        assert_eq!(tls.max_connections, 3000, "a given value wins");
         let l = limits(&["--max-connections", "100", "--body-budget", "100000"]).unwrap();
         assert_eq!(
             (l.max_connections, l.max_connections_per_peer, l.body_budget),

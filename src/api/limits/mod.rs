@@ -24,6 +24,10 @@ use crate::metrics::Metrics;
 /// Default for `--max-connections`: sidecars hold one keep-alive connection each, so this is
 /// far above normal use and far below the file limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default for `--max-connections` with TLS on: rustls keeps up to ~18 KiB more per connection,
+/// so a quarter of the plain default keeps what strangers can hold near the plain figure
+/// (docs/security.md, TLS).
+pub const DEFAULT_MAX_CONNECTIONS_TLS: usize = 1024;
 /// Default for `--max-connections-per-peer`: many sidecars may share one NAT address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
 /// Default for `--body-budget`: 51 bodies of the largest size being read at once.
