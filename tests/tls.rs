@@ -640,14 +640,13 @@ fn phone_home_over_https_registers_follows_an_ip_change_and_a_wrong_ca_exits_2()
     common::wait_until(Duration::from_secs(10), "traffic to .3", || {
         through(fe).is_ok_and(|r| r.contains("node at .3"))
     });
-    let state = agent.state();
-    let servers = state["frontends"]
-        .as_array()
-        .unwrap()
+    let (_, desired) = agent.desired();
+    let ips: Vec<&str> = desired
         .iter()
-        .find(|f| f["frontend_port"] == fe)
-        .map(|f| f["servers"][0]["node_ip"].clone());
-    assert_eq!(servers, Some("127.0.0.3".into()), "{state}");
+        .filter(|((port, _), _)| *port == fe)
+        .map(|(_, server)| server.ip.as_str())
+        .collect();
+    assert_eq!(ips, ["127.0.0.3"], "{desired:?}");
 
     // A CA that did not sign the agent's certificate: exit 2 at once, no retry loop (without
     // --once the sidecar would otherwise retry for ever).

@@ -539,14 +539,14 @@ impl Api {
         let key_id = auth.key_id.as_str();
         let port = change.frontend_port();
         let started = Instant::now();
-        let audit = format!("{change:?}");
         let result = self.agent.apply(change, auth.scope.clone()).await;
+        // The change itself, before and after, is in the audit trail (written by `handle`).
         match &result {
             Ok(ok) if ok.applied != Applied::Unchanged => {
-                tracing::debug!(key = key_id, applied = ?ok.applied, generation = ok.generation, change = %audit, "change accepted")
+                tracing::debug!(key = key_id, port, applied = ?ok.applied, generation = ok.generation, "change accepted")
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(key = key_id, error = %e, change = %audit, "change refused"),
+            Err(e) => tracing::debug!(key = key_id, port, error = %e, "change refused"),
         }
         self.metrics
             .apply_seconds
