@@ -8,7 +8,7 @@
 //! - **Attached** (`--socket`): drives an existing HAProxy through its stats socket, its master
 //!   CLI (or `--reload-command`), its main config and the file this agent owns.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -80,9 +80,10 @@ pub struct Settings {
     /// Reload with this command instead of the master socket, e.g. `systemctl reload haproxy`.
     #[arg(long, value_name = "CMD")]
     pub reload_command: Option<String>,
-    /// Address frontends bind to [default: 0.0.0.0].
-    #[arg(long, value_name = "ADDR")]
-    pub frontend_bind: Option<IpAddr>,
+    /// Addresses every frontend binds, comma-separated; IPv6 with or without brackets, bound
+    /// `v6only` so both families share a port (0.0.0.0,[::]) [default: 0.0.0.0].
+    #[arg(long, value_name = "ADDRS")]
+    pub frontend_bind: Option<crate::render::FrontendBinds>,
     /// Frontend ports requests may use [default: 1-65535 except 22 and the API's port].
     #[arg(long, value_name = "LIST")]
     pub allow_frontend_ports: Option<String>,
@@ -497,7 +498,10 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         reloader,
         policy,
         render: RenderOptions {
-            frontend_bind: settings.frontend_bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            frontend_binds: settings
+                .frontend_bind
+                .clone()
+                .map_or_else(|| RenderOptions::default().frontend_binds, |b| b.0),
         },
         managed,
         reconcile_every: durations.reconcile_interval,

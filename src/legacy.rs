@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use crate::model::{check_service_label, Change, Mode, NodeName, ServerSpec, ServerState};
+use crate::model::{
+    check_service_label, Change, FrontendSettings, Mode, NodeName, ProxyProtocol, ServerSpec,
+    ServerState,
+};
 
 /// The header the old sidecars send.
 pub const TOKEN_HEADER: &str = "X-Funkypenguin-Token";
@@ -52,8 +55,23 @@ fn string_field<'a>(body: &'a Value, field: &'static str) -> Result<&'a str, Str
     }
 }
 
-/// Reads an old sidecar's request body into a change. Fields the old script ignored
-/// (`send-proxy`, ...) are tolerated.
+/// `send-proxy` as the old script rendered it: `true` or `"true"` sent the PROXY v1 header; an
+/// absent, `false` or empty value none.
+fn send_proxy_field(body: &Value) -> Result<ProxyProtocol, String> {
+    match body.get("send-proxy") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(ProxyProtocol::None),
+        Some(Value::Bool(true)) => Ok(ProxyProtocol::V1),
+        Some(Value::String(s)) if s.is_empty() || s == "false" => Ok(ProxyProtocol::None),
+        Some(Value::String(s)) if s == "true" => Ok(ProxyProtocol::V1),
+        Some(other) => Err(format!(
+            "send-proxy {other} must be true or false (as a JSON boolean or a string)"
+        )),
+    }
+}
+
+/// Reads an old sidecar's request body into a change. `send-proxy` becomes the frontend's PROXY
+/// version, given inline: a frontend made another way with another version refuses it (409).
+/// Other fields the old script ignored are tolerated.
 pub fn parse(body: &[u8]) -> Result<Change, String> {
     let body: Value =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
@@ -77,6 +95,10 @@ pub fn parse(body: &[u8]) -> Result<Change, String> {
         "add" => Ok(Change::PutServer {
             frontend_port,
             node,
+            frontend: Some(FrontendSettings {
+                proxy_protocol: Some(send_proxy_field(&body)?),
+                ..FrontendSettings::default()
+            }),
             mode: Mode::Tcp,
             spec: ServerSpec {
                 node_ip,
@@ -107,11 +129,13 @@ mod tests {
             node,
             spec,
             mode,
+            frontend,
         } = c
         else {
             panic!()
         };
         assert_eq!((frontend_port, mode), (443, Mode::Tcp));
+        assert_eq!(frontend.unwrap().proxy_protocol, Some(ProxyProtocol::None));
         assert_eq!(node.as_str(), "ip-203-0-113-7");
         assert_eq!(spec.node_port, 30443);
         assert_eq!(spec.service.as_deref(), Some("traefik"));
@@ -119,6 +143,34 @@ mod tests {
         assert!(
             matches!(d, Change::DeleteServer { ref node, .. } if node.as_str() == "ip6-2001-db8--1")
         );
+    }
+
+    #[test]
+    fn send_proxy_as_the_old_script_rendered_it() {
+        let proxy = |extra: &str| {
+            let body = format!(
+                r#"{{"name":"mail","frontend-port":25,"backend-port":30025,"dst-ip":"10.0.0.1","action":"add"{extra}}}"#
+            );
+            match parse(body.as_bytes()) {
+                Ok(Change::PutServer { frontend, .. }) => Ok(frontend.unwrap().proxy()),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        for (extra, want) in [
+            ("", ProxyProtocol::None),
+            (r#","send-proxy":false"#, ProxyProtocol::None),
+            (r#","send-proxy":"false""#, ProxyProtocol::None),
+            (r#","send-proxy":"""#, ProxyProtocol::None),
+            (r#","send-proxy":null"#, ProxyProtocol::None),
+            (r#","send-proxy":true"#, ProxyProtocol::V1),
+            (r#","send-proxy":"true""#, ProxyProtocol::V1),
+        ] {
+            assert_eq!(proxy(extra), Ok(want), "{extra}");
+        }
+        for bad in [r#","send-proxy":"yes""#, r#","send-proxy":1"#] {
+            assert!(proxy(bad).unwrap_err().contains("send-proxy"), "{bad}");
+        }
     }
 
     #[test]

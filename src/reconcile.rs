@@ -5,9 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::model::{backend_name, server_ref, DesiredState, ServerSpec, ServerState};
+use crate::model::{
+    backend_name, frontend_name, server_ref, DesiredState, FrontendSettings, FrontendSpec,
+    ProxyProtocol, ServerSpec, ServerState,
+};
 use crate::runtime::parse::ServerState as ObservedServer;
-use crate::runtime::{AddServerOptions, Command, ServerAdminState, ServerRef};
+use crate::runtime::{AddServerOptions, Command, SendProxy, ServerAdminState, ServerRef};
 
 /// What must happen for HAProxy to match the desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,14 +67,34 @@ fn state_command(server: ServerRef, state: ServerState) -> Command {
     Command::SetServerState(server, state.admin())
 }
 
-/// Commands for a server HAProxy does not have yet. A dynamic server starts in maintenance
-/// with its checks off, so it needs `enable health` and a state.
-fn add_commands(server: ServerRef, spec: &ServerSpec, out: &mut Vec<Command>) {
-    let options = AddServerOptions {
+/// `add server`'s options for a server of a frontend with `settings`: a dynamic server
+/// inherits nothing, so the frontend's PROXY version and check go on every one.
+pub fn add_options(spec: &ServerSpec, settings: &FrontendSettings) -> AddServerOptions {
+    AddServerOptions {
         check: true,
+        check_port: settings.check.port,
+        check_interval_ms: settings.check.interval.map(|i| i.as_millis()),
+        rise: settings.check.rise,
+        fall: settings.check.fall,
+        send_proxy: match settings.proxy() {
+            ProxyProtocol::None => SendProxy::Off,
+            ProxyProtocol::V1 => SendProxy::V1,
+            ProxyProtocol::V2 => SendProxy::V2,
+        },
         weight: spec.weight,
         ..AddServerOptions::default()
-    };
+    }
+}
+
+/// Commands for a server HAProxy does not have yet. A dynamic server starts in maintenance
+/// with its checks off, so it needs `enable health` and a state.
+fn add_commands(
+    server: ServerRef,
+    spec: &ServerSpec,
+    settings: &FrontendSettings,
+    out: &mut Vec<Command>,
+) {
+    let options = add_options(spec, settings);
     if !push_checked(
         out,
         Command::add_server(server.clone(), spec.node_ip, spec.node_port, options),
@@ -90,10 +113,11 @@ pub fn commands_for(
     server: &ServerRef,
     previous: Option<&ServerSpec>,
     spec: &ServerSpec,
+    settings: &FrontendSettings,
 ) -> Vec<Command> {
     let mut out = Vec::new();
     let Some(prev) = previous else {
-        add_commands(server.clone(), spec, &mut out);
+        add_commands(server.clone(), spec, settings, &mut out);
         return out;
     };
     if prev.node_ip != spec.node_ip || prev.node_port != spec.node_port {
@@ -112,6 +136,23 @@ pub fn commands_for(
     }
     if prev.state != spec.state {
         out.push(state_command(server.clone(), spec.state));
+    }
+    out
+}
+
+/// The runtime commands that take frontend `port` (as `fe` is now) from settings `old` to its
+/// own, when [`crate::model::settings::how_to_apply`] says they can change live: the
+/// frontend's `maxconn`, and every server's check port.
+pub fn settings_commands(port: u16, fe: &FrontendSpec, old: &FrontendSettings) -> Vec<Command> {
+    let mut out = Vec::new();
+    let new = &fe.settings;
+    if let (Some(n), true) = (new.maxconn, new.maxconn != old.maxconn) {
+        out.push(Command::SetMaxconnFrontend(frontend_name(port), n));
+    }
+    if let (Some(p), true) = (new.check.port, new.check.port != old.check.port) {
+        for node in fe.servers.keys() {
+            push_checked(&mut out, Command::set_check_port(server_ref(port, node), p));
+        }
     }
     out
 }
@@ -153,7 +194,7 @@ pub fn plan(
             match present.get(node.as_str()) {
                 None => {
                     plan.drift.push(format!("{server} is missing"));
-                    add_commands(server, spec, &mut plan.commands);
+                    add_commands(server, spec, &fe.settings, &mut plan.commands);
                 }
                 Some(obs) => {
                     let addr_ok = obs.addr.as_deref().and_then(|a| a.parse::<IpAddr>().ok())
@@ -181,6 +222,17 @@ pub fn plan(
                             push_checked(
                                 &mut plan.commands,
                                 Command::set_weight(server.clone(), u32::from(w)),
+                            );
+                        }
+                    }
+                    // HAProxy shows the check port (0 when checks go to the traffic port).
+                    if let (Some(want), Some(seen)) = (fe.settings.check.port, obs.check_port) {
+                        if seen != want {
+                            plan.drift
+                                .push(format!("{server} checks port {seen}, wanted {want}"));
+                            push_checked(
+                                &mut plan.commands,
+                                Command::set_check_port(server.clone(), want),
                             );
                         }
                     }
@@ -262,19 +314,19 @@ mod tests {
         let server = ServerRef::new("be_443", "node-a").unwrap();
         let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
         let spec = d.frontends[&443].servers.values().next().unwrap().clone();
-        let added: Vec<String> = commands_for(&server, None, &spec)
+        let added: Vec<String> = commands_for(&server, None, &spec, &Default::default())
             .iter()
             .map(|c| c.to_string())
             .collect();
         assert_eq!(added[0], "add server be_443/node-a 10.0.0.1:30443 check");
-        assert!(commands_for(&server, Some(&spec), &spec).is_empty());
+        assert!(commands_for(&server, Some(&spec), &spec, &Default::default()).is_empty());
         let moved = ServerSpec {
             node_ip: "10.0.0.2".parse().unwrap(),
             weight: Some(9),
             state: ServerState::Drain,
             ..spec.clone()
         };
-        let cmds: Vec<String> = commands_for(&server, Some(&spec), &moved)
+        let cmds: Vec<String> = commands_for(&server, Some(&spec), &moved, &Default::default())
             .iter()
             .map(|c| c.to_string())
             .collect();
@@ -293,6 +345,7 @@ mod tests {
                 weight: None,
                 ..moved.clone()
             },
+            &Default::default(),
         )
         .iter()
         .map(|c| c.to_string())

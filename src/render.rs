@@ -18,16 +18,60 @@ use crate::model::{backend_name, frontend_name, DesiredState, FrontendSpec, Serv
 /// How the managed file is rendered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RenderOptions {
-    /// The address every frontend binds (`0.0.0.0` by default: all IPv4 addresses).
-    pub frontend_bind: IpAddr,
+    /// The addresses every frontend binds, each on its own `bind` line (`0.0.0.0` by default:
+    /// all IPv4 addresses). Never empty.
+    pub frontend_binds: Vec<IpAddr>,
 }
 
 impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
-            frontend_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            frontend_binds: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
         }
     }
+}
+
+/// `--frontend-bind` (and `frontend_bind` in the settings file): the addresses every frontend
+/// binds, as [`parse_frontend_binds`] reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendBinds(pub Vec<IpAddr>);
+
+impl std::str::FromStr for FrontendBinds {
+    type Err = String;
+    fn from_str(text: &str) -> Result<FrontendBinds, String> {
+        parse_frontend_binds(text).map(FrontendBinds)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FrontendBinds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `--frontend-bind`: a comma-separated list of IPv4 and IPv6 addresses, IPv6 with or
+/// without brackets (`127.0.0.1,::1`, `0.0.0.0,[::]`). No host names (HAProxy would resolve
+/// them once, at start) and no address twice.
+pub fn parse_frontend_binds(text: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let bare = item
+            .strip_prefix('[')
+            .and_then(|i| i.strip_suffix(']'))
+            .unwrap_or(item);
+        let ip: IpAddr = bare.parse().map_err(|_| {
+            format!("{item:?} is not an IPv4 or IPv6 address (give addresses separated by commas, such as 0.0.0.0,::)")
+        })?;
+        if item.starts_with('[') && ip.is_ipv4() {
+            return Err(format!("{item:?}: brackets are for IPv6 addresses"));
+        }
+        if out.contains(&ip) {
+            return Err(format!("{ip} is given twice"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 /// Whether a server in `state` is written `disabled`: maintenance, and drain too (see
@@ -63,12 +107,22 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
     let mode = fe.mode.as_str();
     let frontend = frontend_name(port);
     let backend = backend_name(port);
+    let settings = &fe.settings;
     // `write!` into a String cannot fail.
-    let _ = write!(
-        out,
-        "\nfrontend {frontend}\n    mode {mode}\n    bind {bind}\n    default_backend {backend}\n",
-        bind = addr(opts.frontend_bind, port),
-    );
+    let _ = write!(out, "\nfrontend {frontend}\n    mode {mode}\n");
+    for ip in &opts.frontend_binds {
+        // `v6only`: an IPv6 wildcard would otherwise take the IPv4 port too, and the IPv4
+        // bind beside it fail; with it both families work on one port.
+        let v6only = if ip.is_ipv6() { " v6only" } else { "" };
+        let _ = writeln!(out, "    bind {}{v6only}", addr(*ip, port));
+    }
+    if let Some(n) = settings.maxconn {
+        let _ = writeln!(out, "    maxconn {n}");
+    }
+    if let Some(t) = settings.timeouts.client {
+        let _ = writeln!(out, "    timeout client {t}");
+    }
+    let _ = writeln!(out, "    default_backend {backend}");
     // roundrobin is a dynamic algorithm: HAProxy refuses `add server` on a backend with a
     // static one (static-rr, a hash without `hash-type consistent`). `option redispatch`: a
     // connection attempt to a node's old address, in flight when the address changed, is
@@ -77,10 +131,41 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
         out,
         "\nbackend {backend}\n    mode {mode}\n    balance roundrobin\n    retries 3\n    option redispatch 1\n"
     );
+    for (name, value) in [
+        ("server", settings.timeouts.server),
+        ("connect", settings.timeouts.connect),
+        ("tunnel", settings.timeouts.tunnel),
+    ] {
+        if let Some(t) = value {
+            let _ = writeln!(out, "    timeout {name} {t}");
+        }
+    }
+    // The check's kind is the backend's: servers added at runtime check the same way. 2xx and
+    // 3xx are up (HAProxy's default for `option httpchk`).
+    if let Some(path) = &settings.check.http_path {
+        let _ = writeln!(out, "    option httpchk GET {}", path.as_str());
+    }
+    let check = &settings.check;
+    let mut server_options = String::from(" check");
+    if let Some(p) = check.port {
+        let _ = write!(server_options, " port {p}");
+    }
+    if let Some(i) = check.interval {
+        let _ = write!(server_options, " inter {i}");
+    }
+    if let Some(r) = check.rise {
+        let _ = write!(server_options, " rise {r}");
+    }
+    if let Some(f) = check.fall {
+        let _ = write!(server_options, " fall {f}");
+    }
+    if let Some(k) = settings.proxy().server_keyword() {
+        let _ = write!(server_options, " {k}");
+    }
     for (node, spec) in &fe.servers {
         let _ = write!(
             out,
-            "    server {node} {} check",
+            "    server {node} {}{server_options}",
             addr(spec.node_ip, spec.node_port)
         );
         if let Some(w) = spec.weight {
@@ -119,6 +204,7 @@ mod tests {
     fn frontend(mode: Mode, servers: &[(&str, ServerSpec)]) -> std::sync::Arc<FrontendSpec> {
         std::sync::Arc::new(FrontendSpec {
             mode,
+            settings: Default::default(),
             servers: servers
                 .iter()
                 .map(|(n, s)| (NodeName::new(n).unwrap(), s.clone()))
@@ -228,7 +314,7 @@ backend be_8883
         };
         st.frontends.insert(80, FrontendSpec::default().into());
         let opts = RenderOptions {
-            frontend_bind: "::".parse().unwrap(),
+            frontend_binds: vec!["::".parse().unwrap()],
         };
         assert_eq!(
             render_managed(&st, &opts),
@@ -237,7 +323,7 @@ backend be_8883
 
 frontend fe_80
     mode tcp
-    bind [::]:80
+    bind [::]:80 v6only
     default_backend be_80
 
 backend be_80
@@ -248,8 +334,73 @@ backend be_80
 "
         );
         let opts = RenderOptions {
-            frontend_bind: "127.0.0.1".parse().unwrap(),
+            frontend_binds: parse_frontend_binds("127.0.0.1,[::1]").unwrap(),
         };
-        assert!(render_managed(&st, &opts).contains("    bind 127.0.0.1:80\n"));
+        assert!(render_managed(&st, &opts)
+            .contains("    bind 127.0.0.1:80\n    bind [::1]:80 v6only\n    default_backend"));
+    }
+
+    #[test]
+    fn bind_lists() {
+        let ips = |t: &str| {
+            parse_frontend_binds(t).map(|v| v.iter().map(|i| i.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(ips("0.0.0.0").unwrap(), ["0.0.0.0"]);
+        assert_eq!(ips("127.0.0.1,::1").unwrap(), ["127.0.0.1", "::1"]);
+        assert_eq!(ips("0.0.0.0, [::]").unwrap(), ["0.0.0.0", "::"]);
+        for bad in [
+            "",
+            "0.0.0.0,",
+            "localhost",
+            "[127.0.0.1]",
+            "::1,::1",
+            "1.2.3.4;x",
+            "[::1",
+        ] {
+            assert!(parse_frontend_binds(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settings_render_on_the_frontend_the_backend_and_every_server() {
+        let settings: crate::model::FrontendSettings = serde_json::from_str(
+            r#"{"proxy_protocol":"v2","check":{"port":32123,"http_path":"/healthz","interval":"500ms","rise":1,"fall":5},"timeouts":{"client":"1m","server":"2m","tunnel":"1h","connect":"5s"},"maxconn":1000}"#,
+        )
+        .unwrap();
+        let mut fe = (*frontend(
+            Mode::Tcp,
+            &[(
+                "node-a",
+                server("203.0.113.7", 30443, ServerState::Ready, Some(5)),
+            )],
+        ))
+        .clone();
+        fe.settings = settings;
+        let mut st = DesiredState::default();
+        st.frontends.insert(8883, fe.into());
+        assert_eq!(
+            render_managed(&st, &RenderOptions::default()),
+            "\
+# Managed by lbagent: do not edit; generation 0
+
+frontend fe_8883
+    mode tcp
+    bind 0.0.0.0:8883
+    maxconn 1000
+    timeout client 1m
+    default_backend be_8883
+
+backend be_8883
+    mode tcp
+    balance roundrobin
+    retries 3
+    option redispatch 1
+    timeout server 2m
+    timeout connect 5s
+    timeout tunnel 1h
+    option httpchk GET /healthz
+    server node-a 203.0.113.7:30443 check port 32123 inter 500ms rise 1 fall 5 send-proxy-v2 weight 5
+"
+        );
     }
 }

@@ -488,6 +488,7 @@ fn check_frame(line: &[u8]) -> Result<&[u8], String> {
 fn change_kind(change: &Change) -> &'static str {
     match change {
         Change::PutServer { .. } => "put_server",
+        Change::PutFrontend { .. } => "put_frontend",
         Change::DeleteServer { .. } => "delete_server",
         Change::DeleteFrontend { .. } => "delete_frontend",
     }
@@ -590,6 +591,7 @@ mod tests {
                 weight: None,
                 lease: true,
             },
+            frontend: None,
         }
     }
 

@@ -1084,6 +1084,7 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                     weight: None,
                     lease: true,
                 },
+                frontend: None,
             };
             scope
                 .check(&change, None)

@@ -32,7 +32,7 @@ defaults
 
 fn loopback() -> RenderOptions {
     RenderOptions {
-        frontend_bind: "127.0.0.1".parse().unwrap(),
+        frontend_binds: vec!["127.0.0.1".parse().unwrap()],
     }
 }
 

@@ -12,7 +12,9 @@ use lbagent::runtime::parse::{
     parse_show_proc, parse_show_stat, parse_status, resume_point, Frame, OperState, ParseError,
     ProcEntry, ProxyKind,
 };
-use lbagent::runtime::{AddServerOptions, Command, Name, Outcome, ServerAdminState, ServerRef};
+use lbagent::runtime::{
+    AddServerOptions, Command, Name, Outcome, SendProxy, ServerAdminState, ServerRef,
+};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -873,17 +875,35 @@ fn ip() -> impl Strategy<Value = IpAddr> {
 
 fn options() -> impl Strategy<Value = AddServerOptions> {
     (
-        any::<bool>(),
-        proptest::option::of(0..=256u16),
-        any::<bool>(),
-        any::<bool>(),
+        (
+            any::<bool>(),
+            proptest::option::of(0..=256u16),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        (
+            proptest::option::of(1..=u16::MAX),
+            proptest::option::of(1..=86_400_000u32),
+            proptest::option::of(1..=100u8),
+            proptest::option::of(1..=100u8),
+            select(&[SendProxy::Off, SendProxy::V1, SendProxy::V2][..]),
+        ),
     )
-        .prop_map(|(check, weight, disabled, backup)| AddServerOptions {
-            check,
-            weight,
-            disabled,
-            backup,
-        })
+        .prop_map(
+            |((check, weight, disabled, backup), (check_port, inter, rise, fall, send_proxy))| {
+                AddServerOptions {
+                    check,
+                    check_port,
+                    check_interval_ms: inter,
+                    rise,
+                    fall,
+                    send_proxy,
+                    weight,
+                    disabled,
+                    backup,
+                }
+            },
+        )
 }
 
 fn admin_state() -> impl Strategy<Value = ServerAdminState> {
@@ -911,6 +931,7 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(server, addr, port)| Command::SetServerAddr { server, addr, port }),
         (server_ref(), admin_state()).prop_map(|(s, st)| Command::SetServerState(s, st)),
         (server_ref(), 0..=256u32).prop_map(|(s, w)| Command::set_weight(s, w).unwrap()),
+        (server_ref(), 1..=u16::MAX).prop_map(|(s, p)| Command::set_check_port(s, p).unwrap()),
         server_ref().prop_map(Command::EnableHealth),
         server_ref().prop_map(Command::DisableHealth),
         name().prop_map(Command::EnableFrontend),
@@ -930,6 +951,11 @@ fn word_count(c: &Command) -> usize {
         Command::ShowServersState(b) => 3 + usize::from(b.is_some()),
         Command::AddServer { options, .. } => {
             4 + usize::from(options.check)
+                + 2 * usize::from(options.check_port.is_some())
+                + 2 * usize::from(options.check_interval_ms.is_some())
+                + 2 * usize::from(options.rise.is_some())
+                + 2 * usize::from(options.fall.is_some())
+                + usize::from(options.send_proxy != SendProxy::Off)
                 + 2 * usize::from(options.weight.is_some())
                 + usize::from(options.backup)
                 + usize::from(options.disabled)
@@ -942,6 +968,7 @@ fn word_count(c: &Command) -> usize {
         Command::SetServerAddr { port, .. } => 5 + 2 * usize::from(port.is_some()),
         Command::SetServerState(..)
         | Command::SetServerWeight(..)
+        | Command::SetServerCheckPort(..)
         | Command::SetMaxconnFrontend(..) => 5,
         Command::ShutdownSessions(_) => 4,
         Command::Reload => 1,

@@ -84,9 +84,28 @@ impl Workload {
             let node = NodeName::new(&format!("node-{}", self.below(400))).unwrap();
             let frontend = self.state.frontends.get(&port);
             let current = frontend.and_then(|fe| fe.servers.get(&node)).cloned();
+            let current_maxconn = frontend.and_then(|fe| fe.settings.maxconn);
             let change = if frontend.is_some() && self.below(300) == 0 {
                 Change::DeleteFrontend {
                     frontend_port: port,
+                }
+            } else if self.below(50) == 0 {
+                // A settings change (or a new frontend with settings): the journal holds
+                // settings too. A different maxconn each time, so it always changes something.
+                let maxconn = current_maxconn.map_or(1, |m| m % 1000 + 1);
+                let proxy = ["none", "v1", "v2"][self.below(3) as usize];
+                let settings: lbagent::model::FrontendSettings =
+                    serde_json::from_value(serde_json::json!({
+                        "proxy_protocol": proxy,
+                        "check": {"port": 32000 + self.below(10), "interval": "500ms"},
+                        "timeouts": {"tunnel": "1h"},
+                        "maxconn": maxconn,
+                    }))
+                    .unwrap();
+                Change::PutFrontend {
+                    frontend_port: port,
+                    mode: Some(mode),
+                    settings,
                 }
             } else if current.is_some() && self.below(3) == 0 {
                 Change::DeleteServer {
@@ -121,6 +140,7 @@ impl Workload {
                     node,
                     mode,
                     spec,
+                    frontend: None,
                 }
             };
             let effect = self

@@ -122,8 +122,22 @@ impl Owner {
         for a in &accepted {
             let start = commands.len();
             if a.effect != Effect::Unchanged {
-                if let Undo::Server { previous, .. } = &a.undo {
-                    self.change_commands(&a.change, previous.as_ref(), &mut commands);
+                match &a.undo {
+                    Undo::Server { previous, .. } => {
+                        self.change_commands(&a.change, previous.as_ref(), &mut commands)
+                    }
+                    // A settings change the runtime API can make (a reload-worthy one never
+                    // comes this way): from the settings before to the frontend's now.
+                    Undo::Settings {
+                        port,
+                        previous: Some(old),
+                        ..
+                    } => {
+                        if let Some(fe) = self.state.frontends.get(port) {
+                            commands.extend(reconcile::settings_commands(*port, fe, old));
+                        }
+                    }
+                    _ => {}
                 }
             }
             ranges.push(start..commands.len());
@@ -170,6 +184,7 @@ impl Owner {
                 generation,
                 refused,
                 transition,
+                reload_for: None,
             }));
         }
     }
@@ -195,10 +210,17 @@ impl Owner {
                     .is_none()
                     .then(|| self.draining.take_back(&server))
                     .flatten();
+                let settings = self
+                    .state
+                    .frontends
+                    .get(frontend_port)
+                    .map(|fe| fe.settings.clone())
+                    .unwrap_or_default();
                 out.extend(reconcile::commands_for(
                     &server,
                     previous.or(draining.as_ref()),
                     spec,
+                    &settings,
                 ));
             }
             Change::DeleteServer {
@@ -214,7 +236,7 @@ impl Owner {
                 ));
                 out.push(Command::DelServer(server));
             }
-            Change::DeleteFrontend { .. } => {}
+            Change::DeleteFrontend { .. } | Change::PutFrontend { .. } => {}
         }
     }
 
@@ -417,6 +439,7 @@ mod tests {
             node: NodeName::new(node).unwrap(),
             mode,
             spec: spec(ip),
+            frontend: None,
         };
         let mut state = DesiredState::default();
         state.apply(&put("edge-9", Mode::Tcp, "10.0.0.9")).unwrap();

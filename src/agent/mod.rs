@@ -80,6 +80,8 @@ pub struct ApplyOk {
     pub refused: Option<String>,
     /// The entry before and after, for the audit trail.
     pub transition: Transition,
+    /// [`Applied::Reload`]: what needed it (`a new frontend`, `proxy_protocol`, ...).
+    pub reload_for: Option<&'static str>,
 }
 
 /// Why a change was not acknowledged. Nothing of it was recorded.
@@ -157,6 +159,7 @@ pub struct FrontendView {
     pub frontend: String,
     pub backend: String,
     pub mode: crate::model::Mode,
+    pub settings: crate::model::settings::SettingsView,
     pub haproxy_status: Option<String>,
     pub servers: Vec<ServerView>,
 }
@@ -639,14 +642,9 @@ impl Owner {
         Ok(())
     }
 
-    /// Whether a change creates or removes a frontend.
+    /// Whether a change needs a reload: it creates or removes a frontend, or changes a setting
+    /// only the config file can say.
     fn needs_reload(&self, change: &Change) -> bool {
-        match change {
-            Change::PutServer { frontend_port, .. } => {
-                !self.state.frontends.contains_key(frontend_port)
-            }
-            Change::DeleteFrontend { .. } => true,
-            Change::DeleteServer { .. } => false,
-        }
+        self.state.reload_needed_for(change).is_some()
     }
 }

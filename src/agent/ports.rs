@@ -74,9 +74,13 @@ impl Owner {
                 return owned;
             }
         };
-        let bind = self.render.frontend_bind;
+        let binds = &self.render.frontend_binds;
         for &p in ports {
-            if let Some(l) = found.listeners.iter().find(|l| l.overlaps(bind, p)) {
+            if let Some(l) = found
+                .listeners
+                .iter()
+                .find(|l| binds.iter().any(|b| l.overlaps(*b, p)))
+            {
                 owned
                     .entry(p)
                     .or_insert_with(|| format!("port {p} is bound by {l}"));
@@ -112,11 +116,14 @@ impl Owner {
         } else {
             match tokio::task::block_in_place(|| self.find_listeners()) {
                 Ok(found) => {
-                    let bind = self.render.frontend_bind;
+                    let binds = &self.render.frontend_binds;
                     ports
                         .iter()
                         .filter_map(|&p| {
-                            let l = found.listeners.iter().find(|l| l.overlaps(bind, p))?;
+                            let l = found
+                                .listeners
+                                .iter()
+                                .find(|l| binds.iter().any(|b| l.overlaps(*b, p)))?;
                             Some((
                                 p,
                                 format!(

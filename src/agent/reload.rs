@@ -18,8 +18,10 @@ impl Owner {
     /// once for the group.
     pub(super) fn queue_reloads(&mut self, group: Vec<(Change, Requester)>) {
         let creates = |state: &DesiredState, change: &Change| {
-            matches!(change, Change::PutServer { .. })
-                && !state.frontends.contains_key(&change.frontend_port())
+            matches!(
+                change,
+                Change::PutServer { .. } | Change::PutFrontend { .. }
+            ) && !state.frontends.contains_key(&change.frontend_port())
         };
         let new_ports: BTreeSet<u16> = group
             .iter()
@@ -45,7 +47,8 @@ impl Owner {
             // A suspect port may be our own HAProxy's still (a rollback that did not finish).
             let probe = self.host_checks && creates && !self.suspect_ports.contains(&port);
             if probe && checked.insert(port) {
-                if let Some(why) = port_in_use(self.render.frontend_bind, port) {
+                let binds = &self.render.frontend_binds;
+                if let Some(why) = binds.iter().find_map(|b| port_in_use(*b, port)) {
                     tracing::info!(port, reason = %why, "refusing a new frontend on a port in use");
                     in_use.insert(port, why);
                 }
@@ -95,6 +98,7 @@ impl Owner {
         }
         let mut applied: Vec<(Change, Undo, Requester)> = Vec::new();
         let mut transitions = Vec::new();
+        let mut reasons = Vec::new();
         for (change, reply) in set {
             // Again: changes applied earlier (in this group, or this set) may have used up
             // the cap, or conflict with this one.
@@ -102,10 +106,12 @@ impl Owner {
                 let _ = reply.send(Err(d.into()));
                 continue;
             }
+            let reason = self.state.reload_needed_for(&change);
             match self.state.apply_with_transition(&change) {
                 Ok((_, undo, transition)) => {
                     applied.push((change, undo, reply));
                     transitions.push(transition);
+                    reasons.push(reason);
                 }
                 Err(c) => {
                     let _ = reply.send(Err(c.into()));
@@ -178,12 +184,17 @@ impl Owner {
         self.reconcile().await;
         let generation = self.state.generation;
         self.publish();
-        for ((_, _, reply), transition) in applied.into_iter().zip(transitions) {
+        for (((_, _, reply), transition), reload_for) in
+            applied.into_iter().zip(transitions).zip(reasons)
+        {
+            // A change that came along with another of its port (which needed the reload)
+            // says so too: it reached HAProxy by this reload.
             let _ = reply.send(Ok(ApplyOk {
                 applied: Applied::Reload,
                 generation,
                 refused: None,
                 transition,
+                reload_for: reload_for.or(Some("another change of this frontend")),
             }));
         }
     }
@@ -289,14 +300,35 @@ impl Owner {
 /// one of HAProxy's own frontends, counts too); only "address in use" counts: an agent that
 /// may not bind a low port leaves that to HAProxy, which may.
 fn port_in_use(bind: std::net::IpAddr, port: u16) -> Option<String> {
-    match std::net::TcpListener::bind((bind, port)) {
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
-            "cannot bind {}: address already in use; another program, or a frontend of \
-             HAProxy's own configuration, listens on port {port} on this host ({e})",
-            std::net::SocketAddr::from((bind, port))
+    let addr = std::net::SocketAddr::from((bind, port));
+    match try_bind(addr) {
+        Err(nix::errno::Errno::EADDRINUSE) => Some(format!(
+            "cannot bind {addr}: address already in use; another program, or a frontend of \
+             HAProxy's own configuration, listens on port {port} on this host"
         )),
         _ => None,
     }
+}
+
+/// Binds `addr` and lets it go, an IPv6 address `v6only` as the managed file binds it (so
+/// an IPv4 listener on the port does not count against `[::]`).
+fn try_bind(addr: std::net::SocketAddr) -> nix::Result<()> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )
 }
 
 /// The port at the start of `s`, and what follows it.

@@ -121,6 +121,7 @@ fn build(
                     .and_then(|r| r.status.as_ref().map(|s| s.summary().to_string())),
                 frontend: fe_name,
                 mode: fe.mode,
+                settings: (&fe.settings).into(),
                 servers: fe
                     .servers
                     .iter()

@@ -19,6 +19,7 @@ use crate::agent::{AgentHandle, Applied, ApplyError};
 use crate::audit::{AuditLog, AuditRecord};
 use crate::auth::{AuthHeaders, Authenticated, Verifier};
 use crate::metrics::{Metrics, RouteLabels};
+use crate::model::settings::{RawCheck, RawSettings, RawTimeouts};
 use crate::model::{
     backend_name, check_service_label, Change, Conflict, Mode, NodeName, ServerSpec, ServerState,
     Transition,
@@ -114,6 +115,7 @@ impl Route<'_> {
             (Route::Healthz, _) => "healthz",
             (Route::Metrics, _) => "metrics",
             (Route::Frontends, _) => "get_frontends",
+            (Route::Frontend(_), &Method::PUT) => "put_frontend",
             (Route::Frontend(_), _) => "delete_frontend",
             (Route::Server(..), &Method::PUT) => "put_server",
             (Route::Server(..), _) => "delete_server",
@@ -125,7 +127,7 @@ impl Route<'_> {
     fn allowed(&self) -> &'static str {
         match self {
             Route::Healthz | Route::Metrics | Route::Frontends => "GET",
-            Route::Frontend(_) => "DELETE",
+            Route::Frontend(_) => "PUT, DELETE",
             Route::Server(..) => "PUT, DELETE",
             Route::LegacyHook => "POST",
             Route::NotFound => "",
@@ -151,6 +153,38 @@ struct PutServerBody {
     /// `false`: this registration is not renewed, and never expires by lease.
     #[serde(default)]
     lease: Option<bool>,
+    /// The frontend's settings, inline: those of a frontend this creates; for an existing one,
+    /// each given value must be the frontend's (else 409 naming the field).
+    #[serde(default)]
+    frontend: Option<RawSettings>,
+}
+
+/// The body of `PUT /v1/frontends/{port}`: the frontend's whole settings (what is left out is
+/// the default), and its mode (left out: an existing frontend's, tcp for a new one).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutFrontendBody {
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    proxy_protocol: Option<String>,
+    #[serde(default)]
+    check: Option<RawCheck>,
+    #[serde(default)]
+    timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    maxconn: Option<i64>,
+}
+
+/// Reads a JSON body into `T`; a wrong type or an unknown field is named by its path
+/// (`frontend.check.port: invalid type ...`).
+fn json_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, BadRequest> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| BadRequest(format!("invalid JSON body: {e}")))?;
+    de.end()
+        .map_err(|e| BadRequest(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// The answer when a request's handler failed (a bug): nothing of it is known to be applied.
@@ -182,8 +216,7 @@ fn checked_port(field: &'static str, value: impl std::fmt::Display) -> Result<u1
 }
 
 fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, BadRequest> {
-    let b: PutServerBody =
-        serde_json::from_slice(body).map_err(|e| BadRequest(format!("invalid JSON body: {e}")))?;
+    let b: PutServerBody = json_body(body)?;
     let node_ip: IpAddr = b.node_ip.parse().map_err(|_| {
         BadRequest(format!(
             "node_ip {:?} is not an IPv4 or IPv6 address",
@@ -204,9 +237,15 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
     if let Some(s) = &b.service {
         check_service_label("service", s).map_err(|e| BadRequest(e.message))?;
     }
+    let frontend = b
+        .frontend
+        .map(|raw| raw.validate("frontend."))
+        .transpose()
+        .map_err(|e| BadRequest(e.to_string()))?;
     Ok(Change::PutServer {
         frontend_port,
         node,
+        frontend,
         mode: b.mode.unwrap_or_default(),
         spec: ServerSpec {
             node_ip,
@@ -219,10 +258,27 @@ fn parse_put(body: &[u8], frontend_port: u16, node: NodeName) -> Result<Change, 
     })
 }
 
+fn parse_put_frontend(body: &[u8], frontend_port: u16) -> Result<Change, BadRequest> {
+    let b: PutFrontendBody = json_body(body)?;
+    let settings = RawSettings {
+        proxy_protocol: b.proxy_protocol,
+        check: b.check,
+        timeouts: b.timeouts,
+        maxconn: b.maxconn,
+    }
+    .validate("")
+    .map_err(|e| BadRequest(e.to_string()))?;
+    Ok(Change::PutFrontend {
+        frontend_port,
+        mode: b.mode,
+        settings,
+    })
+}
+
 fn apply_error(e: ApplyError) -> Reply {
     match &e {
         ApplyError::Denied(d) => error(StatusCode::FORBIDDEN, "forbidden", d.message.clone()),
-        ApplyError::Conflict(Conflict::Mode { .. }) => {
+        ApplyError::Conflict(Conflict::Mode { .. } | Conflict::Setting { .. }) => {
             error(StatusCode::CONFLICT, "conflict", e.to_string())
         }
         ApplyError::Conflict(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
@@ -362,7 +418,7 @@ impl Api {
                 )
             }
             (Route::Healthz | Route::Metrics | Route::Frontends, &Method::GET) => true,
-            (Route::Frontend(_), &Method::DELETE) => true,
+            (Route::Frontend(_), &Method::PUT | &Method::DELETE) => true,
             (Route::Server(..), &Method::PUT | &Method::DELETE) => true,
             (Route::LegacyHook, _) if self.legacy_token.is_none() => {
                 return error(
@@ -434,7 +490,7 @@ impl Api {
                         Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => {
                             Some(node.clone())
                         }
-                        Change::DeleteFrontend { .. } => None,
+                        Change::DeleteFrontend { .. } | Change::PutFrontend { .. } => None,
                     };
                     let legacy = Authenticated {
                         key_id: "legacy-token".into(),
@@ -498,14 +554,17 @@ impl Api {
                     Ok(p) => p,
                     Err(r) => return r.into(),
                 };
-                self.change(
+                let change = if method == Method::PUT {
+                    match parse_put_frontend(&body, port) {
+                        Ok(c) => c,
+                        Err(r) => return r.into(),
+                    }
+                } else {
                     Change::DeleteFrontend {
                         frontend_port: port,
-                    },
-                    None,
-                    &auth,
-                )
-                .await
+                    }
+                };
+                self.change(change, None, &auth).await
             }
             Route::Server(port, node) => {
                 let port = match checked_port("frontend_port", port) {
@@ -570,6 +629,9 @@ impl Api {
                 // Stored, but HAProxy refused it: its words; the agent retries on its timer.
                 if let Some(why) = &ok.refused {
                     body["haproxy_refused"] = json!(why);
+                }
+                if let Some(why) = ok.reload_for {
+                    body["reload_for"] = json!(why);
                 }
                 let mut r = json_reply(status, body);
                 r.extensions_mut().insert(ok.transition);

@@ -154,12 +154,13 @@ pub fn for_new_worker(
             .position(|c| *c == name)
             .ok_or_else(|| format!("the header lacks {name}"))
     };
-    let (be, srv, addr, admin, port) = (
+    let (be, srv, addr, admin, port, check_port) = (
         col("be_name")?,
         col("srv_name")?,
         col("srv_addr")?,
         col("srv_admin_state")?,
         col("srv_port")?,
+        col("srv_check_port")?,
     );
     out.push_str(head.trim_end());
     out.push('\n');
@@ -179,6 +180,7 @@ pub fn for_new_worker(
             ));
         }
         let flags;
+        let wanted_check_port;
         if let Some(fe) = ours.get(fields[be]) {
             let spec = fe.servers.iter().find(|(n, _)| n.as_str() == fields[srv]);
             let Some((_, spec)) = spec else {
@@ -191,6 +193,10 @@ pub fn for_new_worker(
             }
             flags = admin_flags_for(spec.state).to_string();
             fields[admin] = &flags;
+            // A row's check port wins over the config's, even over a `port` written there;
+            // 0 leaves the config's. The new config says the frontend's check port now.
+            wanted_check_port = fe.settings.check.port.unwrap_or(0).to_string();
+            fields[check_port] = &wanted_check_port;
         }
         out.push_str(&fields.join(" "));
         out.push('\n');
@@ -220,6 +226,7 @@ mod tests {
             st.frontends.entry(443).or_insert(
                 FrontendSpec {
                     mode: Mode::Tcp,
+                    settings: Default::default(),
                     servers: Default::default(),
                 }
                 .into(),
@@ -289,6 +296,33 @@ mod tests {
             + "\n";
         assert_eq!(text, expected);
         assert_eq!(rows, 6);
+    }
+
+    /// HAProxy applies a row's check port over the config's own `port`: the row must say the
+    /// frontend's check port as the new config does (0: the config's, the traffic port).
+    #[test]
+    fn rows_carry_the_frontends_check_port() {
+        let saved = format!(
+            "1\n{HEADER}\n{}\n",
+            row("be_443", 1, "node-a", "10.0.0.1", 2, 0, 30443)
+                .replace(" 0 0 - - 0", " 0 32123 - - 0")
+        );
+        assert!(saved.contains(" 32123 "), "{saved}");
+        let mut st = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready)]);
+        let (text, _) = for_new_worker(&saved, &st).unwrap();
+        assert_eq!(
+            text.lines().nth(2),
+            Some(row("be_443", 1, "node-a", "10.0.0.1", 2, 0, 30443).as_str())
+        );
+        std::sync::Arc::make_mut(st.frontends.get_mut(&443).unwrap())
+            .settings
+            .check
+            .port = Some(32124);
+        let (text, _) = for_new_worker(&saved, &st).unwrap();
+        assert!(
+            text.lines().nth(2).unwrap().ends_with(" 0 32124 - - 0"),
+            "{text}"
+        );
     }
 
     #[test]

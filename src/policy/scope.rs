@@ -54,20 +54,14 @@ impl Scope {
                      delete its servers one by one"
                 ),
             )),
-            Change::DeleteFrontend { .. } => match (&self.nodes, frontend) {
-                (Some(g), Some(fe)) => match fe.servers.keys().find(|n| !g.is_match(n.as_str())) {
-                    Some(outside) => Err(self.denied(
-                        "nodes",
-                        format!(
-                            "may not remove the whole frontend {port}: it holds node {:?}, \
-                             outside its nodes ({g})",
-                            outside.as_str()
-                        ),
-                    )),
-                    None => Ok(()),
-                },
-                _ => Ok(()),
-            },
+            Change::DeleteFrontend { .. } => {
+                self.all_nodes_inside(frontend, &format!("remove the whole frontend {port}"))
+            }
+            // Settings apply to every server of the frontend: a key may change them only when
+            // all those servers are its own, as for a removal.
+            Change::PutFrontend { .. } => {
+                self.all_nodes_inside(frontend, &format!("change the settings of frontend {port}"))
+            }
             Change::DeleteServer { node, .. } => self.check_node(node.as_str()),
             Change::PutServer { node, spec, .. } => {
                 self.check_node(node.as_str())?;
@@ -85,6 +79,24 @@ impl Scope {
     /// sees). Not narrowed by `node_cidrs`: the key may delete such a server, so it sees it.
     pub fn sees_node(&self, node: &str) -> bool {
         self.nodes.as_ref().is_none_or(|g| g.is_match(node))
+    }
+
+    /// Every server of `frontend` (if it exists) is on a node inside `nodes`; `what` is what
+    /// the key asked, for the message.
+    fn all_nodes_inside(&self, frontend: Option<&FrontendSpec>, what: &str) -> Result<(), Denied> {
+        let (Some(g), Some(fe)) = (&self.nodes, frontend) else {
+            return Ok(());
+        };
+        match fe.servers.keys().find(|n| !g.is_match(n.as_str())) {
+            Some(outside) => Err(self.denied(
+                "nodes",
+                format!(
+                    "may not {what}: it holds node {:?}, outside its nodes ({g})",
+                    outside.as_str()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn check_node(&self, node: &str) -> Result<(), Denied> {
@@ -153,6 +165,7 @@ mod tests {
                 weight: None,
                 lease: true,
             },
+            frontend: None,
         }
     }
 
@@ -282,6 +295,28 @@ mod tests {
                 && d.message.contains("\"edge-9\"")
                 && d.message.contains("node-*"),
             "{d:?}"
+        );
+        // Settings reach every server: the same rule, without needing may_delete_frontend.
+        let settings = Change::PutFrontend {
+            frontend_port: 1883,
+            mode: None,
+            settings: Default::default(),
+        };
+        assert_eq!(
+            scope().check(&settings, Some(&fe)).unwrap_err().rule,
+            "nodes"
+        );
+        fe.servers.retain(|n, _| n.as_str() != "edge-9");
+        assert!(scope().check(&settings, Some(&fe)).is_ok());
+        assert!(scope().check(&settings, None).is_ok(), "a new frontend");
+        let other_port = Change::PutFrontend {
+            frontend_port: 443,
+            mode: None,
+            settings: Default::default(),
+        };
+        assert_eq!(
+            scope().check(&other_port, None).unwrap_err().rule,
+            "frontend_ports"
         );
     }
 }

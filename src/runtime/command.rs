@@ -46,11 +46,29 @@ impl std::str::FromStr for ServerAdminState {
     }
 }
 
-/// Options of `add server` beyond the address.
+/// The PROXY protocol header a server is sent (`send-proxy`, `send-proxy-v2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SendProxy {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+/// Options of `add server` beyond the address. A dynamic server inherits nothing from
+/// `default-server`, so every one it needs is here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddServerOptions {
     /// Health-check the server (`check`); it then needs `enable health` after the add.
     pub check: bool,
+    /// Where the checks go (`port`); `None`: the traffic port.
+    pub check_port: Option<u16>,
+    /// Between checks (`inter`), in milliseconds, 1 to 86,400,000.
+    pub check_interval_ms: Option<u32>,
+    /// Checks in a row to go up (`rise`) or down (`fall`), 1 to 100.
+    pub rise: Option<u8>,
+    pub fall: Option<u8>,
+    pub send_proxy: SendProxy,
     /// Initial weight, 0–256.
     pub weight: Option<u16>,
     /// Start administratively disabled (every dynamic server already starts in maintenance;
@@ -85,6 +103,8 @@ pub enum Command {
     },
     SetServerState(ServerRef, ServerAdminState),
     SetServerWeight(ServerRef, u16),
+    /// `set server B/S check-port N`: where the server's checks go from now on.
+    SetServerCheckPort(ServerRef, u16),
     EnableHealth(ServerRef),
     DisableHealth(ServerRef),
     EnableFrontend(Name),
@@ -108,12 +128,36 @@ impl Command {
             validate::weight(u32::from(w))?;
         }
         validate::port("port", port)?;
+        if let Some(p) = options.check_port {
+            validate::port("check port", p)?;
+        }
+        if let Some(ms) = options.check_interval_ms {
+            validate::in_range(
+                "inter",
+                u64::from(ms),
+                (1, 86_400_000),
+                "must be from 1 ms to 24 h",
+            )?;
+        }
+        for (field, value) in [("rise", options.rise), ("fall", options.fall)] {
+            if let Some(v) = value {
+                validate::in_range(field, u64::from(v), (1, 100), "must be from 1 to 100")?;
+            }
+        }
         Ok(Command::AddServer {
             server,
             addr,
             port,
             options,
         })
+    }
+
+    /// `set server B/S check-port N`, with N checked.
+    pub fn set_check_port(server: ServerRef, port: u16) -> Result<Command> {
+        Ok(Command::SetServerCheckPort(
+            server,
+            validate::port("check port", port)?,
+        ))
     }
 
     /// `set server B/S weight N`, with N checked.
@@ -179,6 +223,23 @@ impl fmt::Display for Command {
                 if options.check {
                     f.write_str(" check")?;
                 }
+                if let Some(p) = options.check_port {
+                    write!(f, " port {p}")?;
+                }
+                if let Some(ms) = options.check_interval_ms {
+                    write!(f, " inter {ms}ms")?;
+                }
+                if let Some(r) = options.rise {
+                    write!(f, " rise {r}")?;
+                }
+                if let Some(r) = options.fall {
+                    write!(f, " fall {r}")?;
+                }
+                match options.send_proxy {
+                    SendProxy::Off => {}
+                    SendProxy::V1 => f.write_str(" send-proxy")?,
+                    SendProxy::V2 => f.write_str(" send-proxy-v2")?,
+                }
                 if let Some(w) = options.weight {
                     write!(f, " weight {w}")?;
                 }
@@ -201,6 +262,7 @@ impl fmt::Display for Command {
             }
             Command::SetServerState(s, st) => write!(f, "set server {s} state {}", st.as_str()),
             Command::SetServerWeight(s, w) => write!(f, "set server {s} weight {w}"),
+            Command::SetServerCheckPort(s, p) => write!(f, "set server {s} check-port {p}"),
             Command::EnableHealth(s) => write!(f, "enable health {s}"),
             Command::DisableHealth(s) => write!(f, "disable health {s}"),
             Command::EnableFrontend(n) => write!(f, "enable frontend {n}"),
@@ -262,6 +324,54 @@ mod tests {
             "set server be_443/node-a state drain"
         );
         assert!(Command::set_weight(srv(), 257).is_err());
+        let full = Command::add_server(
+            srv(),
+            "10.0.0.1".parse().unwrap(),
+            30443,
+            AddServerOptions {
+                check: true,
+                check_port: Some(32123),
+                check_interval_ms: Some(500),
+                rise: Some(1),
+                fall: Some(5),
+                send_proxy: SendProxy::V2,
+                weight: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            full.to_string(),
+            "add server be_443/node-a 10.0.0.1:30443 check port 32123 inter 500ms rise 1 fall 5 send-proxy-v2 weight 3"
+        );
+        for bad in [
+            AddServerOptions {
+                check_port: Some(0),
+                ..Default::default()
+            },
+            AddServerOptions {
+                rise: Some(0),
+                ..Default::default()
+            },
+            AddServerOptions {
+                fall: Some(101),
+                ..Default::default()
+            },
+            AddServerOptions {
+                check_interval_ms: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                Command::add_server(srv(), "10.0.0.1".parse().unwrap(), 1, bad.clone()).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            Command::set_check_port(srv(), 32123).unwrap().to_string(),
+            "set server be_443/node-a check-port 32123"
+        );
+        assert!(Command::set_check_port(srv(), 0).is_err());
         assert_eq!(
             Command::ShowServersState(Some(Name::new("b", "be_1").unwrap())).to_string(),
             "show servers state be_1"

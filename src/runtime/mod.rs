@@ -17,7 +17,7 @@ pub mod parse;
 pub mod validate;
 
 pub use client::{ClientOptions, Reply, RuntimeClient};
-pub use command::{AddServerOptions, Command, ServerAdminState};
+pub use command::{AddServerOptions, Command, SendProxy, ServerAdminState};
 pub use connection::{Connection, Endpoint, Io};
 pub use error::{Error, Result};
 pub use outcome::{Outcome, OutcomeKind};

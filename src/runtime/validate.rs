@@ -118,6 +118,24 @@ pub fn port(field: &'static str, value: impl fmt::Display) -> Result<u16> {
     }
 }
 
+/// A number `add server` takes within `low..=high`; `reason` says the range in words.
+pub fn in_range(
+    field: &'static str,
+    value: u64,
+    (low, high): (u64, u64),
+    reason: &'static str,
+) -> Result<u64> {
+    if (low..=high).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::InvalidArgument {
+            field,
+            value: value.to_string(),
+            reason,
+        })
+    }
+}
+
 /// A server weight as `set server weight` and `add server weight` take it: 0–256.
 pub fn weight(value: u32) -> Result<u16> {
     if value <= 256 {

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::{Name, ServerAdminState, ServerRef};
 
+pub mod settings;
+
+pub use settings::{FrontendSettings, ProxyProtocol, SettingsChange};
+
 /// A node name as the API accepts it: 1–63 characters of `[A-Za-z0-9._-]`, starting with a
 /// letter or a digit. A subset of HAProxy's server-name rule, so it is always a valid [`Name`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -171,10 +175,13 @@ fn is_leased(lease: &bool) -> bool {
     *lease
 }
 
-/// A frontend port and the nodes behind it.
+/// A frontend port, its settings and the nodes behind it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendSpec {
     pub mode: Mode,
+    /// Normalized ([`FrontendSettings::normalized`]); absent in states stored before settings.
+    #[serde(default, skip_serializing_if = "FrontendSettings::is_default")]
+    pub settings: FrontendSettings,
     pub servers: BTreeMap<NodeName, ServerSpec>,
 }
 
@@ -198,6 +205,19 @@ pub enum Change {
         node: NodeName,
         mode: Mode,
         spec: ServerSpec,
+        /// Settings given inline (`"frontend": {...}`): those of a frontend this creates, and
+        /// for an existing one, values that must match its own ([`Conflict::Setting`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        frontend: Option<FrontendSettings>,
+    },
+    /// `PUT /v1/frontends/{port}`: creates the frontend with no servers, or changes its
+    /// settings (all of them: what is not given is the default). `mode: None` keeps an existing
+    /// frontend's mode and makes a new one tcp.
+    PutFrontend {
+        frontend_port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<Mode>,
+        settings: FrontendSettings,
     },
     DeleteServer {
         frontend_port: u16,
@@ -212,6 +232,7 @@ impl Change {
     pub fn frontend_port(&self) -> u16 {
         match self {
             Change::PutServer { frontend_port, .. }
+            | Change::PutFrontend { frontend_port, .. }
             | Change::DeleteServer { frontend_port, .. }
             | Change::DeleteFrontend { frontend_port } => *frontend_port,
         }
@@ -223,9 +244,11 @@ impl Change {
 pub enum Effect {
     /// Already so: nothing to do.
     Unchanged,
-    /// A change to servers of an existing frontend: runtime commands suffice.
+    /// A change to servers of an existing frontend, or to settings the runtime API can set:
+    /// runtime commands suffice.
     Runtime,
-    /// A frontend appeared or went away: the config must be rewritten and HAProxy reloaded.
+    /// A frontend appeared or went away, or a setting only the config file can say changed:
+    /// the config must be rewritten and HAProxy reloaded.
     Reload,
 }
 
@@ -237,6 +260,14 @@ pub enum Conflict {
         port: u16,
         existing: &'static str,
         requested: &'static str,
+    },
+    /// Settings given inline with a server differ from the frontend's.
+    #[error("frontend {port} has {field} {existing}; this request asks for {requested} (PUT /v1/frontends/{port} changes a frontend's settings)")]
+    Setting {
+        port: u16,
+        field: &'static str,
+        existing: String,
+        requested: String,
     },
     #[error("no frontend on port {0}")]
     NoFrontend(u16),
@@ -251,6 +282,14 @@ pub enum Conflict {
 pub enum Entry {
     Server(ServerSpec),
     Frontend(Arc<FrontendSpec>),
+    Settings(SettingsEntry),
+}
+
+/// A frontend's mode and settings, what `PUT /v1/frontends/{port}` changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SettingsEntry {
+    pub mode: Mode,
+    pub settings: FrontendSettings,
 }
 
 /// What one accepted change did to the entry it names; `None` where the entry is absent.
@@ -271,6 +310,12 @@ pub enum Undo {
         node: NodeName,
         previous: Option<ServerSpec>,
         created_frontend: bool,
+    },
+    /// Put a frontend's previous settings back (`None`: remove it, the change created it).
+    Settings {
+        generation: u64,
+        port: u16,
+        previous: Option<FrontendSettings>,
     },
     /// Put a removed frontend back.
     Frontend {
@@ -294,6 +339,11 @@ impl DesiredState {
                 previous: frontend.and_then(|f| f.servers.get(node).cloned()),
                 created_frontend: frontend.is_none(),
             },
+            Change::PutFrontend { .. } => Undo::Settings {
+                generation,
+                port,
+                previous: frontend.map(|f| f.settings.clone()),
+            },
             Change::DeleteFrontend { .. } => Undo::Frontend {
                 generation,
                 port,
@@ -314,6 +364,14 @@ impl DesiredState {
                 .and_then(|f| f.servers.get(node))
                 .cloned()
                 .map(Entry::Server),
+            Change::PutFrontend { frontend_port, .. } => {
+                self.frontends.get(frontend_port).map(|f| {
+                    Entry::Settings(SettingsEntry {
+                        mode: f.mode,
+                        settings: f.settings.clone(),
+                    })
+                })
+            }
             Change::DeleteFrontend { frontend_port } => self
                 .frontends
                 .get(frontend_port)
@@ -359,6 +417,23 @@ impl DesiredState {
                     }
                 }
             }
+            Undo::Settings {
+                generation,
+                port,
+                previous,
+            } => {
+                self.generation = generation;
+                match previous {
+                    None => {
+                        self.frontends.remove(&port);
+                    }
+                    Some(settings) => {
+                        if let Some(fe) = self.frontends.get_mut(&port) {
+                            Arc::make_mut(fe).settings = settings;
+                        }
+                    }
+                }
+            }
             Undo::Frontend {
                 generation,
                 port,
@@ -370,6 +445,27 @@ impl DesiredState {
         }
     }
 
+    /// How `change` would reach HAProxy if applied now, without applying it: whether it needs
+    /// a reload (a new frontend, a removed one, a setting only the config can say) and, for a
+    /// settings change, the field that needs it.
+    pub fn reload_needed_for(&self, change: &Change) -> Option<&'static str> {
+        let current = self.frontends.get(&change.frontend_port());
+        match change {
+            Change::PutServer { .. } => current.is_none().then_some("a new frontend"),
+            Change::PutFrontend { settings, .. } => match current {
+                None => Some("a new frontend"),
+                Some(fe) => {
+                    match settings::how_to_apply(&fe.settings, &settings.clone().normalized()) {
+                        SettingsChange::Reload(field) => Some(field),
+                        _ => None,
+                    }
+                }
+            },
+            Change::DeleteServer { .. } => None,
+            Change::DeleteFrontend { .. } => Some("a removed frontend"),
+        }
+    }
+
     /// Applies `change`, bumping the generation unless nothing changed.
     pub fn apply(&mut self, change: &Change) -> Result<Effect, Conflict> {
         let effect = match change {
@@ -378,6 +474,7 @@ impl DesiredState {
                 node,
                 mode,
                 spec,
+                frontend,
             } => match self.frontends.get_mut(frontend_port) {
                 Some(fe) => {
                     if fe.mode != *mode {
@@ -385,6 +482,17 @@ impl DesiredState {
                             port: *frontend_port,
                             existing: fe.mode.as_str(),
                             requested: mode.as_str(),
+                        });
+                    }
+                    if let Some(d) = frontend
+                        .as_ref()
+                        .and_then(|given| given.first_difference(&fe.settings))
+                    {
+                        return Err(Conflict::Setting {
+                            port: *frontend_port,
+                            field: d.field,
+                            existing: d.existing,
+                            requested: d.requested,
                         });
                     }
                     if fe.servers.get(node) == Some(spec) {
@@ -397,6 +505,7 @@ impl DesiredState {
                 None => {
                     let mut fe = FrontendSpec {
                         mode: *mode,
+                        settings: frontend.clone().unwrap_or_default().normalized(),
                         servers: BTreeMap::new(),
                     };
                     fe.servers.insert(node.clone(), spec.clone());
@@ -404,6 +513,40 @@ impl DesiredState {
                     Effect::Reload
                 }
             },
+            Change::PutFrontend {
+                frontend_port,
+                mode,
+                settings,
+            } => {
+                let settings = settings.clone().normalized();
+                match self.frontends.get_mut(frontend_port) {
+                    Some(fe) => {
+                        if let Some(m) = mode.filter(|m| *m != fe.mode) {
+                            return Err(Conflict::Mode {
+                                port: *frontend_port,
+                                existing: fe.mode.as_str(),
+                                requested: m.as_str(),
+                            });
+                        }
+                        let effect = match settings::how_to_apply(&fe.settings, &settings) {
+                            SettingsChange::Unchanged => return Ok(Effect::Unchanged),
+                            SettingsChange::Runtime => Effect::Runtime,
+                            SettingsChange::Reload(_) => Effect::Reload,
+                        };
+                        Arc::make_mut(fe).settings = settings;
+                        effect
+                    }
+                    None => {
+                        let fe = FrontendSpec {
+                            mode: mode.unwrap_or_default(),
+                            settings,
+                            servers: BTreeMap::new(),
+                        };
+                        self.frontends.insert(*frontend_port, Arc::new(fe));
+                        Effect::Reload
+                    }
+                }
+            }
             Change::DeleteServer {
                 frontend_port,
                 node,
@@ -457,6 +600,7 @@ pub(crate) fn state_of(servers: &[(&str, &str, u16, ServerState, Option<u16>)]) 
                 weight: *weight,
                 lease: true,
             },
+            frontend: None,
         })
         .unwrap();
     }
@@ -502,6 +646,7 @@ mod tests {
             node: NodeName::new(node).unwrap(),
             mode,
             spec: s,
+            frontend: None,
         }
     }
 
