@@ -10,7 +10,7 @@ use common::{answers, basic_proxies, wait_until, Haproxy};
 use lbagent::runtime::parse::{parse_servers_state, OperState, ServerState, StatusState};
 use lbagent::runtime::{
     AddServerOptions, ClientOptions, Command, Endpoint, Error, Name, OutcomeKind, RuntimeClient,
-    ServerAdminState, ServerRef,
+    SendProxy, ServerAdminState, ServerRef,
 };
 
 fn client(path: &std::path::Path) -> RuntimeClient {
@@ -110,6 +110,97 @@ async fn dynamic_server_lifecycle() {
         .in_maintenance());
     c.del_server(&node).await.unwrap();
     assert!(state_of(&mut c, "be_app", "node-a").await.is_none());
+}
+
+/// Polls `show servers state` (10 s at most) until the server's operational state is `want`.
+async fn wait_oper(c: &mut RuntimeClient, b: &str, s: &str, want: OperState, what: &str) {
+    for _ in 0..500 {
+        if state_of(c, b, s).await.and_then(|st| st.oper_state) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "timed out waiting for {what}: {:?}",
+        state_of(c, b, s).await
+    );
+}
+
+/// Every keyword a frontend's settings put on a dynamic server is taken by `add server` (2.6 to
+/// 3.2), the check goes where `port` says, and `set server check-port` moves it live.
+#[tokio::test]
+async fn dynamic_servers_take_the_frontends_settings() {
+    let h = Haproxy::start(&basic_proxies());
+    let mut c = client(&h.admin);
+    // web1's port is the HTTP listener `up_target`: something that accepts connections.
+    let up = state_of(&mut c, "be_app", "web1")
+        .await
+        .unwrap()
+        .port
+        .unwrap();
+    let closed = common::free_port();
+    let node = srv("be_app", "node-p");
+    let options = AddServerOptions {
+        check: true,
+        check_port: Some(up),
+        check_interval_ms: Some(100),
+        rise: Some(1),
+        fall: Some(1),
+        send_proxy: SendProxy::V2,
+        ..Default::default()
+    };
+    // The traffic port is closed: only a check on `port` can bring the server up.
+    c.add_server(&node, "127.0.0.1".parse().unwrap(), closed, options)
+        .await
+        .unwrap();
+    c.enable_health(&node).await.unwrap();
+    c.set_server_state(&node, ServerAdminState::Ready)
+        .await
+        .unwrap();
+    let st = state_of(&mut c, "be_app", "node-p").await.unwrap();
+    assert_eq!((st.port, st.check_port), (Some(closed), Some(up)));
+    wait_oper(
+        &mut c,
+        "be_app",
+        "node-p",
+        OperState::Running,
+        "UP by its check port",
+    )
+    .await;
+    let moved = c
+        .execute(&Command::set_check_port(node.clone(), closed).unwrap())
+        .await
+        .unwrap();
+    assert!(moved.outcome.is_success(), "{:?}", moved.outcome);
+    assert_eq!(
+        state_of(&mut c, "be_app", "node-p")
+            .await
+            .unwrap()
+            .check_port,
+        Some(closed)
+    );
+    wait_oper(
+        &mut c,
+        "be_app",
+        "node-p",
+        OperState::Stopped,
+        "DOWN once checks go to a closed port",
+    )
+    .await;
+    // v1 too.
+    let v1 = srv("be_app", "node-v1");
+    c.add_server(
+        &v1,
+        "127.0.0.1".parse().unwrap(),
+        up,
+        AddServerOptions {
+            check: true,
+            send_proxy: SendProxy::V1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

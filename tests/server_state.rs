@@ -239,3 +239,73 @@ fn settings_of_the_other_mode_are_refused() {
         "--server-state-file state: must be an absolute path",
     );
 }
+
+/// A reload's state file carries each server's check port, and HAProxy applies a row's check
+/// port over the config's own `port`: the agent writes the frontend's check port into its rows,
+/// so a settings change that moves the checks (here back to the traffic port, a reload) holds in
+/// the new worker instead of the old worker's port coming back from the file.
+#[test]
+fn a_reload_hands_over_the_check_port_the_settings_say() {
+    let agent = Agent::managed();
+    let up = Echo::start("127.0.0.2", "UP");
+    let fe = free_port();
+    let closed = free_port();
+    let be = format!("be_{fe}");
+    let settings = |check: serde_json::Value| {
+        let r = agent.signed(
+            "PUT",
+            &format!("/v1/frontends/{fe}"),
+            &json!({ "check": check }).to_string(),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()
+    };
+    settings(json!({"port": closed, "interval": "100ms", "rise": 1, "fall": 1}));
+    agent.put_ok(
+        fe,
+        "node-a",
+        &body(&up.ip(), up.port(), json!({})),
+        "runtime",
+    );
+    let check_port =
+        |agent: &Agent| row(&agent.servers_state(), &be, "node-a").and_then(|r| r.check_port);
+    eventually(
+        Duration::from_secs(10),
+        "DOWN on the closed check port",
+        || match row(&agent.servers_state(), &be, "node-a") {
+            Some(r) if is_down(r) && r.check_port == Some(closed) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let pid = worker_pid(&agent);
+    let v = settings(json!({"interval": "100ms", "rise": 1, "fall": 1}));
+    assert_eq!(
+        (v["applied"].as_str(), v["reload_for"].as_str()),
+        (Some("reload"), Some("check.port")),
+        "{v}"
+    );
+    assert_ne!(worker_pid(&agent), pid, "a new worker");
+    // 0: no port of its own, the checks go to the traffic port, where the echo answers.
+    assert_eq!(check_port(&agent), Some(0));
+    eventually(
+        Duration::from_secs(10),
+        "UP on the traffic port",
+        || match row(&agent.servers_state(), &be, "node-a") {
+            Some(r) if r.oper_state == Some(OperState::Running) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    // And a move between two ports is live: no new worker.
+    let pid = worker_pid(&agent);
+    let other = free_port();
+    settings(json!({"port": up.port(), "interval": "100ms", "rise": 1, "fall": 1}));
+    let pid_after_set = worker_pid(&agent);
+    let v = settings(json!({"port": other, "interval": "100ms", "rise": 1, "fall": 1}));
+    assert_eq!(v["applied"], "runtime", "{v}");
+    assert_eq!(worker_pid(&agent), pid_after_set);
+    assert_ne!(
+        pid_after_set, pid,
+        "from the traffic port to a port was a reload"
+    );
+    assert_eq!(check_port(&agent), Some(other));
+}
