@@ -198,6 +198,22 @@ impl Policy {
         }
     }
 
+    /// Checks a frontend's health-check port: a port on the nodes (Kubernetes' health check
+    /// node port is one of the NodePorts), so `allow-node-ports` bounds it too.
+    pub fn check_check_port(&self, check_port: u16) -> Result<(), Denied> {
+        if self.node_ports.contains(check_port) {
+            Ok(())
+        } else {
+            Err(Denied {
+                rule: "allow-node-ports",
+                message: format!(
+                    "check port {check_port} is not allowed (allow-node-ports: {})",
+                    self.node_ports
+                ),
+            })
+        }
+    }
+
     /// Checks a server: its node port and address, and the frontend's server cap given how
     /// many servers it would then hold.
     pub fn check_server(
@@ -287,6 +303,10 @@ mod tests {
             "allow-node-ports"
         );
         assert!(p.check_server(&ip, 30443, 1).is_ok());
+        assert!(p.check_check_port(32123).is_ok());
+        let e = p.check_check_port(22).unwrap_err();
+        assert_eq!(e.rule, "allow-node-ports");
+        assert!(e.message.starts_with("check port 22 "), "{e:?}");
         assert_eq!(
             p.check_server(&ip, 30443, 1001).unwrap_err().rule,
             "max-servers-per-frontend"

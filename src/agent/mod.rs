@@ -626,6 +626,14 @@ impl Owner {
             .map(|f| &**f);
         crate::policy::check_scope(scope, change, frontend)?;
         self.policy.check_frontend_port(change.frontend_port())?;
+        let settings = match change {
+            Change::PutFrontend { settings, .. } => Some(settings),
+            Change::PutServer { frontend, .. } => frontend.as_ref(),
+            _ => None,
+        };
+        if let Some(p) = settings.and_then(|s| s.check.port) {
+            self.policy.check_check_port(p)?;
+        }
         if let Change::PutServer {
             frontend_port,
             node,
