@@ -81,7 +81,8 @@ pub struct Settings {
     #[arg(long, value_name = "CMD")]
     pub reload_command: Option<String>,
     /// Addresses every frontend binds, comma-separated; IPv6 with or without brackets, bound
-    /// `v6only` so both families share a port (0.0.0.0,[::]) [default: 0.0.0.0].
+    /// `v6only` beside IPv4 ones so both families share a port (0.0.0.0,[::]); `::` alone
+    /// takes both families [default: 0.0.0.0].
     #[arg(long, value_name = "ADDRS")]
     pub frontend_bind: Option<crate::render::FrontendBinds>,
     /// Frontend ports requests may use [default: 1-65535 except 22 and the API's port].

@@ -157,6 +157,36 @@ pub fn settings_commands(port: u16, fe: &FrontendSpec, old: &FrontendSettings) -
     out
 }
 
+/// Adds to `plan` what the frontends' `maxconn` needs, given `show stat`'s frontend rows: a
+/// frontend whose session limit (`slim`) is not its desired `maxconn` gets `set maxconn
+/// frontend` (a change HAProxy refused, or one the store then refused, is repaired so).
+/// Frontends without a `maxconn` of their own are left as the config made them.
+pub fn plan_maxconn(
+    desired: &DesiredState,
+    frontends: &[crate::runtime::parse::StatRow],
+    plan: &mut Plan,
+) {
+    for (port, fe) in &desired.frontends {
+        let Some(want) = fe.settings.maxconn else {
+            continue;
+        };
+        let name = frontend_name(*port);
+        let Some(row) = frontends.iter().find(|r| {
+            r.proxy == name.as_str() && r.kind == crate::runtime::parse::ProxyKind::Frontend
+        }) else {
+            continue;
+        };
+        if row.sessions_limit != Some(u64::from(want)) {
+            plan.drift.push(format!(
+                "{name} has maxconn {}, wanted {want}",
+                row.sessions_limit
+                    .map_or_else(|| "-".to_string(), |l| l.to_string())
+            ));
+            plan.commands.push(Command::SetMaxconnFrontend(name, want));
+        }
+    }
+}
+
 /// Plans the runtime commands for `ports` (all desired frontends when `None`), given the
 /// servers (`show servers state`) and the backend names (`show backend`) HAProxy reports.
 /// Both are needed: `show servers state` does not list a backend that has no server.
@@ -351,6 +381,26 @@ mod tests {
         .map(|c| c.to_string())
         .collect();
         assert_eq!(unweighted, ["set server be_443/node-a weight 1"]);
+    }
+
+    #[test]
+    fn a_frontends_maxconn_is_compared_with_its_session_limit() {
+        let mut d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let csv = |slim: u32| {
+            format!("# pxname,svname,qcur,qmax,scur,smax,slim,stot,type\nfe_443,FRONTEND,,,0,0,{slim},0,0\nbe_443,BACKEND,0,0,0,0,1,0,1\n")
+        };
+        let rows = |slim| crate::runtime::parse::parse_show_stat(&csv(slim)).unwrap();
+        let mut p = Plan::default();
+        plan_maxconn(&d, &rows(2000), &mut p);
+        assert!(p.is_empty(), "no maxconn of its own: left alone");
+        std::sync::Arc::make_mut(d.frontends.get_mut(&443).unwrap())
+            .settings
+            .maxconn = Some(500);
+        plan_maxconn(&d, &rows(500), &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        plan_maxconn(&d, &rows(2000), &mut p);
+        assert_eq!(wire(&p), ["set maxconn frontend fe_443 500"]);
+        assert_eq!(p.drift, ["fe_443 has maxconn 2000, wanted 500"]);
     }
 
     #[test]

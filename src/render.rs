@@ -23,6 +23,15 @@ pub struct RenderOptions {
     pub frontend_binds: Vec<IpAddr>,
 }
 
+impl RenderOptions {
+    /// Whether IPv6 binds are `v6only`: when IPv4 addresses are bound beside them, so both
+    /// families work on one port. An IPv6 address alone (`::`) stays dual-stack, taking IPv4
+    /// too, as it did before lists.
+    pub fn v6only(&self) -> bool {
+        self.frontend_binds.iter().any(IpAddr::is_ipv4)
+    }
+}
+
 impl Default for RenderOptions {
     fn default() -> Self {
         RenderOptions {
@@ -110,10 +119,15 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
     let settings = &fe.settings;
     // `write!` into a String cannot fail.
     let _ = write!(out, "\nfrontend {frontend}\n    mode {mode}\n");
+    let v6only = opts.v6only();
     for ip in &opts.frontend_binds {
-        // `v6only`: an IPv6 wildcard would otherwise take the IPv4 port too, and the IPv4
-        // bind beside it fail; with it both families work on one port.
-        let v6only = if ip.is_ipv6() { " v6only" } else { "" };
+        // `v6only` beside IPv4 binds: an IPv6 wildcard would otherwise take the IPv4 port too,
+        // and the IPv4 bind beside it fail.
+        let v6only = if ip.is_ipv6() && v6only {
+            " v6only"
+        } else {
+            ""
+        };
         let _ = writeln!(out, "    bind {}{v6only}", addr(*ip, port));
     }
     if let Some(n) = settings.maxconn {
@@ -323,7 +337,7 @@ backend be_8883
 
 frontend fe_80
     mode tcp
-    bind [::]:80 v6only
+    bind [::]:80
     default_backend be_80
 
 backend be_80

@@ -74,13 +74,32 @@ impl Owner {
                 continue;
             }
             match self.state.apply_with_transition(&change) {
-                Ok((effect, undo, transition)) => accepted.push(Accepted {
-                    change,
-                    effect,
-                    undo,
-                    transition,
-                    reply,
-                }),
+                Ok((effect, undo, transition)) => {
+                    let settings_commands = match (&undo, effect) {
+                        (
+                            Undo::Settings {
+                                port,
+                                previous: Some(old),
+                                ..
+                            },
+                            Effect::Runtime,
+                        ) => self
+                            .state
+                            .frontends
+                            .get(port)
+                            .map(|fe| reconcile::settings_commands(*port, fe, old))
+                            .unwrap_or_default(),
+                        _ => Vec::new(),
+                    };
+                    accepted.push(Accepted {
+                        change,
+                        effect,
+                        undo,
+                        transition,
+                        reply,
+                        settings_commands,
+                    })
+                }
                 Err(c) => {
                     let _ = reply.send(Err(c.into()));
                 }
@@ -127,17 +146,8 @@ impl Owner {
                         self.change_commands(&a.change, previous.as_ref(), &mut commands)
                     }
                     // A settings change the runtime API can make (a reload-worthy one never
-                    // comes this way): from the settings before to the frontend's now.
-                    Undo::Settings {
-                        port,
-                        previous: Some(old),
-                        ..
-                    } => {
-                        if let Some(fe) = self.state.frontends.get(port) {
-                            commands.extend(reconcile::settings_commands(*port, fe, old));
-                        }
-                    }
-                    _ => {}
+                    // comes this way).
+                    _ => commands.extend(a.settings_commands.iter().cloned()),
                 }
             }
             ranges.push(start..commands.len());
@@ -222,6 +232,14 @@ impl Owner {
                     spec,
                     &settings,
                 ));
+                // One taken back from draining missed live check-port changes while it was
+                // not the frontend's (a reload would have dropped it, so nothing else can
+                // have changed).
+                if let (Some(_), Some(p)) = (&draining, settings.check.port) {
+                    if let Ok(c) = Command::set_check_port(server.clone(), p) {
+                        out.push(c);
+                    }
+                }
             }
             Change::DeleteServer {
                 frontend_port,

@@ -323,6 +323,10 @@ struct Accepted {
     undo: Undo,
     transition: Transition,
     reply: Requester,
+    /// A live settings change's commands, made from the frontend as it was when the change
+    /// applied: a server a later change of the group adds is not there yet (its `add server`
+    /// carries the new settings).
+    settings_commands: Vec<Command>,
 }
 
 /// Most requests group-committed together.

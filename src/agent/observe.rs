@@ -135,6 +135,21 @@ impl Owner {
             .filter(|p| !self.state.frontends.contains_key(p))
             .collect();
         let mut plan: Plan = reconcile::plan(&self.state, &observed, &backends, None);
+        if plan.missing_backends.is_empty()
+            && self
+                .state
+                .frontends
+                .values()
+                .any(|fe| fe.settings.maxconn.is_some())
+        {
+            match self.client.show_stat_frontends().await {
+                Ok(rows) => reconcile::plan_maxconn(&self.state, &rows, &mut plan),
+                Err(e) => {
+                    self.transport_failed(&e);
+                    return;
+                }
+            }
+        }
         for p in stale {
             plan.drift
                 .push(format!("fe_{p} runs in HAProxy but is not wanted"));

@@ -48,7 +48,8 @@ impl Owner {
             let probe = self.host_checks && creates && !self.suspect_ports.contains(&port);
             if probe && checked.insert(port) {
                 let binds = &self.render.frontend_binds;
-                if let Some(why) = binds.iter().find_map(|b| port_in_use(*b, port)) {
+                let v6only = self.render.v6only();
+                if let Some(why) = binds.iter().find_map(|b| port_in_use(*b, port, v6only)) {
                     tracing::info!(port, reason = %why, "refusing a new frontend on a port in use");
                     in_use.insert(port, why);
                 }
@@ -299,9 +300,9 @@ impl Owner {
 /// already. Checked by binding it (without SO_REUSEPORT, so a listener that has it, such as
 /// one of HAProxy's own frontends, counts too); only "address in use" counts: an agent that
 /// may not bind a low port leaves that to HAProxy, which may.
-fn port_in_use(bind: std::net::IpAddr, port: u16) -> Option<String> {
+fn port_in_use(bind: std::net::IpAddr, port: u16, v6only: bool) -> Option<String> {
     let addr = std::net::SocketAddr::from((bind, port));
-    match try_bind(addr) {
+    match try_bind(addr, v6only) {
         Err(nix::errno::Errno::EADDRINUSE) => Some(format!(
             "cannot bind {addr}: address already in use; another program, or a frontend of \
              HAProxy's own configuration, listens on port {port} on this host"
@@ -310,9 +311,10 @@ fn port_in_use(bind: std::net::IpAddr, port: u16) -> Option<String> {
     }
 }
 
-/// Binds `addr` and lets it go, an IPv6 address `v6only` as the managed file binds it (so
-/// an IPv4 listener on the port does not count against `[::]`).
-fn try_bind(addr: std::net::SocketAddr) -> nix::Result<()> {
+/// Binds `addr` and lets it go, as HAProxy would bind it: `SO_REUSEADDR` (so connections
+/// of an old listener in TIME_WAIT do not count), and an IPv6 address `v6only` when the managed
+/// file binds it so (then an IPv4 listener on the port does not count against `[::]`).
+fn try_bind(addr: std::net::SocketAddr, v6only: bool) -> nix::Result<()> {
     use nix::sys::socket::{
         bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
     };
@@ -322,8 +324,9 @@ fn try_bind(addr: std::net::SocketAddr) -> nix::Result<()> {
         AddressFamily::Inet
     };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
-        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+        setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
     bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -368,6 +371,25 @@ fn ports_named_in(message: &str, ports: &BTreeSet<u16>) -> BTreeSet<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port whose last connection is in TIME_WAIT is free to HAProxy (which binds with
+    /// SO_REUSEADDR), so the probe must not call it in use; a listening port is.
+    #[test]
+    fn the_probe_binds_as_haproxy_does() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ip = addr.ip();
+        assert!(port_in_use(ip, addr.port(), false).is_some(), "listening");
+        // A connection accepted and closed by the listener's side first: TIME_WAIT on its port.
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (served, _) = listener.accept().unwrap();
+        drop(served);
+        drop(listener);
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut &client, &mut buf);
+        drop(client);
+        assert_eq!(port_in_use(ip, addr.port(), false), None, "TIME_WAIT only");
+    }
 
     #[test]
     fn a_reload_failure_names_its_ports() {

@@ -261,11 +261,12 @@ pub enum Conflict {
         existing: &'static str,
         requested: &'static str,
     },
-    /// Settings given inline with a server differ from the frontend's.
-    #[error("frontend {port} has {field} {existing}; this request asks for {requested} (PUT /v1/frontends/{port} changes a frontend's settings)")]
+    /// Settings given inline with a server (`frontend.*`) differ from the frontend's.
+    #[error("{field}: frontend {port} has {existing}; this request asks for {requested} (PUT /v1/frontends/{port} changes a frontend's settings)")]
     Setting {
         port: u16,
-        field: &'static str,
+        /// By its path in the request: `frontend.check.port`.
+        field: String,
         existing: String,
         requested: String,
     },
@@ -490,7 +491,7 @@ impl DesiredState {
                     {
                         return Err(Conflict::Setting {
                             port: *frontend_port,
-                            field: d.field,
+                            field: format!("frontend.{}", d.field),
                             existing: d.existing,
                             requested: d.requested,
                         });
