@@ -68,9 +68,13 @@ fn state_command(server: ServerRef, state: ServerState) -> Command {
 }
 
 /// `add server`'s options for a server of a frontend with `settings`: a dynamic server
-/// inherits nothing, so the frontend's PROXY version and check go on every one.
+/// inherits nothing, so the frontend's PROXY version and check go on every one. Its checks
+/// carry the PROXY header exactly when the same server's would from the config file (checks
+/// to the traffic port), so a server that wants the header sees it on checks whether it was
+/// added live or loaded at a reload.
 pub fn add_options(spec: &ServerSpec, settings: &FrontendSettings) -> AddServerOptions {
     AddServerOptions {
+        check_send_proxy: settings.proxy() != ProxyProtocol::None && settings.check.port.is_none(),
         check: true,
         check_port: settings.check.port,
         check_interval_ms: settings.check.interval.map(|i| i.as_millis()),
@@ -401,6 +405,31 @@ mod tests {
         plan_maxconn(&d, &rows(2000), &mut p);
         assert_eq!(wire(&p), ["set maxconn frontend fe_443 500"]);
         assert_eq!(p.drift, ["fe_443 has maxconn 2000, wanted 500"]);
+    }
+
+    #[test]
+    fn added_servers_check_with_the_proxy_header_as_config_servers_do() {
+        let server = ServerRef::new("be_443", "node-a").unwrap();
+        let d = desired(&[("node-a", "10.0.0.1", 30443, ServerState::Ready, None)]);
+        let spec = d.frontends[&443].servers.values().next().unwrap().clone();
+        let add = |json: &str| {
+            let settings: FrontendSettings = serde_json::from_str(json).unwrap();
+            commands_for(&server, None, &spec, &settings)[0].to_string()
+        };
+        assert_eq!(
+            add(r#"{"proxy_protocol":"v2"}"#),
+            "add server be_443/node-a 10.0.0.1:30443 check send-proxy-v2 check-send-proxy"
+        );
+        assert_eq!(
+            add(r#"{"proxy_protocol":"v1"}"#),
+            "add server be_443/node-a 10.0.0.1:30443 check send-proxy check-send-proxy"
+        );
+        // Checks elsewhere than the traffic port go without it, as HAProxy does for the file.
+        assert_eq!(
+            add(r#"{"proxy_protocol":"v2","check":{"port":32123}}"#),
+            "add server be_443/node-a 10.0.0.1:30443 check port 32123 send-proxy-v2"
+        );
+        assert_eq!(add("{}"), "add server be_443/node-a 10.0.0.1:30443 check");
     }
 
     #[test]

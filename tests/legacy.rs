@@ -4,38 +4,9 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::agent::{http, through, Agent, Echo, Options};
-
-const TOKEN: &str = "old-shared-token-1234";
-
-fn legacy_agent() -> (Agent, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("token");
-    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let agent = Agent::managed_with(Options {
-        extra: vec!["--legacy-token-file".into(), path.display().to_string()],
-        ..Options::default()
-    });
-    (agent, dir)
-}
-
-fn hook(agent: &Agent, token: Option<&str>, body: &str) -> common::agent::Response {
-    let mut headers = vec![("Content-Type", "application/json".to_string())];
-    if let Some(t) = token {
-        headers.push(("X-Funkypenguin-Token", t.to_string()));
-    }
-    http(
-        agent.addr,
-        "POST",
-        "/hooks/update-haproxy",
-        &headers,
-        body.as_bytes(),
-    )
-}
+use common::agent::{legacy_agent, legacy_hook, through, Agent, Echo, LEGACY_TOKEN};
 
 #[test]
 fn old_sidecar_registers_and_deletes() {
@@ -53,13 +24,13 @@ fn old_sidecar_registers_and_deletes() {
     );
     let before = agent.state();
 
-    let r = hook(&agent, Some("wrong-token-000000000"), &add);
+    let r = legacy_hook(&agent, Some("wrong-token-000000000"), &add);
     r.assert_error(401, "unauthorized", "wrong token");
-    let r = hook(&agent, None, &add);
+    let r = legacy_hook(&agent, None, &add);
     r.assert_error(401, "unauthorized", "missing token");
     assert_eq!(agent.state()["generation"], before["generation"]);
 
-    let r = hook(&agent, Some(TOKEN), &add);
+    let r = legacy_hook(&agent, Some(LEGACY_TOKEN), &add);
     assert_eq!(r.status, 200, "{r:?}");
     let v = r.json();
     assert_eq!(v["applied"], "reload");
@@ -72,12 +43,12 @@ fn old_sidecar_registers_and_deletes() {
 
     // Same validation and policy as the v1 API.
     let bad = add.replace("127.0.0.2", "127.0.0.2;show info");
-    hook(&agent, Some(TOKEN), &bad).assert_error(400, "bad_request", "bad dst-ip");
+    legacy_hook(&agent, Some(LEGACY_TOKEN), &bad).assert_error(400, "bad_request", "bad dst-ip");
     let port22 = add.replace(&format!("\"{fe}\""), "\"22\"");
-    hook(&agent, Some(TOKEN), &port22).assert_error(403, "forbidden", "port 22");
+    legacy_hook(&agent, Some(LEGACY_TOKEN), &port22).assert_error(403, "forbidden", "port 22");
 
     let delete = add.replace("\"add\"", "\"delete\"");
-    let r = hook(&agent, Some(TOKEN), &delete);
+    let r = legacy_hook(&agent, Some(LEGACY_TOKEN), &delete);
     assert_eq!(r.status, 200, "{r:?}");
     let state = agent.state();
     assert_eq!(
@@ -94,6 +65,6 @@ fn old_sidecar_registers_and_deletes() {
 #[test]
 fn off_by_default() {
     let agent = Agent::managed();
-    let r = hook(&agent, Some(TOKEN), "{}");
+    let r = legacy_hook(&agent, Some(LEGACY_TOKEN), "{}");
     r.assert_error(404, "not_found", "legacy endpoint off");
 }

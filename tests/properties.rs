@@ -887,10 +887,14 @@ fn options() -> impl Strategy<Value = AddServerOptions> {
             proptest::option::of(1..=100u8),
             proptest::option::of(1..=100u8),
             select(&[SendProxy::Off, SendProxy::V1, SendProxy::V2][..]),
+            any::<bool>(),
         ),
     )
         .prop_map(
-            |((check, weight, disabled, backup), (check_port, inter, rise, fall, send_proxy))| {
+            |(
+                (check, weight, disabled, backup),
+                (check_port, inter, rise, fall, send_proxy, check_send_proxy),
+            )| {
                 AddServerOptions {
                     check,
                     check_port,
@@ -898,6 +902,7 @@ fn options() -> impl Strategy<Value = AddServerOptions> {
                     rise,
                     fall,
                     send_proxy,
+                    check_send_proxy,
                     weight,
                     disabled,
                     backup,
@@ -956,6 +961,7 @@ fn word_count(c: &Command) -> usize {
                 + 2 * usize::from(options.rise.is_some())
                 + 2 * usize::from(options.fall.is_some())
                 + usize::from(options.send_proxy != SendProxy::Off)
+                + usize::from(options.check_send_proxy)
                 + 2 * usize::from(options.weight.is_some())
                 + usize::from(options.backup)
                 + usize::from(options.disabled)

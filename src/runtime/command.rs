@@ -69,6 +69,10 @@ pub struct AddServerOptions {
     pub rise: Option<u8>,
     pub fall: Option<u8>,
     pub send_proxy: SendProxy,
+    /// Send the PROXY header on the health checks too (`check-send-proxy`). A server from the
+    /// config file with `send-proxy` does so by itself while its checks go to the traffic port;
+    /// one added at runtime only when told (2.6 to 3.2 alike).
+    pub check_send_proxy: bool,
     /// Initial weight, 0–256.
     pub weight: Option<u16>,
     /// Start administratively disabled (every dynamic server already starts in maintenance;
@@ -240,6 +244,9 @@ impl fmt::Display for Command {
                     SendProxy::V1 => f.write_str(" send-proxy")?,
                     SendProxy::V2 => f.write_str(" send-proxy-v2")?,
                 }
+                if options.check_send_proxy {
+                    f.write_str(" check-send-proxy")?;
+                }
                 if let Some(w) = options.weight {
                     write!(f, " weight {w}")?;
                 }
@@ -335,6 +342,7 @@ mod tests {
                 rise: Some(1),
                 fall: Some(5),
                 send_proxy: SendProxy::V2,
+                check_send_proxy: true,
                 weight: Some(3),
                 ..Default::default()
             },
@@ -342,7 +350,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             full.to_string(),
-            "add server be_443/node-a 10.0.0.1:30443 check port 32123 inter 500ms rise 1 fall 5 send-proxy-v2 weight 3"
+            "add server be_443/node-a 10.0.0.1:30443 check port 32123 inter 500ms rise 1 fall 5 send-proxy-v2 check-send-proxy weight 3"
         );
         for bad in [
             AddServerOptions {

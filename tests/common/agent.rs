@@ -359,6 +359,40 @@ pub fn lbctl() -> Command {
     c
 }
 
+/// The old webhook's shared token, as [`legacy_agent`] configures it.
+pub const LEGACY_TOKEN: &str = "old-shared-token-1234";
+
+/// A managed agent with the legacy endpoint on (`--legacy-token-file`, 0600, holding
+/// [`LEGACY_TOKEN`]); keep the directory for as long as the agent runs.
+pub fn legacy_agent() -> (Agent, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{LEGACY_TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = Agent::managed_with(Options {
+        extra: vec!["--legacy-token-file".into(), path.display().to_string()],
+        ..Options::default()
+    });
+    (agent, dir)
+}
+
+/// `POST /hooks/update-haproxy` with `body`, as the old sidecars send it (`token` in their
+/// header when given).
+pub fn legacy_hook(agent: &Agent, token: Option<&str>, body: &str) -> Response {
+    let mut headers = vec![("Content-Type", "application/json".to_string())];
+    if let Some(t) = token {
+        headers.push(("X-Funkypenguin-Token", t.to_string()));
+    }
+    http(
+        agent.addr,
+        "POST",
+        "/hooks/update-haproxy",
+        &headers,
+        body.as_bytes(),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Echo backends and connections through HAProxy
 // ---------------------------------------------------------------------------------------------
@@ -1083,6 +1117,21 @@ impl Agent {
         assert_eq!(v["frontend_port"], port);
         assert_eq!(v["backend"], format!("be_{port}"));
         assert_eq!(v["server"], node);
+        v
+    }
+
+    /// `PUT /v1/frontends/{port}` with `body` (the frontend's settings, and `mode`).
+    pub fn put_frontend(&self, port: u16, body: &Value) -> Response {
+        self.signed("PUT", &format!("/v1/frontends/{port}"), &body.to_string())
+    }
+
+    /// A frontend PUT that must answer 200 with `applied`; returns the answer's JSON.
+    pub fn put_frontend_ok(&self, port: u16, body: &Value, applied: &str) -> Value {
+        let r = self.put_frontend(port, body);
+        assert_eq!(r.status, 200, "PUT {port} {body}: {r:?}\n{}", self.log());
+        let v = r.json();
+        assert_eq!(v["applied"], applied, "PUT {port} {body}: {v}");
+        assert_eq!(v["frontend_port"], port);
         v
     }
 

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod flood;
+pub mod proxy_backend;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
