@@ -184,7 +184,15 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
                         return Err(format!("no backend named {b:?} in show stat").into());
                     }
                 }
-                let view = Overview::from_stat(&rows, args.backend.as_deref());
+                let mut view = Overview::from_stat(&rows, args.backend.as_deref());
+                // Check ports are only in `show servers state` (a quarter of `show stat`'s
+                // bytes), asked of the one backend when one is shown.
+                let backend = args
+                    .backend
+                    .as_deref()
+                    .map(|b| crate::runtime::Name::new("--backend", b))
+                    .transpose()?;
+                view.add_servers_state(&client.show_servers_state(backend.as_ref()).await?);
                 if args.json {
                     serde_json::to_string_pretty(&view)? + "\n"
                 } else {
