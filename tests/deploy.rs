@@ -1015,7 +1015,7 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 .env("LBAGENT_URL", format!("http://{stand_in}")));
             let stderr = text(&out.stderr);
             assert!(
-                out.status.code() == Some(2) && stderr.contains("refused it (403)"),
+                out.status.code() == Some(2) && stderr.contains("refused it (403 forbidden): test stand-in"),
                 "{what}: lbctl {args:?} did not reach the agent: {out:?}"
             );
             let req = request

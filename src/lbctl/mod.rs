@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::clock::DurationSetting;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
+use agent_client::agent_said;
 use show::{render_info, render_table, Colour, Overview};
 
 /// Default stats socket of Debian's HAProxy package.
@@ -37,7 +38,7 @@ pub enum Commands {
     /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
     State(StateArgs),
     /// The sidecar: keep telling the agent which node serves a frontend port.
-    PhoneHome(phone_home::PhoneHomeArgs),
+    PhoneHome(Box<phone_home::PhoneHomeArgs>),
     /// Print the four auth headers for a request, for curl users.
     Sign(SignArgs),
 }
@@ -123,7 +124,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Commands::PhoneHome(args) = cli.command {
-        return runtime.block_on(phone_home::run(args));
+        return runtime.block_on(phone_home::run(*args));
     }
     let result = runtime.block_on(async {
         match cli.command {
@@ -233,7 +234,8 @@ async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     if status != 200 {
-        return Err(format!("the agent answered {status}: {}", body.trim()).into());
+        let (head, message) = agent_said(status, &body);
+        return Err(format!("the agent answered {head}: {message}").into());
     }
     let value: serde_json::Value = serde_json::from_str(&body)?;
     if args.json {
