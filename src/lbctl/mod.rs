@@ -160,6 +160,7 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|w| w.within("--watch", DURATION_RANGE))
         .transpose()?;
     let mut client = RuntimeClient::new(Endpoint::parse(&args.socket), options);
+    let mut states_client = client.sibling();
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
     let colour = Colour::detect(terminal);
@@ -179,21 +180,26 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             None => {
-                let rows = client.show_stat().await?;
+                // Check ports are only in `show servers state` (a quarter of `show stat`'s
+                // bytes), asked of the one backend when one is shown, on a connection of its
+                // own so HAProxy writes both answers at once.
+                let backend = args
+                    .backend
+                    .as_deref()
+                    .map(|b| crate::runtime::Name::new("--backend", b))
+                    .transpose()?;
+                let (rows, states) = tokio::join!(
+                    client.show_stat(),
+                    states_client.show_servers_state(backend.as_ref())
+                );
+                let rows = rows?;
                 if let Some(b) = &args.backend {
                     if !rows.iter().any(|r| &r.proxy == b) {
                         return Err(format!("no backend named {b:?} in show stat").into());
                     }
                 }
                 let mut view = Overview::from_stat(&rows, args.backend.as_deref());
-                // Check ports are only in `show servers state` (a quarter of `show stat`'s
-                // bytes), asked of the one backend when one is shown.
-                let backend = args
-                    .backend
-                    .as_deref()
-                    .map(|b| crate::runtime::Name::new("--backend", b))
-                    .transpose()?;
-                view.add_servers_state(&client.show_servers_state(backend.as_ref()).await?);
+                view.add_servers_state(&states?);
                 if args.json {
                     serde_json::to_string_pretty(&view)? + "\n"
                 } else {
