@@ -11,7 +11,9 @@
 //! - every Kubernetes YAML parses (PyYAML when python3 has it, else line rules only), and every
 //!   `lbctl phone-home` sidecar, run with the manifest's own args, env and Secret, sends a signed
 //!   PUT for its node to the agent URL it is given, inside the scope its key has in
-//!   `keys.toml.example`; each namespace's sidecars sign with a key of their own;
+//!   `keys.toml.example`; each namespace's sidecars sign with a key of their own; each checks
+//!   its Service's `healthCheckNodePort` over HTTP, and sends the PROXY protocol only to a
+//!   Traefik entry point that trusts the LB VM's address;
 //! - `keys.toml.example` loads once its placeholders are filled in (and not before), its scopes
 //!   inside `lbagent.toml`'s policy;
 //! - the Dockerfiles build binaries that exist, from stages that exist.
@@ -1015,7 +1017,8 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 .env("LBAGENT_URL", format!("http://{stand_in}")));
             let stderr = text(&out.stderr);
             assert!(
-                out.status.code() == Some(2) && stderr.contains("refused it (403)"),
+                out.status.code() == Some(2)
+                    && stderr.contains("refused it (403 forbidden): test stand-in"),
                 "{what}: lbctl {args:?} did not reach the agent: {out:?}"
             );
             let req = request
@@ -1067,6 +1070,13 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             let body: Value = serde_json::from_str(body).unwrap();
             assert_eq!(body["node_ip"], NODE_IP, "{what}");
             assert_eq!(body["node_port"], np, "{what}");
+            // Its frontend settings, read and checked as the agent reads them.
+            let settings = body.get("frontend").map(|f| {
+                serde_json::from_value::<lbagent::model::settings::RawSettings>(f.clone())
+                    .unwrap_or_else(|e| panic!("{what}: frontend {f}: {e}"))
+                    .validate("frontend.")
+                    .unwrap_or_else(|e| panic!("{what}: {e}"))
+            });
 
             // Its key is a scoped key of the keys example, and this PUT is inside its scope.
             let scope = keys_example.scope(&key_id).unwrap_or_else(|| {
@@ -1084,7 +1094,7 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                     weight: None,
                     lease: true,
                 },
-                frontend: None,
+                frontend: settings.clone(),
             };
             scope
                 .check(&change, None)
@@ -1117,6 +1127,54 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 service["spec"]["externalTrafficPolicy"], "Local",
                 "{what}: a node's NodePort must reach only the pod on that node"
             );
+
+            // HAProxy checks what kube-proxy says of the node: GET /healthz on the Service's
+            // healthCheckNodePort (200 with a ready local pod), not a bare connect.
+            let hc = service["spec"]["healthCheckNodePort"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{what}: its Service names no healthCheckNodePort"));
+            let check = settings.as_ref().map(|s| &s.check);
+            assert_eq!(
+                check.and_then(|c| c.port).map(u64::from),
+                Some(hc),
+                "{what}: --check-port must be its Service's healthCheckNodePort"
+            );
+            assert_eq!(
+                check.and_then(|c| c.http_path.as_ref()).map(|p| p.as_str()),
+                Some("/healthz"),
+                "{what}: kube-proxy answers GET /healthz on the healthCheckNodePort"
+            );
+
+            // A PROXY header is sent only to a container that reads it from the LB VM.
+            if settings
+                .as_ref()
+                .is_some_and(|s| s.proxy() != lbagent::model::ProxyProtocol::None)
+            {
+                let lb_ip: std::net::IpAddr = url
+                    .trim_start_matches("http://")
+                    .rsplit_once(':')
+                    .and_then(|(host, _)| host.parse().ok())
+                    .unwrap_or_else(|| panic!("{what}: LBAGENT_URL {url} has no IP address"));
+                proxy_protocol_is_read_from(spec, service, np, lb_ip, &what);
+            }
+        }
+    }
+    // kube-proxy refuses a Service whose node ports collide; the test's stand-ins would not.
+    let mut node_ports_seen = BTreeSet::new();
+    for svc in &services {
+        let hc = svc["spec"]["healthCheckNodePort"].as_u64();
+        let ports = svc["spec"]["ports"].as_array().unwrap().iter();
+        for p in ports.filter_map(|p| p["nodePort"].as_u64()).chain(hc) {
+            assert!(
+                (30000..=32767).contains(&p),
+                "{}: node port {p} outside 30000-32767",
+                svc["metadata"]["name"]
+            );
+            assert!(
+                node_ports_seen.insert(p),
+                "{}: node port {p} used twice",
+                svc["metadata"]["name"]
+            );
         }
     }
     assert!(
@@ -1141,6 +1199,77 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
             panic!("namespaces {other} and {ns} share the key {id:?}: give each its own");
         }
     }
+}
+
+/// Checks that the container behind `service`'s `node_port` reads the PROXY protocol from
+/// `lb_ip`: for Traefik, the entry point on that container port has
+/// `proxyProtocol.trustedIPs` covering it. Another server is one this test cannot vouch for.
+fn proxy_protocol_is_read_from(
+    pod: &Value,
+    service: &Value,
+    node_port: u16,
+    lb_ip: std::net::IpAddr,
+    what: &str,
+) {
+    let target = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodePort"] == node_port)
+        .map(|p| p["targetPort"].clone())
+        .unwrap();
+    let (container, port) = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|c| {
+            let p = c["ports"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == target || p["containerPort"] == target)?;
+            Some((c, p["containerPort"].as_u64()?))
+        })
+        .unwrap_or_else(|| panic!("{what}: no container port {target}"));
+    let name = &container["name"];
+    let image = container["image"].as_str().unwrap_or("");
+    assert!(
+        image.starts_with("traefik:"),
+        "{what}: sends the PROXY protocol to container {name} ({image}), which this test cannot \
+         see reading it"
+    );
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let entry_point = args
+        .iter()
+        .find_map(|a| {
+            let (ep, addr) = a.strip_prefix("--entryPoints.")?.split_once(".address=")?;
+            (addr == format!(":{port}")).then_some(ep)
+        })
+        .unwrap_or_else(|| panic!("{what}: no Traefik entry point on :{port}"));
+    let flag = format!("--entryPoints.{entry_point}.proxyProtocol.trustedIPs=");
+    let trusted = args
+        .iter()
+        .find_map(|a| a.strip_prefix(flag.as_str()))
+        .unwrap_or_else(|| panic!("{what}: {name} has no {flag}, so it would not read the header"));
+    let prefixes: lbagent::policy::CidrList = trusted
+        .split(',')
+        .map(|t| match (t.contains('/'), t.contains(':')) {
+            (true, _) => t.to_string(),
+            (false, false) => format!("{t}/32"),
+            (false, true) => format!("{t}/128"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: {flag}{trusted}: {e}"));
+    assert!(
+        !prefixes.is_any() && prefixes.contains(&lb_ip),
+        "{what}: {flag}{trusted} does not hold the LB VM's address {lb_ip}"
+    );
 }
 
 /// deploy/keys.toml.example with its placeholders replaced by secrets (as the operator would),

@@ -54,7 +54,38 @@ frontend fe_main
             cfg.push_str(&format!("    server s{i} {opts}\n"));
         }
     }
+    // HTTP checks on another port than the traffic's (closed): a health port, as the agent's
+    // `check.port` and `check.http_path` make.
+    cfg.push_str(&format!(
+        "\nbackend be_http\n    option httpchk GET /healthz\n\
+         server h0 127.0.0.1:{closed} check port {up} inter 100ms\n\
+         server h1 127.0.0.2:{closed} check port {up} inter 100ms\n"
+    ));
     cfg
+}
+
+/// `show servers state` read by a plain split: (backend, server) → `srv_check_port`.
+fn raw_check_ports(h: &Haproxy) -> HashMap<(String, String), u64> {
+    let text = answers(&h.admin, "show servers state\n").unwrap();
+    let mut lines = text.lines().skip(1);
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .trim_start_matches("# ")
+        .split(' ')
+        .collect();
+    let col = |name| header.iter().position(|c| *c == name).unwrap();
+    let (be, srv, port) = (col("be_name"), col("srv_name"), col("srv_check_port"));
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                (f[be].to_string(), f[srv].to_string()),
+                f[port].parse().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// `show stat` read by a plain CSV split: (proxy, server) → column → value.
@@ -96,7 +127,16 @@ fn json_agrees_with_show_stat() {
     common::wait_until(
         std::time::Duration::from_secs(10),
         "checks to settle",
-        || raw_stat(&h).values().all(|c| !c["status"].contains('/')),
+        || {
+            let raw = raw_stat(&h);
+            let checked = |b: &str, s: &str, result| {
+                raw[&(b.to_string(), s.to_string())]["check_status"].contains(result)
+            };
+            // And the first checks have answered, so a backend's check kind shows.
+            raw.values().all(|c| !c["status"].contains('/'))
+                && checked("be_http", "h0", "L7OK")
+                && checked("be_rr", "s0", "L4OK")
+        },
     );
     let out = lbctl(&["show", "--json", "--socket", h.admin.to_str().unwrap()]);
     assert!(
@@ -106,6 +146,7 @@ fn json_agrees_with_show_stat() {
     );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     let raw = raw_stat(&h);
+    let check_ports = raw_check_ports(&h);
 
     let mut seen = 0;
     for b in json["backends"].as_array().unwrap() {
@@ -130,6 +171,14 @@ fn json_agrees_with_show_stat() {
                 "{bname}/{name}: {}",
                 cols["status"]
             );
+            // 0 there is the traffic port: no port of its own.
+            let check_port = check_ports[&(bname.to_string(), name.to_string())];
+            let expected = if check_port == 0 {
+                Value::Null
+            } else {
+                check_port.into()
+            };
+            assert_eq!(s["check_port"], expected, "{bname}/{name}");
             for key in [
                 "check_status",
                 "sessions_current",
@@ -142,7 +191,28 @@ fn json_agrees_with_show_stat() {
         }
     }
     assert_eq!(seen, raw.len(), "every server of show stat is in the JSON");
-    assert_eq!(seen, 240);
+    assert_eq!(seen, 242);
+    // What a backend's check is, as far as HAProxy tells: the HTTP checks on their own port
+    // (once a check has answered), the TCP connects on the traffic port.
+    let backend = |name: &str| {
+        json["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let http = backend("be_http");
+    assert_eq!(http["check_kind"], "http", "{http}");
+    assert!(http["check_port"].as_u64().is_some_and(|p| p > 0), "{http}");
+    assert_eq!(
+        http["servers"][0]["status"], "UP",
+        "checked on the health port"
+    );
+    let rr = backend("be_rr");
+    assert_eq!(rr["check_kind"], "tcp", "{rr}");
+    assert_eq!(rr["check_port"], Value::Null, "{rr}");
     let fronts: Vec<_> = json["frontends"]
         .as_array()
         .unwrap()
@@ -175,6 +245,12 @@ fn table_lists_every_server_without_colour_in_a_pipe() {
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(!table.contains('\x1b'), "colour codes in a pipe");
+    assert!(
+        table.lines().any(|l| l.starts_with("BACKEND be_http ")
+            && l.contains(", 2 servers, ")
+            && l.contains("check on :")),
+        "{table}"
+    );
     for (b, s) in raw_stat(&h).keys() {
         assert!(table.contains(&format!("BACKEND {b}")), "{b}");
         assert!(

@@ -1,7 +1,9 @@
 //! `lbctl phone-home` and `lbctl sign` against a real agent and HAProxy, on loopback: the
 //! sidecar follows an IP change read from `--node-ip-from url:...` within a few seconds at
 //! `--interval 1s`, SIGTERM removes its server and exits 0, `--once` registers and exits, bad
-//! settings exit 2; `lbctl sign`'s headers are accepted by the agent.
+//! settings exit 2; the frontend settings flags create a frontend with them (checked over HTTP
+//! on their own port) and a sidecar asking for other settings gets one final 409 line; `lbctl
+//! sign`'s headers are accepted by the agent.
 
 mod common;
 
@@ -11,7 +13,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::agent::{http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar};
+use common::agent::{
+    eventually, http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar,
+};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -196,6 +200,135 @@ fn once_registers_and_exits_and_bad_settings_exit_2() {
         .output()
         .unwrap();
     assert_eq!(no_key.status.code(), Some(2));
+}
+
+#[test]
+fn settings_flags_make_the_frontend_and_a_different_one_is_refused_for_good() {
+    let agent = Agent::managed();
+    let node = Echo::start("127.0.0.1", "behind proxy v2");
+    // The health port: any HTTP request answered 200, as kube-proxy's healthCheckNodePort
+    // answers `GET /healthz` on a node with a ready endpoint.
+    let health = ip_endpoint(Arc::new(Mutex::new("ok".into())));
+    let health_port: u16 = health
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let fe = free_port();
+    let agent_url = format!("http://{}", agent.addr);
+    let sidecar = |node_name: &str, settings: &[&str]| {
+        lbctl()
+            .args(["phone-home", "--once", "--agent", &agent_url])
+            .args(["--frontend-port", &fe.to_string()])
+            .args(["--node-port", &node.port().to_string()])
+            .args(["--node", node_name, "--node-ip", "127.0.0.1"])
+            .arg("--key-file")
+            .arg(&agent.keys_path)
+            .args(settings)
+            .output()
+            .unwrap()
+    };
+    let check_port = health_port.to_string();
+    let out = sidecar(
+        "node-1",
+        &[
+            "--proxy-protocol",
+            "v2",
+            "--check-port",
+            &check_port,
+            "--check-http",
+            "/healthz",
+            "--check-interval",
+            "200ms",
+            "--timeout-tunnel",
+            "1h",
+            "--maxconn",
+            "100",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frontend = || {
+        agent.state()["frontends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["frontend_port"] == fe)
+            .cloned()
+            .expect("the frontend")
+    };
+    let settings = frontend()["settings"].clone();
+    assert_eq!(
+        settings,
+        serde_json::json!({
+            "proxy_protocol": "v2",
+            "check": {"kind": "http", "port": health_port, "http_path": "/healthz",
+                      "interval": "200ms", "rise": 2, "fall": 3},
+            "timeouts": {"tunnel": "1h"},
+            "maxconn": 100,
+        })
+    );
+    // HAProxy checks the health port over HTTP (the node port would answer no HTTP), and the
+    // traffic goes to the node port.
+    eventually(Duration::from_secs(10), "an HTTP check passed", || {
+        let seen = frontend()["servers"][0]["haproxy"]["check_status"].clone();
+        match seen.as_str() {
+            Some(c) if c.contains("L7OK") => Ok(()),
+            _ => Err(format!("check_status {seen}")),
+        }
+    });
+    assert_eq!(through(fe).unwrap(), "behind proxy v2");
+
+    // `lbctl state` says so in a line.
+    let state = lbctl()
+        .args(["state", "--agent", &agent_url, "--key-file"])
+        .arg(&agent.keys_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&state.stdout);
+    assert!(
+        text.contains(&format!(
+            "  proxy v2, check http /healthz on :{health_port} every 200ms, timeouts tunnel 1h, maxconn 100\n"
+        )),
+        "{text}"
+    );
+
+    // Another node asking for only some of the same settings joins.
+    let same = sidecar("node-2", &["--proxy-protocol", "v2", "--maxconn", "100"]);
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    // One asking for another PROXY version is refused with one line, at once and for good
+    // (exit 2, no retry), and nothing of it is recorded.
+    let started = Instant::now();
+    let other = sidecar("node-3", &["--proxy-protocol", "v1"]);
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{said}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("the agent refused it (409 conflict): ")
+            && said.contains("proxy_protocol v2; this request asks for v1"),
+        "{said}"
+    );
+    let nodes: Vec<String> = frontend()["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(nodes, ["node-1", "node-2"]);
 }
 
 #[test]

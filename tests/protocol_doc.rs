@@ -1,7 +1,9 @@
 //! docs/protocol.md's "Example with curl and openssl" is the whole protocol in a shell: this
 //! runs that very block, unchanged, with bash against a real managed agent, and checks it prints
 //! what the document says (`"applied":"reload"` the first time, `"applied":"unchanged"` the
-//! second).
+//! second). And every JSON example of the document parses, its frontend settings are ones the
+//! agent accepts, and the `settings` it shows in `GET /v1/frontends` are what the agent shows
+//! for the `PUT /v1/frontends/{port}` example.
 
 mod common;
 
@@ -9,10 +11,83 @@ use std::process::Command;
 
 use common::agent::{Agent, Echo};
 
+fn doc() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+        .expect("read docs/protocol.md")
+}
+
+/// The ```json blocks of `text`, in order.
+fn json_blocks(text: &str) -> Vec<String> {
+    text.split("```json\n")
+        .skip(1)
+        .map(|b| b.split("\n```").next().unwrap().to_string())
+        .collect()
+}
+
+/// The JSON blocks of the section under `heading` (up to the next heading).
+fn section_json(doc: &str, heading: &str) -> Vec<serde_json::Value> {
+    let section = doc
+        .split_once(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("docs/protocol.md has no heading {heading:?}"))
+        .1
+        .split("\n#")
+        .next()
+        .unwrap();
+    json_blocks(section)
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect()
+}
+
+fn settings_of(
+    json: &serde_json::Value,
+    prefix: &str,
+) -> lbagent::model::settings::FrontendSettings {
+    serde_json::from_value::<lbagent::model::settings::RawSettings>(json.clone())
+        .unwrap_or_else(|e| panic!("{json}: {e}"))
+        .validate(prefix)
+        .unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+#[test]
+fn json_examples_parse_and_their_settings_are_the_agents() {
+    let doc = doc();
+    let blocks = json_blocks(&doc);
+    assert!(blocks.len() >= 7, "{} JSON blocks", blocks.len());
+    for b in &blocks {
+        let v: serde_json::Value = serde_json::from_str(b)
+            .unwrap_or_else(|e| panic!("a JSON example of docs/protocol.md: {e}\n{b}"));
+        // Settings inline in a server's PUT.
+        if let Some(f) = v.get("frontend").filter(|f| f.is_object()) {
+            settings_of(f, "frontend.");
+        }
+    }
+    let all = &section_json(&doc, "### Frontend settings")[0];
+    let s = settings_of(all, "");
+    assert!(s.proxy_protocol.is_some() && s.maxconn.is_some() && s.check.http_path.is_some());
+
+    let mut put = section_json(
+        &doc,
+        "### `PUT /v1/frontends/{frontend_port}`: a frontend's settings",
+    )[0]
+    .clone();
+    let mode = put.as_object_mut().unwrap().remove("mode");
+    assert!(
+        matches!(mode.as_ref().and_then(|m| m.as_str()), Some("tcp" | "http")),
+        "{mode:?}"
+    );
+    let put = settings_of(&put, "").normalized();
+    let get = &section_json(&doc, "### Settings in `GET /v1/frontends`")[0];
+    assert_eq!(
+        get["settings"],
+        serde_json::to_value(lbagent::model::settings::SettingsView::from(&put)).unwrap(),
+        "GET's settings example is not what the agent shows for the PUT example"
+    );
+}
+
 /// The body of the first ```sh block after the heading `## Example with curl and openssl`.
 fn example_block() -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
-        .expect("read docs/protocol.md");
+    let doc = doc();
     let section = doc
         .split_once("\n## Example with curl and openssl")
         .expect("docs/protocol.md has a section `## Example with curl and openssl`")
@@ -87,7 +162,11 @@ fn the_curl_example_works_as_documented() {
     // Exactly the line the document shows.
     assert_eq!(
         text.trim(),
-        r#"{"applied":"reload","backend":"be_8443","frontend_port":8443,"generation":1,"server":"node-a"}"#
+        r#"{"applied":"reload","backend":"be_8443","frontend_port":8443,"generation":1,"reload_for":"a new frontend","server":"node-a"}"#
+    );
+    assert!(
+        doc().contains(&format!("It prints `{}`", text.trim())),
+        "docs/protocol.md does not quote the first answer as it is: {text}"
     );
 
     let (text, second) = run();

@@ -64,6 +64,23 @@ pub enum AgentError {
     Transport(String),
 }
 
+/// An answer's status and what the agent said, from its JSON error (`{"error": code,
+/// "message": ...}`): (`409 conflict`, `frontend 443 has ...`); another body is the message as
+/// it is.
+pub fn agent_said(status: u16, body: &str) -> (String, String) {
+    let said = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let code = v.get("error")?.as_str()?.to_string();
+            let message = v.get("message")?.as_str()?.to_string();
+            Some((code, message))
+        });
+    match said {
+        Some((code, message)) => (format!("{status} {code}"), message),
+        None => (status.to_string(), body.trim().to_string()),
+    }
+}
+
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// A client for one agent URL, `http://` or `https://`, kept for the life of the command so
@@ -165,6 +182,23 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_described_by_the_agents_message() {
+        let said = |status, body| {
+            let (head, message) = agent_said(status, body);
+            format!("{head}: {message}")
+        };
+        assert_eq!(
+            said(
+                409,
+                r#"{"error":"conflict","message":"frontend 443 has proxy_protocol v1; this request asks for v2"}"#
+            ),
+            "409 conflict: frontend 443 has proxy_protocol v1; this request asks for v2"
+        );
+        assert_eq!(said(502, "Bad Gateway\n"), "502: Bad Gateway");
+        assert_eq!(said(500, r#"{"error":1}"#), r#"500: {"error":1}"#);
+    }
 
     #[test]
     fn reads_plain_lines_tables_and_bare_secrets() {

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::clock::DurationSetting;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
+use agent_client::agent_said;
 use show::{render_info, render_table, Colour, Overview};
 
 /// Default stats socket of Debian's HAProxy package.
@@ -37,7 +38,7 @@ pub enum Commands {
     /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
     State(StateArgs),
     /// The sidecar: keep telling the agent which node serves a frontend port.
-    PhoneHome(phone_home::PhoneHomeArgs),
+    PhoneHome(Box<phone_home::PhoneHomeArgs>),
     /// Print the four auth headers for a request, for curl users.
     Sign(SignArgs),
 }
@@ -123,7 +124,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Commands::PhoneHome(args) = cli.command {
-        return runtime.block_on(phone_home::run(args));
+        return runtime.block_on(phone_home::run(*args));
     }
     let result = runtime.block_on(async {
         match cli.command {
@@ -159,6 +160,7 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|w| w.within("--watch", DURATION_RANGE))
         .transpose()?;
     let mut client = RuntimeClient::new(Endpoint::parse(&args.socket), options);
+    let mut states_client = client.sibling();
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
     let colour = Colour::detect(terminal);
@@ -178,13 +180,26 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             None => {
-                let rows = client.show_stat().await?;
+                // Check ports are only in `show servers state` (a quarter of `show stat`'s
+                // bytes), asked of the one backend when one is shown, on a connection of its
+                // own so HAProxy writes both answers at once.
+                let backend = args
+                    .backend
+                    .as_deref()
+                    .map(|b| crate::runtime::Name::new("--backend", b))
+                    .transpose()?;
+                let (rows, states) = tokio::join!(
+                    client.show_stat(),
+                    states_client.show_servers_state(backend.as_ref())
+                );
+                let rows = rows?;
                 if let Some(b) = &args.backend {
                     if !rows.iter().any(|r| &r.proxy == b) {
                         return Err(format!("no backend named {b:?} in show stat").into());
                     }
                 }
-                let view = Overview::from_stat(&rows, args.backend.as_deref());
+                let mut view = Overview::from_stat(&rows, args.backend.as_deref());
+                view.add_servers_state(&states?);
                 if args.json {
                     serde_json::to_string_pretty(&view)? + "\n"
                 } else {
@@ -225,7 +240,8 @@ async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     if status != 200 {
-        return Err(format!("the agent answered {status}: {}", body.trim()).into());
+        let (head, message) = agent_said(status, &body);
+        return Err(format!("the agent answered {head}: {message}").into());
     }
     let value: serde_json::Value = serde_json::from_str(&body)?;
     if args.json {

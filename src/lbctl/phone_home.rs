@@ -7,6 +7,12 @@
 //! reached or kept failing (`--once` gave up); 2 a usage or configuration error (a TLS
 //! certificate that does not verify is one: no retry), or the agent refused the request for
 //! good (400, 403, 404, 409).
+//!
+//! The frontend's settings flags (`--proxy-protocol`, `--check-*`, `--timeout-*`,
+//! `--maxconn`) go inline in the PUT, only those given: they create the frontend when this is
+//! its first server, and must match an existing frontend's (a 409 otherwise, which is final:
+//! `PUT /v1/frontends/{port}` changes a frontend's settings). They are checked at parse time by
+//! the agent's own rules ([`crate::model::settings`]).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -15,8 +21,12 @@ use std::time::Duration;
 
 use hyper::Method;
 
-use super::agent_client::{AgentClient, AgentError, SigningKey};
+use super::agent_client::{agent_said, AgentClient, AgentError, SigningKey};
 use crate::clock::DurationSetting;
+use crate::model::settings::{
+    FrontendSettings, HealthCheck, HttpPath, Millis, ProxyProtocol, RawCheck, RawSettings,
+    RawTimeouts, Timeouts,
+};
 use crate::model::{check_service_label, NodeName};
 
 #[derive(clap::Args, Debug)]
@@ -71,6 +81,227 @@ pub struct PhoneHomeArgs {
     pub timeout: DurationSetting,
     #[command(flatten)]
     pub tls: crate::tls::client::ClientTlsArgs,
+    #[command(flatten)]
+    pub frontend: FrontendFlags,
+}
+
+/// The frontend's settings, each sent only when given. They create the frontend when this is
+/// its first server; for an existing frontend each given one must be what it has, or the agent
+/// refuses the PUT (409). Left out: HAProxy's default, or the existing frontend's.
+#[derive(clap::Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Frontend settings (sent only when given)")]
+pub struct FrontendFlags {
+    /// The PROXY protocol header HAProxy sends the node before each connection's bytes.
+    #[arg(long, value_name = "none|v1|v2", value_parser = proxy_protocol_flag)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Health-check this port instead of --node-port (a Service's healthCheckNodePort); checks
+    /// on it carry no PROXY header.
+    #[arg(long, value_name = "PORT", value_parser = check_port_flag)]
+    pub check_port: Option<u16>,
+    /// An HTTP health check, `GET PATH` (2xx or 3xx is up), instead of a TCP connect.
+    #[arg(long, value_name = "PATH", value_parser = check_http_flag)]
+    pub check_http: Option<HttpPath>,
+    /// Time between health checks (HAProxy's default 2s): `500ms`, `2s`, `1m`.
+    #[arg(long, value_name = "DURATION", value_parser = check_interval_flag)]
+    pub check_interval: Option<Millis>,
+    /// Passed checks that bring a server up, 1–100 (default 2).
+    #[arg(long, value_name = "N", value_parser = check_rise_flag)]
+    pub check_rise: Option<u8>,
+    /// Failed checks that take a server down, 1–100 (default 3).
+    #[arg(long, value_name = "N", value_parser = check_fall_flag)]
+    pub check_fall: Option<u8>,
+    /// Longest a client may stay silent: `1m`, `30s` (1ms to 24h).
+    #[arg(long, value_name = "DURATION", value_parser = timeout_client_flag)]
+    pub timeout_client: Option<Millis>,
+    /// Longest the node may stay silent.
+    #[arg(long, value_name = "DURATION", value_parser = timeout_server_flag)]
+    pub timeout_server: Option<Millis>,
+    /// Idle limit of an established connection in both directions, replacing the client and
+    /// server timeouts: in tcp mode every connection, in http mode a WebSocket. `1h` for MQTT.
+    #[arg(long, value_name = "DURATION", value_parser = timeout_tunnel_flag)]
+    pub timeout_tunnel: Option<Millis>,
+    /// Longest a connection to the node may take to open.
+    #[arg(long, value_name = "DURATION", value_parser = timeout_connect_flag)]
+    pub timeout_connect: Option<Millis>,
+    /// Most connections the frontend takes at once, 1–1000000.
+    #[arg(long, value_name = "N", value_parser = maxconn_flag)]
+    pub maxconn: Option<u32>,
+}
+
+impl FrontendFlags {
+    /// The settings given, as the PUT's `frontend` object says them (nothing given: default).
+    pub fn settings(&self) -> FrontendSettings {
+        FrontendSettings {
+            proxy_protocol: self.proxy_protocol,
+            check: HealthCheck {
+                port: self.check_port,
+                http_path: self.check_http.clone(),
+                interval: self.check_interval,
+                rise: self.check_rise,
+                fall: self.check_fall,
+            },
+            timeouts: Timeouts {
+                client: self.timeout_client,
+                server: self.timeout_server,
+                tunnel: self.timeout_tunnel,
+                connect: self.timeout_connect,
+            },
+            maxconn: self.maxconn,
+        }
+    }
+
+    /// The PUT's `frontend` object, or `None` when no setting was given (the key is left out).
+    fn body(&self) -> Option<serde_json::Value> {
+        let s = self.settings();
+        // Serialized as given, not normalized: `--check-rise 2` is still checked against the
+        // frontend's.
+        (!s.is_default()).then(|| serde_json::to_value(&s).expect("settings serialize"))
+    }
+}
+
+/// One flag's value through the agent's own check: put into a [`RawSettings`], validated as
+/// the agent validates a request, and taken back out.
+fn checked<T>(
+    raw: RawSettings,
+    take: impl FnOnce(FrontendSettings) -> Option<T>,
+) -> Result<T, String> {
+    let settings = raw.validate("").map_err(|e| e.message)?;
+    Ok(take(settings).expect("a value given is a value validated"))
+}
+
+fn number(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))
+}
+
+fn with_check(check: RawCheck) -> RawSettings {
+    RawSettings {
+        check: Some(check),
+        ..RawSettings::default()
+    }
+}
+
+fn with_timeouts(timeouts: RawTimeouts) -> RawSettings {
+    RawSettings {
+        timeouts: Some(timeouts),
+        ..RawSettings::default()
+    }
+}
+
+fn proxy_protocol_flag(text: &str) -> Result<ProxyProtocol, String> {
+    let raw = RawSettings {
+        proxy_protocol: Some(text.to_string()),
+        ..RawSettings::default()
+    };
+    checked(raw, |s| s.proxy_protocol)
+}
+
+fn check_port_flag(text: &str) -> Result<u16, String> {
+    let port = Some(number(text)?);
+    checked(
+        with_check(RawCheck {
+            port,
+            ..RawCheck::default()
+        }),
+        |s| s.check.port,
+    )
+}
+
+fn check_http_flag(text: &str) -> Result<HttpPath, String> {
+    let http_path = Some(text.to_string());
+    checked(
+        with_check(RawCheck {
+            http_path,
+            ..RawCheck::default()
+        }),
+        |s| s.check.http_path,
+    )
+}
+
+fn check_interval_flag(text: &str) -> Result<Millis, String> {
+    let interval = Some(text.to_string());
+    checked(
+        with_check(RawCheck {
+            interval,
+            ..RawCheck::default()
+        }),
+        |s| s.check.interval,
+    )
+}
+
+fn check_rise_flag(text: &str) -> Result<u8, String> {
+    let rise = Some(number(text)?);
+    checked(
+        with_check(RawCheck {
+            rise,
+            ..RawCheck::default()
+        }),
+        |s| s.check.rise,
+    )
+}
+
+fn check_fall_flag(text: &str) -> Result<u8, String> {
+    let fall = Some(number(text)?);
+    checked(
+        with_check(RawCheck {
+            fall,
+            ..RawCheck::default()
+        }),
+        |s| s.check.fall,
+    )
+}
+
+fn timeout_client_flag(text: &str) -> Result<Millis, String> {
+    let client = Some(text.to_string());
+    checked(
+        with_timeouts(RawTimeouts {
+            client,
+            ..RawTimeouts::default()
+        }),
+        |s| s.timeouts.client,
+    )
+}
+
+fn timeout_server_flag(text: &str) -> Result<Millis, String> {
+    let server = Some(text.to_string());
+    checked(
+        with_timeouts(RawTimeouts {
+            server,
+            ..RawTimeouts::default()
+        }),
+        |s| s.timeouts.server,
+    )
+}
+
+fn timeout_tunnel_flag(text: &str) -> Result<Millis, String> {
+    let tunnel = Some(text.to_string());
+    checked(
+        with_timeouts(RawTimeouts {
+            tunnel,
+            ..RawTimeouts::default()
+        }),
+        |s| s.timeouts.tunnel,
+    )
+}
+
+fn timeout_connect_flag(text: &str) -> Result<Millis, String> {
+    let connect = Some(text.to_string());
+    checked(
+        with_timeouts(RawTimeouts {
+            connect,
+            ..RawTimeouts::default()
+        }),
+        |s| s.timeouts.connect,
+    )
+}
+
+fn maxconn_flag(text: &str) -> Result<u32, String> {
+    let raw = RawSettings {
+        maxconn: Some(number(text)?),
+        ..RawSettings::default()
+    };
+    checked(raw, |s| s.maxconn)
 }
 
 /// The range of `--interval` and `--timeout`.
@@ -185,6 +416,8 @@ struct PhoneHome {
     key: SigningKey,
     source: IpSource,
     path: String,
+    /// The PUT's `frontend` object, when a setting was given.
+    frontend: Option<serde_json::Value>,
     interval: Duration,
     timeout: Duration,
 }
@@ -207,6 +440,9 @@ impl PhoneHome {
         if self.args.once {
             body["lease"] = serde_json::json!(false);
         }
+        if let Some(settings) = &self.frontend {
+            body["frontend"] = settings.clone();
+        }
         let body = body.to_string().into_bytes();
         match self
             .client
@@ -214,11 +450,15 @@ impl PhoneHome {
             .await
         {
             Ok((200 | 202, text)) => Sent::Ok(text),
+            // A 409 (a mode or setting that differs from the frontend's, a port HAProxy or
+            // another section owns) stays so until someone acts: final, like a refusal.
             Ok((status @ (400 | 403 | 404 | 409 | 413), text)) => {
-                Sent::Refused(format!("the agent refused it ({status}): {}", text.trim()))
+                let (head, message) = agent_said(status, &text);
+                Sent::Refused(format!("the agent refused it ({head}): {message}"))
             }
             Ok((status, text)) => {
-                Sent::Retry(format!("the agent answered {status}: {}", text.trim()))
+                let (head, message) = agent_said(status, &text);
+                Sent::Retry(format!("the agent answered {head}: {message}"))
             }
             Err(AgentError::Config(e)) => Sent::Refused(e),
             Err(AgentError::Transport(e)) => Sent::Retry(e),
@@ -238,7 +478,10 @@ impl PhoneHome {
             .await
         {
             Ok((200 | 404, _)) => Ok(()),
-            Ok((status, text)) => Err(format!("the agent answered {status}: {}", text.trim())),
+            Ok((status, text)) => {
+                let (head, message) = agent_said(status, &text);
+                Err(format!("the agent answered {head}: {message}"))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -299,12 +542,14 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         Err(e) => return usage(e.to_string()),
     };
     let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
+    let frontend = args.frontend.body();
     let ph = PhoneHome {
         args,
         client,
         key,
         source,
         path,
+        frontend,
         interval,
         timeout,
     };
@@ -429,6 +674,108 @@ mod tests {
             assert!(
                 e.starts_with("--interval ") && e.contains("out of range"),
                 "{e}"
+            );
+        }
+    }
+
+    fn parse(extra: &[&str]) -> Result<PhoneHomeArgs, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: PhoneHomeArgs,
+        }
+        let base = [
+            "lbctl",
+            "--frontend-port",
+            "443",
+            "--node-port",
+            "30443",
+            "--node",
+            "n",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra))
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn only_the_settings_given_go_into_the_body() {
+        assert_eq!(parse(&[]).unwrap().frontend.body(), None);
+        let a = parse(&[
+            "--proxy-protocol",
+            "v2",
+            "--check-port",
+            "32123",
+            "--check-http",
+            "/healthz",
+            "--timeout-tunnel",
+            "1h",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.frontend.body(),
+            Some(serde_json::json!({
+                "proxy_protocol": "v2",
+                "check": {"port": 32123, "http_path": "/healthz"},
+                "timeouts": {"tunnel": "1h"},
+            }))
+        );
+        // Every flag, and values equal to HAProxy's defaults, are sent as given: the agent
+        // compares each with the frontend's.
+        let all = parse(&[
+            "--proxy-protocol=none",
+            "--check-port=1",
+            "--check-http=/",
+            "--check-interval=2s",
+            "--check-rise=2",
+            "--check-fall=3",
+            "--timeout-client=1m",
+            "--timeout-server=90s",
+            "--timeout-tunnel=24h",
+            "--timeout-connect=500ms",
+            "--maxconn=1000000",
+        ])
+        .unwrap();
+        let body = all.frontend.body().unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "proxy_protocol": "none",
+                "check": {"port": 1, "http_path": "/", "interval": "2s", "rise": 2, "fall": 3},
+                "timeouts": {"client": "1m", "server": "90s", "tunnel": "24h", "connect": "500ms"},
+                "maxconn": 1000000,
+            })
+        );
+        // What the agent reads back from it is what was given.
+        let raw: RawSettings = serde_json::from_value(body).unwrap();
+        assert_eq!(raw.validate("frontend.").unwrap(), all.frontend.settings());
+    }
+
+    #[test]
+    fn a_bad_setting_is_refused_naming_its_flag() {
+        for (flag, value, says) in [
+            ("--proxy-protocol", "v3", "must be none, v1 or v2"),
+            ("--check-port", "0", "must be from 1 to 65535"),
+            ("--check-port", "65536", "must be from 1 to 65535"),
+            ("--check-port", "http", "is not a whole number"),
+            ("--check-http", "healthz", "must start with '/'"),
+            ("--check-http", "/a b", "contains ' '"),
+            ("--check-interval", "5", "has no unit"),
+            ("--check-interval", "0ms", "from 1ms to 24h"),
+            ("--check-rise", "0", "must be from 1 to 100"),
+            ("--check-fall", "101", "must be from 1 to 100"),
+            ("--timeout-client", "25h", "from 1ms to 24h"),
+            ("--timeout-server", "soon", "not a duration"),
+            ("--timeout-tunnel", "1", "has no unit"),
+            ("--timeout-connect", "1us", ""),
+            ("--maxconn", "0", "must be from 1 to 1000000"),
+            ("--maxconn", "-5", "must be from 1 to 1000000"),
+        ] {
+            let e = parse(&[&format!("{flag}={value}")]).unwrap_err();
+            assert!(
+                e.contains(&format!("invalid value '{value}' for '{flag} <")) && e.contains(says),
+                "{flag} {value}: {e}"
             );
         }
     }

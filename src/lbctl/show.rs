@@ -1,13 +1,21 @@
-//! `lbctl show`: what HAProxy is doing, from `show stat`, as a table or as JSON.
+//! `lbctl show`: what HAProxy is doing, from `show stat` and `show servers state`, as a table
+//! or as JSON; and `lbctl state`'s rendering of the agent's view.
 //!
-//! The view is built once from the typed rows ([`Overview::from_stat`]) and then rendered; the
-//! renderers do no I/O, so they are tested on fixtures directly.
+//! The view is built once from the typed rows ([`Overview::from_stat`], then
+//! [`Overview::add_servers_state`]) and then rendered; the renderers do no I/O, so they are
+//! tested on fixtures directly.
+//!
+//! HAProxy's runtime API does not tell whether servers are sent the PROXY protocol, nor a
+//! check's path, so `show` says of a backend's health check only what HAProxy reports: its
+//! layer (from the servers' `check_status`: `L7…` is an HTTP check, `L4OK` a TCP connect) and
+//! its port (`srv_check_port`). `lbctl state` shows the agent's whole settings.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::runtime::parse::{Info, ProxyKind, StatRow};
+use crate::model::settings::{DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE};
+use crate::runtime::parse::{Info, ProxyKind, ServerState, StatRow};
 
 /// A frontend line of the view.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -31,6 +39,8 @@ pub struct ServerView {
     /// HAProxy's own status text (`UP 1/3`, `MAINT (via b/s)`, `no check`).
     pub status_detail: String,
     pub check_status: Option<String>,
+    /// Where health checks go when not to `port` (`srv_check_port` of `show servers state`).
+    pub check_port: Option<u16>,
     /// The effective weight, as `show stat` reports it.
     pub weight: Option<u32>,
     pub sessions_current: Option<u64>,
@@ -48,6 +58,11 @@ pub struct BackendView {
     pub status: String,
     pub algo: Option<String>,
     pub sessions_current: Option<u64>,
+    /// The servers' health check as HAProxy reports it: `http` (a check answered at layer 7),
+    /// `tcp` (a connect that passed and went no further), or `None` when no check says.
+    pub check_kind: Option<&'static str>,
+    /// The port every checked server is checked on, when all share one other than their own.
+    pub check_port: Option<u16>,
     pub servers: Vec<ServerView>,
 }
 
@@ -103,6 +118,8 @@ impl Overview {
                 status: String::new(),
                 algo: None,
                 sessions_current: None,
+                check_kind: None,
+                check_port: None,
                 servers: Vec::new(),
             });
             let i = view.backends.len() - 1;
@@ -148,6 +165,7 @@ impl Overview {
                         status,
                         status_detail,
                         check_status: row.check_status.clone(),
+                        check_port: None,
                         weight: row.weight,
                         sessions_current: row.sessions_current,
                         sessions_total: row.sessions_total,
@@ -157,7 +175,64 @@ impl Overview {
                 }
             }
         }
+        for b in &mut view.backends {
+            b.check_kind = check_kind(&b.servers);
+        }
         view
+    }
+
+    /// Adds each server's check port from `show servers state` (0 there: the traffic port).
+    pub fn add_servers_state(&mut self, states: &[ServerState]) {
+        let ports: std::collections::HashMap<(&str, &str), u16> = states
+            .iter()
+            .filter_map(|s| {
+                let p = s.check_port.filter(|&p| p != 0)?;
+                Some(((s.backend.as_str(), s.server.as_str()), p))
+            })
+            .collect();
+        for b in &mut self.backends {
+            for s in &mut b.servers {
+                s.check_port = ports.get(&(b.name.as_str(), s.name.as_str())).copied();
+            }
+            let mut shared = b.servers.iter().map(|s| s.check_port);
+            b.check_port = match shared.next() {
+                Some(Some(first)) if shared.all(|p| p == Some(first)) => Some(first),
+                _ => None,
+            };
+        }
+    }
+}
+
+/// A backend's check kind from its servers' last check results: a result at layer 7 means an
+/// HTTP check (or, outside the agent's backends, a `tcp-check` with `expect` rules); `L4OK`
+/// means the check stopped at the connect, a TCP check. A failed connect (`L4CON`, `L4TOUT`)
+/// says nothing of what would have followed.
+fn check_kind(servers: &[ServerView]) -> Option<&'static str> {
+    let results = || {
+        servers
+            .iter()
+            .filter_map(|s| s.check_status.as_deref())
+            .map(|c| c.trim_start_matches(['*', ' ']))
+    };
+    if results().any(|c| c.starts_with("L7")) {
+        Some("http")
+    } else if results().any(|c| c == "L4OK") {
+        Some("tcp")
+    } else {
+        None
+    }
+}
+
+/// A backend's check as the table's header says it: `http check on :32123`, `tcp check`.
+fn check_summary(b: &BackendView) -> Option<String> {
+    let port = b.check_port.map(|p| format!(" on :{p}"));
+    match (b.check_kind, port) {
+        (None, None) => None,
+        (kind, port) => Some(format!(
+            "{}check{}",
+            kind.map(|k| format!("{k} ")).unwrap_or_default(),
+            port.unwrap_or_default()
+        )),
     }
 }
 
@@ -260,12 +335,15 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
     for b in &view.backends {
         let _ = writeln!(
             out,
-            "{} {} ({}, {} server{}){}",
+            "{} {} ({}, {} server{}{}){}",
             colour.bold(&format!("BACKEND {}", b.name)),
             colour.paint(&b.status, 0),
             b.algo.as_deref().unwrap_or("-"),
             b.servers.len(),
             if b.servers.len() == 1 { "" } else { "s" },
+            check_summary(b)
+                .map(|c| format!(", {c}"))
+                .unwrap_or_default(),
             if b.lbagent { " [lbagent]" } else { "" },
         );
         if b.servers.is_empty() {
@@ -332,6 +410,9 @@ pub fn render_state(v: &serde_json::Value) -> String {
             fe["backend"].as_str().unwrap_or("?"),
             fe["haproxy_status"].as_str().unwrap_or("not in HAProxy")
         );
+        if let Some(line) = settings_line(&fe["settings"]) {
+            let _ = writeln!(out, "  {line}");
+        }
         let _ = writeln!(
             out,
             "  {:<16} {:<22} {:<6} {:>3} {:<10} {:<6} {:<7}",
@@ -361,6 +442,56 @@ pub fn render_state(v: &serde_json::Value) -> String {
         }
     }
     out
+}
+
+/// A frontend's settings as `GET /v1/frontends` shows them, on one line: `proxy v2, check http
+/// /healthz on :32123, timeouts tunnel 1h, maxconn 1000`. A check's timing and the timeouts
+/// and maxconn appear only when set (HAProxy's defaults otherwise). `None` for an agent that
+/// shows no settings.
+pub fn settings_line(s: &serde_json::Value) -> Option<String> {
+    if !s.is_object() {
+        return None;
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(t) => t.clone(),
+        other => other.to_string(),
+    };
+    let mut parts = vec![format!(
+        "proxy {}",
+        s["proxy_protocol"].as_str().unwrap_or("?")
+    )];
+    let c = &s["check"];
+    let mut check = format!("check {}", c["kind"].as_str().unwrap_or("?"));
+    if let Some(path) = c["http_path"].as_str() {
+        let _ = write!(check, " {path}");
+    }
+    if let Some(port) = c["port"].as_u64() {
+        let _ = write!(check, " on :{port}");
+    }
+    for (name, default) in [
+        ("interval", DEFAULT_INTERVAL.to_string()),
+        ("rise", DEFAULT_RISE.to_string()),
+        ("fall", DEFAULT_FALL.to_string()),
+    ] {
+        let v = &c[name];
+        if !v.is_null() && text(v) != default {
+            let label = if name == "interval" { "every" } else { name };
+            let _ = write!(check, " {label} {}", text(v));
+        }
+    }
+    parts.push(check);
+    let timeouts: Vec<String> = ["client", "server", "tunnel", "connect"]
+        .iter()
+        .filter(|t| !s["timeouts"][**t].is_null())
+        .map(|t| format!("{t} {}", text(&s["timeouts"][*t])))
+        .collect();
+    if !timeouts.is_empty() {
+        parts.push(format!("timeouts {}", timeouts.join(" ")));
+    }
+    if !s["maxconn"].is_null() {
+        parts.push(format!("maxconn {}", text(&s["maxconn"])));
+    }
+    Some(parts.join(", "))
 }
 
 /// `lbctl show info`: the process at a glance.
@@ -456,6 +587,132 @@ be_80,BACKEND,0,0,DOWN,0,0,0,9,1,,,http,leastconn\n";
         assert!(coloured.contains("\x1b[32mUP"));
     }
 
+    const SERVERS_STATE: &str = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n\
+3 be_443 1 node-a 203.0.113.7 2 0 100 100 62 15 3 4 6 0 0 0 - 30443 - 0 32123 - - 0\n\
+3 be_443 2 node-b 2001:db8::1 2 0 1 1 3700 0 0 0 0 0 0 0 - 30443 - 0 32123 - - 0\n\
+3 be_443 3 spare 10.0.0.9 2 1 1 1 5 0 0 0 0 0 0 0 - 30443 - 0 32123 - - 0\n\
+4 be_80 1 web 10.0.0.8 2 0 1 1 5 6 3 4 6 0 0 0 - 30080 - 0 0 - - 0\n\n";
+
+    #[test]
+    fn check_kind_and_port_from_what_haproxy_reports() {
+        let rows = parse_show_stat(STAT).unwrap();
+        let mut v = Overview::from_stat(&rows, None);
+        // node-a's last check passed at L4 and went no further: a TCP check.
+        assert_eq!(v.backends[0].check_kind, Some("tcp"));
+        assert_eq!(v.backends[1].check_kind, None, "be_80 has no servers");
+        v.add_servers_state(&crate::runtime::parse::parse_servers_state(SERVERS_STATE).unwrap());
+        let be = &v.backends[0];
+        assert!(be.servers.iter().all(|s| s.check_port == Some(32123)));
+        assert_eq!(be.check_port, Some(32123));
+        let t = render_table(&v, Colour::Never);
+        assert!(
+            t.contains("BACKEND be_443 UP (roundrobin, 3 servers, tcp check on :32123) [lbagent]"),
+            "{t}"
+        );
+        assert!(
+            t.contains("BACKEND be_80 DOWN (leastconn, 0 servers) [lbagent]\n"),
+            "{t}"
+        );
+        for line in t.lines() {
+            assert!(line.chars().count() <= 80, "{line}");
+        }
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["backends"][0]["servers"][0]["check_port"], 32123);
+        assert_eq!(json["backends"][0]["check_kind"], "tcp");
+
+        let server = |check_status: &str, check_port| ServerView {
+            check_status: Some(check_status.to_string()),
+            check_port,
+            ..be.servers[0].clone()
+        };
+        let backend = |servers: Vec<ServerView>| {
+            let mut b = BackendView {
+                servers,
+                ..be.clone()
+            };
+            b.check_kind = check_kind(&b.servers);
+            let ports: Vec<_> = b.servers.iter().map(|s| s.check_port).collect();
+            b.check_port = ports[0].filter(|_| ports.iter().all(|p| *p == ports[0]));
+            check_summary(&b)
+        };
+        assert_eq!(
+            backend(vec![
+                server("* L7OK", Some(32123)),
+                server("L4CON", Some(32123))
+            ])
+            .as_deref(),
+            Some("http check on :32123")
+        );
+        assert_eq!(
+            backend(vec![server("L7STS", None), server("L4OK", None)]).as_deref(),
+            Some("http check")
+        );
+        // A failed connect does not tell the kind; the port is still known.
+        assert_eq!(
+            backend(vec![server("L4TOUT", Some(9000))]).as_deref(),
+            Some("check on :9000")
+        );
+        assert_eq!(backend(vec![server("L4CON", None)]), None);
+        // Servers checked on different ports: none is the backend's.
+        assert_eq!(
+            backend(vec![server("L4OK", Some(1)), server("L4OK", Some(2))]).as_deref(),
+            Some("tcp check")
+        );
+    }
+
+    fn state_with(settings: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "generation": 3,
+            "haproxy": "up",
+            "frontends": [{
+                "frontend_port": 443, "frontend": "fe_443", "backend": "be_443", "mode": "tcp",
+                "settings": settings,
+                "haproxy_status": "OPEN",
+                "servers": [{"node": "node-a", "node_ip": "203.0.113.7", "node_port": 30443,
+                    "state": "ready", "service": "traefik",
+                    "haproxy": {"status": "UP", "check_status": "L7OK", "addr": "203.0.113.7:30443"}}]
+            }]
+        })
+    }
+
+    #[test]
+    fn state_shows_each_frontends_settings() {
+        use crate::model::settings::{RawSettings, SettingsView};
+        // The very view the agent serves, from settings as a request gives them.
+        let view = |json: &str| {
+            let s = serde_json::from_str::<RawSettings>(json)
+                .unwrap()
+                .validate("")
+                .unwrap()
+                .normalized();
+            serde_json::to_value(SettingsView::from(&s)).unwrap()
+        };
+        let t = render_state(&state_with(view(
+            r#"{"proxy_protocol":"v2","check":{"port":32123,"http_path":"/healthz"}}"#,
+        )));
+        assert!(
+            t.contains("FRONTEND 443 (tcp, be_443) OPEN\n  proxy v2, check http /healthz on :32123\n  NODE"),
+            "{t}"
+        );
+        assert_eq!(
+            settings_line(&view("{}")).as_deref(),
+            Some("proxy none, check tcp")
+        );
+        assert_eq!(
+            settings_line(&view(
+                r#"{"proxy_protocol":"v1","check":{"interval":"500ms","rise":2,"fall":5},"timeouts":{"client":"1m","tunnel":"1h"},"maxconn":1000}"#
+            ))
+            .as_deref(),
+            Some("proxy v1, check tcp every 500ms fall 5, timeouts client 1m tunnel 1h, maxconn 1000")
+        );
+        // An agent from before settings: no line, the rest as before.
+        let t = render_state(&state_with(serde_json::Value::Null));
+        assert!(t.contains("OPEN\n  NODE"), "{t}");
+        for line in t.lines() {
+            assert!(line.chars().count() <= 80, "{line}");
+        }
+    }
+
     #[test]
     fn addresses() {
         assert_eq!(split_addr("1.2.3.4:80"), ("1.2.3.4".into(), Some(80)));
@@ -477,7 +734,7 @@ be_80,BACKEND,0,0,DOWN,0,0,0,9,1,,,http,leastconn\n";
         assert!(v.backends[0].lbagent);
         let t = render_table(&v, Colour::Never);
         assert!(
-            t.contains("BACKEND be_443 UP (roundrobin, 3 servers) [lbagent]"),
+            t.contains("BACKEND be_443 UP (roundrobin, 3 servers, tcp check) [lbagent]"),
             "{t}"
         );
     }
