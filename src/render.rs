@@ -198,6 +198,15 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
     }
 }
 
+/// What only a reload can make HAProxy take from a managed file: everything but the header
+/// and the servers (which the runtime API adds, moves and removes). Two files with the same
+/// listeners differ in nothing a reload would change beyond what the reconciler repairs live.
+pub fn listeners_of(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| !l.starts_with("# Managed by lbagent") && !l.starts_with("    server "))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +361,42 @@ backend be_80
         };
         assert!(render_managed(&st, &opts)
             .contains("    bind 127.0.0.1:80\n    bind [::1]:80 v6only\n    default_backend"));
+    }
+
+    #[test]
+    fn listeners_leave_out_the_header_and_the_servers() {
+        let mut st = DesiredState {
+            generation: 3,
+            ..DesiredState::default()
+        };
+        st.frontends.insert(
+            443,
+            frontend(
+                Mode::Tcp,
+                &[("a", server("10.0.0.1", 30443, ServerState::Ready, None))],
+            ),
+        );
+        let one = render_managed(&st, &RenderOptions::default());
+        let mut moved = st.clone();
+        moved.generation = 9;
+        moved.frontends.insert(
+            443,
+            frontend(
+                Mode::Tcp,
+                &[("b", server("10.0.0.2", 30444, ServerState::Maint, None))],
+            ),
+        );
+        let other = render_managed(&moved, &RenderOptions::default());
+        assert_ne!(one, other);
+        assert_eq!(listeners_of(&one), listeners_of(&other));
+        let binds = RenderOptions {
+            frontend_binds: parse_frontend_binds("0.0.0.0,::").unwrap(),
+        };
+        assert_ne!(
+            listeners_of(&one),
+            listeners_of(&render_managed(&st, &binds))
+        );
+        assert!(listeners_of("").is_empty());
     }
 
     #[test]

@@ -602,6 +602,44 @@ fn frontends_bind_ipv4_and_ipv6() {
     );
 }
 
+/// An operator adds an address to `--frontend-bind` and restarts the agent: the managed
+/// HAProxy starts from the file the last run wrote (the old binds), and the agent reloads it once
+/// so the existing frontend binds the new address too.
+#[test]
+fn a_changed_frontend_bind_applies_at_restart() {
+    let mut agent = Agent::managed_with(Options {
+        extra: vec!["--frontend-bind".into(), "127.0.0.1".into()],
+        ..Options::default()
+    });
+    let backend = ProxyBackend::start("127.0.0.2", "E");
+    let fe = free_port();
+    agent.put_ok(
+        fe,
+        "e",
+        &body(&backend.ip(), backend.port(), json!({})),
+        "reload",
+    );
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, fe));
+    eventually(SETTLE, "an answer over IPv4", || {
+        ProxyClient::connect(None, SocketAddr::from(([127, 0, 0, 1], fe))).map(|_| ())
+    });
+    assert!(
+        TcpStream::connect_timeout(&v6, Duration::from_secs(1)).is_err(),
+        "nothing listens on [::1]:{fe} yet"
+    );
+    agent.set_extra(vec!["--frontend-bind".into(), "127.0.0.1,::1".into()]);
+    agent.restart();
+    let c = eventually(SETTLE, "an answer over IPv6 after the restart", || {
+        ProxyClient::connect(None, v6)
+    });
+    assert!(c.local.is_ipv6(), "{:?}", c.local);
+    let text = std::fs::read_to_string(&agent.managed_cfg).unwrap();
+    assert!(
+        text.contains(&format!("    bind [::1]:{fe} v6only\n")),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. The legacy endpoint's send-proxy
 // ---------------------------------------------------------------------------------------------

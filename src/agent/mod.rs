@@ -511,6 +511,7 @@ impl Owner {
                 self.suspect_ports.insert(port);
             }
         }
+        self.reload_if_listeners_changed().await;
         // First look at HAProxy right away: after a restart of the agent, or of HAProxy.
         self.reconcile().await;
         self.publish();
@@ -577,6 +578,39 @@ impl Owner {
                     tracing::warn!(error = %e, "stopping HAProxy");
                 }
             }
+        }
+    }
+
+    /// At start: when the managed file's listeners are not what this agent renders for the same
+    /// state (it was started with another `--frontend-bind`, or a new version renders frontends
+    /// differently), HAProxy serves the old ones, and nothing but a reload changes them: one
+    /// validated, confirmed reload, rolled back on failure. Servers alone differing is the
+    /// first reconcile's job, with no reload.
+    async fn reload_if_listeners_changed(&mut self) {
+        if self.state.frontends.is_empty() {
+            return;
+        }
+        let text = render_managed(&self.state, &self.render);
+        let on_disk = {
+            let files = self.files.lock().await;
+            files.files.read_managed().await.ok().flatten()
+        };
+        let on_disk = on_disk.unwrap_or_default();
+        if crate::render::listeners_of(&on_disk) == crate::render::listeners_of(&text) {
+            return;
+        }
+        self.client.disconnect();
+        if self.client.show_info().await.is_err() {
+            // HAProxy is away: it reads the file the writer leaves when it starts.
+            return;
+        }
+        tracing::info!("the managed file's frontends differ from what this agent renders for the same state (another --frontend-bind, or a new version): reloading once");
+        self.files.lock().await.written = None;
+        let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
+        if let Err(why) = self.reload_to_current(&ports).await {
+            self.metrics.reload_failures.inc();
+            tracing::error!(error = %why, "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
+            self.last_error = Some(why);
         }
     }
 

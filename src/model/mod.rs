@@ -255,7 +255,7 @@ pub enum Effect {
 /// Why a change cannot apply to the current state.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Conflict {
-    #[error("frontend {port} is in {existing} mode; a server in {requested} mode cannot join it")]
+    #[error("frontend {port} is in {existing} mode; this request asks for {requested} mode (a frontend's mode changes only by removing the frontend and making it again)")]
     Mode {
         port: u16,
         existing: &'static str,

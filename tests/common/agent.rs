@@ -1001,6 +1001,12 @@ impl Agent {
         self.start();
     }
 
+    /// The flags appended at the next [`Self::start`] / [`Self::restart`] (an operator changing
+    /// the agent's settings between runs).
+    pub fn set_extra(&mut self, extra: Vec<String>) {
+        self.options.extra = extra;
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
     }
