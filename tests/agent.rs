@@ -1498,8 +1498,8 @@ fn bad_input_is_refused_cleanly() {
     for (method, path, allow) in [
         ("POST", srv("n1"), "PUT, DELETE"),
         ("GET", srv("n1"), "PUT, DELETE"),
-        ("GET", format!("/v1/frontends/{fe}"), "DELETE"),
-        ("PUT", format!("/v1/frontends/{fe}"), "DELETE"),
+        ("GET", format!("/v1/frontends/{fe}"), "PUT, DELETE"),
+        ("POST", format!("/v1/frontends/{fe}"), "PUT, DELETE"),
         ("DELETE", "/v1/frontends".to_string(), "GET"),
         ("POST", "/healthz".to_string(), "GET"),
     ] {

@@ -1144,6 +1144,11 @@ fn k8s_manifests_parse_and_sidecars_phone_home() {
                 Some("/healthz"),
                 "{what}: kube-proxy answers GET /healthz on the healthCheckNodePort"
             );
+            // allow-node-ports bounds the check port too: the example's policy lets it through.
+            assert!(
+                node_ports.contains(hc as u16),
+                "{what}: the example's allow-node-ports ({node_ports}) must hold the check port {hc}"
+            );
 
             // A PROXY header is sent only to a container that reads it from the LB VM.
             if settings
