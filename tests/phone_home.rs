@@ -319,7 +319,9 @@ fn settings_flags_make_the_frontend_and_a_different_one_is_refused_for_good() {
     assert_eq!(said.lines().count(), 1, "{said}");
     assert!(
         said.contains("the agent refused it (409 conflict): ")
-            && said.contains("proxy_protocol v2; this request asks for v1"),
+            && said.contains(&format!(
+                "frontend.proxy_protocol: frontend {fe} has v2; this request asks for v1"
+            )),
         "{said}"
     );
     let nodes: Vec<String> = frontend()["servers"]

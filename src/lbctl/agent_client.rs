@@ -1,4 +1,5 @@
-//! A signed HTTP(S) client for the agent's API, for `lbctl state` and `lbctl phone-home`.
+//! A signed HTTP(S) client for the agent's API, for `lbctl state`, `lbctl frontend` and `lbctl
+//! phone-home`.
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! only calls [`main`].
 
 pub mod agent_client;
+pub mod frontend;
 pub mod phone_home;
 pub mod show;
 
@@ -37,6 +38,9 @@ pub enum Commands {
     Show(ShowArgs),
     /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
     State(StateArgs),
+    /// Set a frontend's whole settings, or remove it (signed PUT and DELETE /v1/frontends/PORT).
+    #[command(subcommand)]
+    Frontend(frontend::FrontendCommand),
     /// The sidecar: keep telling the agent which node serves a frontend port.
     PhoneHome(Box<phone_home::PhoneHomeArgs>),
     /// Print the four auth headers for a request, for curl users.
@@ -62,6 +66,18 @@ pub struct SignArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct StateArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// Print the agent's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How an operator's command reaches the agent and signs for it: `lbctl state`'s and `lbctl
+/// frontend`'s flags. (`lbctl phone-home` has its own: a sidecar's key may come from the
+/// environment, and its deadline is per retry.)
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
     /// The agent's URL.
     #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
     pub agent: String,
@@ -71,14 +87,43 @@ pub struct StateArgs {
     /// Which key of a keys.toml (default `default`).
     #[arg(long)]
     pub key_id: Option<String>,
-    /// Print the agent's JSON as it is.
-    #[arg(long)]
-    pub json: bool,
     /// Deadline: `10s`, `500ms`, or a bare number of seconds.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub timeout: DurationSetting,
     #[command(flatten)]
     pub tls: crate::tls::client::ClientTlsArgs,
+}
+
+/// What [`AgentArgs`] give: a client, the key and the deadline.
+pub struct Connection {
+    pub client: agent_client::AgentClient,
+    pub key: agent_client::SigningKey,
+    pub timeout: Duration,
+}
+
+impl AgentArgs {
+    /// Reads the key and the TLS files and checks the URL and `--timeout`: what is wrong with
+    /// one of them is a [`agent_client::AgentError::Config`] (exit 2).
+    pub fn connect(&self) -> Result<Connection, agent_client::AgentError> {
+        use agent_client::AgentError::Config;
+        let key = agent_client::SigningKey::from_file(&self.key_file, self.key_id.as_deref())
+            .map_err(|e| Config(e.to_string()))?;
+        let timeout = self
+            .timeout
+            .within("--timeout", DURATION_RANGE)
+            .map_err(Config)?;
+        let client = agent_client::AgentClient::new(&self.agent, &self.tls)?;
+        Ok(Connection {
+            client,
+            key,
+            timeout,
+        })
+    }
+}
+
+/// A port argument, through the same check the agent applies.
+fn port_flag(text: &str) -> Result<u16, String> {
+    crate::runtime::validate::port("port", text).map_err(|e| e.to_string())
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,15 +168,17 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Commands::PhoneHome(args) = cli.command {
-        return runtime.block_on(phone_home::run(*args));
+    match cli.command {
+        Commands::PhoneHome(args) => return runtime.block_on(phone_home::run(*args)),
+        Commands::Frontend(command) => return runtime.block_on(frontend::run(command)),
+        _ => {}
     }
     let result = runtime.block_on(async {
         match cli.command {
             Commands::Show(args) => run_show(args).await,
             Commands::State(args) => run_state(args).await,
             Commands::Sign(args) => run_sign(args),
-            Commands::PhoneHome(_) => unreachable!("handled above"),
+            Commands::PhoneHome(_) | Commands::Frontend(_) => unreachable!("handled above"),
         }
     });
     match result {
@@ -226,17 +273,15 @@ async fn run_show(args: ShowArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn run_state(args: StateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let key = agent_client::SigningKey::from_file(&args.key_file, args.key_id.as_deref())
-        .map_err(|e| e.to_string())?;
-    let timeout = args.timeout.within("--timeout", DURATION_RANGE)?;
-    let client = agent_client::AgentClient::new(&args.agent, &args.tls)?;
-    let (status, body) = client
+    let c = args.agent.connect()?;
+    let (status, body) = c
+        .client
         .signed_request(
-            &key,
+            &c.key,
             hyper::Method::GET,
             "/v1/frontends",
             Vec::new(),
-            timeout,
+            c.timeout,
         )
         .await?;
     if status != 200 {
@@ -306,7 +351,7 @@ mod tests {
             .unwrap()
             .command
         {
-            Commands::State(a) => assert_eq!(a.timeout.0, Duration::from_secs(10)),
+            Commands::State(a) => assert_eq!(a.agent.timeout.0, Duration::from_secs(10)),
             other => panic!("{other:?}"),
         }
     }

@@ -11,8 +11,8 @@
 //! The frontend's settings flags (`--proxy-protocol`, `--check-*`, `--timeout-*`,
 //! `--maxconn`) go inline in the PUT, only those given: they create the frontend when this is
 //! its first server, and must match an existing frontend's (a 409 otherwise, which is final:
-//! `PUT /v1/frontends/{port}` changes a frontend's settings). They are checked at parse time by
-//! the agent's own rules ([`crate::model::settings`]).
+//! `lbctl frontend set` changes a frontend's settings). They are [`FrontendFlags`], shared with
+//! `lbctl frontend set` and checked at parse time by the agent's own rules.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -22,11 +22,9 @@ use std::time::Duration;
 use hyper::Method;
 
 use super::agent_client::{agent_said, AgentClient, AgentError, SigningKey};
+use super::frontend::FrontendFlags;
+use super::port_flag;
 use crate::clock::DurationSetting;
-use crate::model::settings::{
-    FrontendSettings, HealthCheck, HttpPath, Millis, ProxyProtocol, RawCheck, RawSettings,
-    RawTimeouts, Timeouts,
-};
 use crate::model::{check_service_label, NodeName};
 
 #[derive(clap::Args, Debug)]
@@ -81,237 +79,25 @@ pub struct PhoneHomeArgs {
     pub timeout: DurationSetting,
     #[command(flatten)]
     pub tls: crate::tls::client::ClientTlsArgs,
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Frontend settings (sent only when given)"
+    )]
     pub frontend: FrontendFlags,
 }
 
-/// The frontend's settings, each sent only when given. They create the frontend when this is
-/// its first server; for an existing frontend each given one must be what it has, or the agent
-/// refuses the PUT (409). Left out: HAProxy's default, or the existing frontend's.
-#[derive(clap::Args, Debug, Default, Clone)]
-#[command(next_help_heading = "Frontend settings (sent only when given)")]
-pub struct FrontendFlags {
-    /// The PROXY protocol header HAProxy sends the node before each connection's bytes.
-    #[arg(long, value_name = "none|v1|v2", value_parser = proxy_protocol_flag)]
-    pub proxy_protocol: Option<ProxyProtocol>,
-    /// Health-check this port instead of --node-port (a Service's healthCheckNodePort); checks
-    /// on it carry no PROXY header.
-    #[arg(long, value_name = "PORT", value_parser = check_port_flag)]
-    pub check_port: Option<u16>,
-    /// An HTTP health check, `GET PATH` (2xx or 3xx is up), instead of a TCP connect.
-    #[arg(long, value_name = "PATH", value_parser = check_http_flag)]
-    pub check_http: Option<HttpPath>,
-    /// Time between health checks (HAProxy's default 2s): `500ms`, `2s`, `1m`.
-    #[arg(long, value_name = "DURATION", value_parser = check_interval_flag)]
-    pub check_interval: Option<Millis>,
-    /// Passed checks that bring a server up, 1–100 (default 2).
-    #[arg(long, value_name = "N", value_parser = check_rise_flag)]
-    pub check_rise: Option<u8>,
-    /// Failed checks that take a server down, 1–100 (default 3).
-    #[arg(long, value_name = "N", value_parser = check_fall_flag)]
-    pub check_fall: Option<u8>,
-    /// Longest a client may stay silent: `1m`, `30s` (1ms to 24h).
-    #[arg(long, value_name = "DURATION", value_parser = timeout_client_flag)]
-    pub timeout_client: Option<Millis>,
-    /// Longest the node may stay silent.
-    #[arg(long, value_name = "DURATION", value_parser = timeout_server_flag)]
-    pub timeout_server: Option<Millis>,
-    /// Idle limit of an established connection in both directions, replacing the client and
-    /// server timeouts: in tcp mode every connection, in http mode a WebSocket. `1h` for MQTT.
-    #[arg(long, value_name = "DURATION", value_parser = timeout_tunnel_flag)]
-    pub timeout_tunnel: Option<Millis>,
-    /// Longest a connection to the node may take to open.
-    #[arg(long, value_name = "DURATION", value_parser = timeout_connect_flag)]
-    pub timeout_connect: Option<Millis>,
-    /// Most connections the frontend takes at once, 1–1000000.
-    #[arg(long, value_name = "N", value_parser = maxconn_flag)]
-    pub maxconn: Option<u32>,
-}
-
-impl FrontendFlags {
-    /// The settings given, as the PUT's `frontend` object says them (nothing given: default).
-    pub fn settings(&self) -> FrontendSettings {
-        FrontendSettings {
-            proxy_protocol: self.proxy_protocol,
-            check: HealthCheck {
-                port: self.check_port,
-                http_path: self.check_http.clone(),
-                interval: self.check_interval,
-                rise: self.check_rise,
-                fall: self.check_fall,
-            },
-            timeouts: Timeouts {
-                client: self.timeout_client,
-                server: self.timeout_server,
-                tunnel: self.timeout_tunnel,
-                connect: self.timeout_connect,
-            },
-            maxconn: self.maxconn,
-        }
-    }
-
-    /// The PUT's `frontend` object, or `None` when no setting was given (the key is left out).
-    fn body(&self) -> Option<serde_json::Value> {
-        let s = self.settings();
-        // Serialized as given, not normalized: `--check-rise 2` is still checked against the
-        // frontend's.
-        (!s.is_default()).then(|| serde_json::to_value(&s).expect("settings serialize"))
-    }
-}
-
-/// One flag's value through the agent's own check: put into a [`RawSettings`], validated as
-/// the agent validates a request, and taken back out.
-fn checked<T>(
-    raw: RawSettings,
-    take: impl FnOnce(FrontendSettings) -> Option<T>,
-) -> Result<T, String> {
-    let settings = raw.validate("").map_err(|e| e.message)?;
-    Ok(take(settings).expect("a value given is a value validated"))
-}
-
-fn number(text: &str) -> Result<i64, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))
-}
-
-fn with_check(check: RawCheck) -> RawSettings {
-    RawSettings {
-        check: Some(check),
-        ..RawSettings::default()
-    }
-}
-
-fn with_timeouts(timeouts: RawTimeouts) -> RawSettings {
-    RawSettings {
-        timeouts: Some(timeouts),
-        ..RawSettings::default()
-    }
-}
-
-fn proxy_protocol_flag(text: &str) -> Result<ProxyProtocol, String> {
-    let raw = RawSettings {
-        proxy_protocol: Some(text.to_string()),
-        ..RawSettings::default()
-    };
-    checked(raw, |s| s.proxy_protocol)
-}
-
-fn check_port_flag(text: &str) -> Result<u16, String> {
-    let port = Some(number(text)?);
-    checked(
-        with_check(RawCheck {
-            port,
-            ..RawCheck::default()
-        }),
-        |s| s.check.port,
-    )
-}
-
-fn check_http_flag(text: &str) -> Result<HttpPath, String> {
-    let http_path = Some(text.to_string());
-    checked(
-        with_check(RawCheck {
-            http_path,
-            ..RawCheck::default()
-        }),
-        |s| s.check.http_path,
-    )
-}
-
-fn check_interval_flag(text: &str) -> Result<Millis, String> {
-    let interval = Some(text.to_string());
-    checked(
-        with_check(RawCheck {
-            interval,
-            ..RawCheck::default()
-        }),
-        |s| s.check.interval,
-    )
-}
-
-fn check_rise_flag(text: &str) -> Result<u8, String> {
-    let rise = Some(number(text)?);
-    checked(
-        with_check(RawCheck {
-            rise,
-            ..RawCheck::default()
-        }),
-        |s| s.check.rise,
-    )
-}
-
-fn check_fall_flag(text: &str) -> Result<u8, String> {
-    let fall = Some(number(text)?);
-    checked(
-        with_check(RawCheck {
-            fall,
-            ..RawCheck::default()
-        }),
-        |s| s.check.fall,
-    )
-}
-
-fn timeout_client_flag(text: &str) -> Result<Millis, String> {
-    let client = Some(text.to_string());
-    checked(
-        with_timeouts(RawTimeouts {
-            client,
-            ..RawTimeouts::default()
-        }),
-        |s| s.timeouts.client,
-    )
-}
-
-fn timeout_server_flag(text: &str) -> Result<Millis, String> {
-    let server = Some(text.to_string());
-    checked(
-        with_timeouts(RawTimeouts {
-            server,
-            ..RawTimeouts::default()
-        }),
-        |s| s.timeouts.server,
-    )
-}
-
-fn timeout_tunnel_flag(text: &str) -> Result<Millis, String> {
-    let tunnel = Some(text.to_string());
-    checked(
-        with_timeouts(RawTimeouts {
-            tunnel,
-            ..RawTimeouts::default()
-        }),
-        |s| s.timeouts.tunnel,
-    )
-}
-
-fn timeout_connect_flag(text: &str) -> Result<Millis, String> {
-    let connect = Some(text.to_string());
-    checked(
-        with_timeouts(RawTimeouts {
-            connect,
-            ..RawTimeouts::default()
-        }),
-        |s| s.timeouts.connect,
-    )
-}
-
-fn maxconn_flag(text: &str) -> Result<u32, String> {
-    let raw = RawSettings {
-        maxconn: Some(number(text)?),
-        ..RawSettings::default()
-    };
-    checked(raw, |s| s.maxconn)
+/// The PUT's `frontend` object, or `None` when no setting was given (the key is left out). For
+/// an existing frontend each one given must be what it has, or the agent refuses the PUT (409).
+fn inline_settings(flags: &FrontendFlags) -> Option<serde_json::Value> {
+    let s = flags.settings();
+    // Serialized as given, not normalized: `--check-rise 2` is still checked against the
+    // frontend's.
+    (!s.is_default()).then(|| serde_json::to_value(&s).expect("settings serialize"))
 }
 
 /// The range of `--interval` and `--timeout`.
 const DURATION_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(86_400);
-
-/// A port flag, through the same check the agent applies.
-fn port_flag(text: &str) -> Result<u16, String> {
-    crate::runtime::validate::port("port", text).map_err(|e| e.to_string())
-}
 
 /// Where the node IP comes from.
 enum IpSource {
@@ -542,7 +328,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         Err(e) => return usage(e.to_string()),
     };
     let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
-    let frontend = args.frontend.body();
+    let frontend = inline_settings(&args.frontend);
     let ph = PhoneHome {
         args,
         client,
@@ -701,7 +487,7 @@ mod tests {
 
     #[test]
     fn only_the_settings_given_go_into_the_body() {
-        assert_eq!(parse(&[]).unwrap().frontend.body(), None);
+        assert_eq!(inline_settings(&parse(&[]).unwrap().frontend), None);
         let a = parse(&[
             "--proxy-protocol",
             "v2",
@@ -714,7 +500,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            a.frontend.body(),
+            inline_settings(&a.frontend),
             Some(serde_json::json!({
                 "proxy_protocol": "v2",
                 "check": {"port": 32123, "http_path": "/healthz"},
@@ -737,7 +523,7 @@ mod tests {
             "--maxconn=1000000",
         ])
         .unwrap();
-        let body = all.frontend.body().unwrap();
+        let body = inline_settings(&all.frontend).unwrap();
         assert_eq!(
             body,
             serde_json::json!({
@@ -748,36 +534,8 @@ mod tests {
             })
         );
         // What the agent reads back from it is what was given.
-        let raw: RawSettings = serde_json::from_value(body).unwrap();
+        let raw: crate::model::settings::RawSettings = serde_json::from_value(body).unwrap();
         assert_eq!(raw.validate("frontend.").unwrap(), all.frontend.settings());
-    }
-
-    #[test]
-    fn a_bad_setting_is_refused_naming_its_flag() {
-        for (flag, value, says) in [
-            ("--proxy-protocol", "v3", "must be none, v1 or v2"),
-            ("--check-port", "0", "must be from 1 to 65535"),
-            ("--check-port", "65536", "must be from 1 to 65535"),
-            ("--check-port", "http", "is not a whole number"),
-            ("--check-http", "healthz", "must start with '/'"),
-            ("--check-http", "/a b", "contains ' '"),
-            ("--check-interval", "5", "has no unit"),
-            ("--check-interval", "0ms", "from 1ms to 24h"),
-            ("--check-rise", "0", "must be from 1 to 100"),
-            ("--check-fall", "101", "must be from 1 to 100"),
-            ("--timeout-client", "25h", "from 1ms to 24h"),
-            ("--timeout-server", "soon", "not a duration"),
-            ("--timeout-tunnel", "1", "has no unit"),
-            ("--timeout-connect", "1us", ""),
-            ("--maxconn", "0", "must be from 1 to 1000000"),
-            ("--maxconn", "-5", "must be from 1 to 1000000"),
-        ] {
-            let e = parse(&[&format!("{flag}={value}")]).unwrap_err();
-            assert!(
-                e.contains(&format!("invalid value '{value}' for '{flag} <")) && e.contains(says),
-                "{flag} {value}: {e}"
-            );
-        }
     }
 
     #[test]
