@@ -366,3 +366,65 @@ fn sign_prints_headers_the_agent_accepts() {
     let r = http(agent.addr, "PUT", &path, &headers, body.as_bytes());
     assert_eq!(r.status, 401, "{r:?}");
 }
+
+/// An operator changes a frontend's settings while its sidecars still run with the old flags:
+/// their next heartbeat is refused (409 naming the field), and rather than exit (which would let
+/// the registration expire and take the node out of service) the sidecar renews without its
+/// flags, says so once, and still follows its node's IP.
+#[test]
+fn a_sidecar_keeps_its_node_when_the_frontends_settings_change_under_it() {
+    let agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "node at .2");
+    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
+        .expect("same port on another loopback address");
+    let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
+    let url = ip_endpoint(ip.clone());
+    let fe = free_port();
+    let agent_url = format!("http://{}", agent.addr);
+    let log = agent.root.join("sidecar.log");
+    let child = phone_home(&agent_url, &agent.keys_path, fe, a.port(), &url)
+        .args(["--maxconn", "100"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut sidecar = Sidecar(child);
+    wait_for(Duration::from_secs(20), "traffic to .2", || {
+        through(fe).is_ok_and(|r| r.contains("node at .2"))
+    });
+    // The operator's change: maxconn 200 (live).
+    let r = agent.signed("PUT", &format!("/v1/frontends/{fe}"), r#"{"maxconn": 200}"#);
+    assert_eq!(r.status, 200, "{r:?}");
+    let told = |log: &std::path::Path| std::fs::read_to_string(log).unwrap_or_default();
+    wait_for(
+        Duration::from_secs(10),
+        "the sidecar to say it renews without its flags",
+        || told(&log).contains("frontend.maxconn") && told(&log).contains("renewing without"),
+    );
+    // Still renewing, and still following its node: the IP change reaches HAProxy.
+    *ip.lock().unwrap() = "127.0.0.3".into();
+    wait_for(Duration::from_secs(10), "traffic to .3", || {
+        through(fe).is_ok_and(|r| r.contains("node at .3"))
+    });
+    assert!(
+        sidecar.0.try_wait().unwrap().is_none(),
+        "the sidecar runs: {}",
+        told(&log)
+    );
+    assert_eq!(
+        told(&log).matches("renewing without").count(),
+        1,
+        "said once, not at every heartbeat: {}",
+        told(&log)
+    );
+    // The frontend's own settings stand.
+    let state = agent.state();
+    let f = state["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend_port"] == fe)
+        .unwrap()
+        .clone();
+    assert_eq!(f["settings"]["maxconn"], 200);
+    drop(b);
+}

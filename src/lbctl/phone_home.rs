@@ -194,6 +194,10 @@ enum Sent {
     Retry(String),
     /// Retrying will not help.
     Refused(String),
+    /// 409: the frontend's settings differ from this sidecar's flags (the agent's message,
+    /// which names the field). Final before this sidecar ever registered; after, the frontend
+    /// was changed under it, and it renews without them (see [`run`]).
+    SettingsConflict(String),
 }
 
 struct PhoneHome {
@@ -210,6 +214,10 @@ struct PhoneHome {
 
 impl PhoneHome {
     async fn put(&self, ip: IpAddr) -> Sent {
+        self.put_with(ip, self.frontend.as_ref()).await
+    }
+
+    async fn put_with(&self, ip: IpAddr, frontend: Option<&serde_json::Value>) -> Sent {
         let mut body = serde_json::json!({
             "node_ip": ip.to_string(),
             "node_port": self.args.node_port,
@@ -226,7 +234,7 @@ impl PhoneHome {
         if self.args.once {
             body["lease"] = serde_json::json!(false);
         }
-        if let Some(settings) = &self.frontend {
+        if let Some(settings) = frontend {
             body["frontend"] = settings.clone();
         }
         let body = body.to_string().into_bytes();
@@ -238,6 +246,10 @@ impl PhoneHome {
             Ok((200 | 202, text)) => Sent::Ok(text),
             // A 409 (a mode or setting that differs from the frontend's, a port HAProxy or
             // another section owns) stays so until someone acts: final, like a refusal.
+            Ok((409, text)) if frontend.is_some() && is_settings_conflict(&text) => {
+                let (head, message) = agent_said(409, &text);
+                Sent::SettingsConflict(format!("the agent refused it ({head}): {message}"))
+            }
             Ok((status @ (400 | 403 | 404 | 409 | 413), text)) => {
                 let (head, message) = agent_said(status, &text);
                 Sent::Refused(format!("the agent refused it ({head}): {message}"))
@@ -271,6 +283,17 @@ impl PhoneHome {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Whether a 409's body is the agent's refusal of inline settings: its message names the
+/// field under `frontend.` (the mode and port refusals do not).
+fn is_settings_conflict(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| {
+        v["error"] == "conflict"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("frontend."))
+    })
 }
 
 /// Runs the sidecar.
@@ -351,11 +374,33 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
     let mut backoff = Duration::from_millis(500);
     let mut registered: Option<IpAddr> = None;
     let mut last_error: Option<String> = None;
+    // The settings conflict last logged, while the sidecar renews without its flags.
+    let mut settings_told: Option<String> = None;
     loop {
         let attempt = match ph.source.resolve(ph.timeout).await {
             Err(e) => Sent::Retry(format!("node IP: {e}")),
             Ok(ip) => match ph.put(ip).await {
+                // The frontend's settings were changed after this sidecar registered: its node
+                // keeps serving with them (dropping it would take the node out of service over a
+                // setting), and the log says so at every change of the message.
+                Sent::SettingsConflict(e) if registered.is_some() => {
+                    if settings_told.as_deref() != Some(e.as_str()) {
+                        log(&format!(
+                            "{e}; renewing without this sidecar's frontend flags: the frontend's own settings stand until they match again"
+                        ));
+                        settings_told = Some(e);
+                    }
+                    match ph.put_with(ip, None).await {
+                        Sent::Ok(answer) => {
+                            registered = Some(ip);
+                            Sent::Ok(answer)
+                        }
+                        other => other,
+                    }
+                }
+                Sent::SettingsConflict(e) => Sent::Refused(e),
                 Sent::Ok(answer) => {
+                    settings_told = None;
                     if registered != Some(ip) || last_error.is_some() {
                         log(&format!(
                             "{} at {ip}:{} serves frontend {}: {}",
@@ -380,7 +425,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                 }
                 jittered(ph.interval)
             }
-            Sent::Refused(e) => {
+            Sent::Refused(e) | Sent::SettingsConflict(e) => {
                 log(&e);
                 return ExitCode::from(2);
             }
