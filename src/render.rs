@@ -198,13 +198,59 @@ fn render_frontend(out: &mut String, port: u16, fe: &FrontendSpec, opts: &Render
     }
 }
 
-/// What only a reload can make HAProxy take from a managed file: everything but the header
-/// and the servers (which the runtime API adds, moves and removes). Two files with the same
-/// listeners differ in nothing a reload would change beyond what the reconciler repairs live.
-pub fn listeners_of(text: &str) -> Vec<&str> {
-    text.lines()
-        .filter(|l| !l.starts_with("# Managed by lbagent") && !l.starts_with("    server "))
-        .collect()
+/// Whether two managed files differ in what only a reload can make HAProxy take: the
+/// frontends and backends with their binds, timeouts and check kind, and the options every
+/// server of a backend carries (PROXY version, check port and timing). Left out: the header, a
+/// frontend's `maxconn` and each server's own name, address, weight and state, which the runtime
+/// API sets (the reconciler repairs them); and a backend without servers on either side says
+/// nothing of its servers' options (a file written before its servers were added).
+pub fn same_listeners(a: &str, b: &str) -> bool {
+    let (lines_a, options_a) = listeners_of(a);
+    let (lines_b, options_b) = listeners_of(b);
+    lines_a == lines_b
+        && options_a
+            .iter()
+            .all(|(backend, opts)| options_b.get(backend).is_none_or(|other| other == opts))
+}
+
+/// A managed file's lines other than servers and runtime-set ones, and each backend's distinct
+/// server options (what follows the address, without `weight N`, `disabled` and the comment).
+fn listeners_of(
+    text: &str,
+) -> (
+    Vec<&str>,
+    std::collections::BTreeMap<&str, std::collections::BTreeSet<String>>,
+) {
+    let mut lines = Vec::new();
+    let mut options: std::collections::BTreeMap<&str, std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut backend = "";
+    for line in text.lines() {
+        if line.starts_with("# Managed by lbagent") || line.starts_with("    maxconn ") {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix("backend ") {
+            backend = name.trim();
+        }
+        let Some(server) = line.strip_prefix("    server ") else {
+            lines.push(line);
+            continue;
+        };
+        let words = server.split('#').next().unwrap_or_default();
+        let mut words = words.split_whitespace().skip(2);
+        let mut kept = Vec::new();
+        while let Some(w) = words.next() {
+            match w {
+                "weight" => {
+                    words.next();
+                }
+                "disabled" => {}
+                other => kept.push(other),
+            }
+        }
+        options.entry(backend).or_default().insert(kept.join(" "));
+    }
+    (lines, options)
 }
 
 #[cfg(test)]
@@ -364,7 +410,7 @@ backend be_80
     }
 
     #[test]
-    fn listeners_leave_out_the_header_and_the_servers() {
+    fn listeners_leave_out_what_the_runtime_api_sets() {
         let mut st = DesiredState {
             generation: 3,
             ..DesiredState::default()
@@ -377,26 +423,47 @@ backend be_80
             ),
         );
         let one = render_managed(&st, &RenderOptions::default());
+        // Other servers, weights, states, generation and maxconn: the same listeners.
         let mut moved = st.clone();
         moved.generation = 9;
-        moved.frontends.insert(
-            443,
-            frontend(
-                Mode::Tcp,
-                &[("b", server("10.0.0.2", 30444, ServerState::Maint, None))],
-            ),
-        );
+        let mut fe = (*frontend(
+            Mode::Tcp,
+            &[("b", server("10.0.0.2", 30444, ServerState::Maint, Some(7)))],
+        ))
+        .clone();
+        fe.settings.maxconn = Some(50);
+        moved.frontends.insert(443, fe.into());
         let other = render_managed(&moved, &RenderOptions::default());
         assert_ne!(one, other);
-        assert_eq!(listeners_of(&one), listeners_of(&other));
+        assert!(same_listeners(&one, &other));
+        // A backend without servers in one file says nothing of the servers' options.
+        let mut empty = st.clone();
+        empty.frontends.insert(443, frontend(Mode::Tcp, &[]));
+        assert!(same_listeners(
+            &one,
+            &render_managed(&empty, &RenderOptions::default())
+        ));
+        // Binds, and every setting a reload carries, differ.
         let binds = RenderOptions {
             frontend_binds: parse_frontend_binds("0.0.0.0,::").unwrap(),
         };
-        assert_ne!(
-            listeners_of(&one),
-            listeners_of(&render_managed(&st, &binds))
-        );
-        assert!(listeners_of("").is_empty());
+        assert!(!same_listeners(&one, &render_managed(&st, &binds)));
+        for json in [
+            r#"{"proxy_protocol":"v1"}"#,
+            r#"{"check":{"rise":5}}"#,
+            r#"{"check":{"port":32000}}"#,
+            r#"{"check":{"http_path":"/"}}"#,
+            r#"{"timeouts":{"tunnel":"1h"}}"#,
+        ] {
+            let mut changed = st.clone();
+            let mut fe = (*changed.frontends[&443]).clone();
+            fe.settings = serde_json::from_str(json).unwrap();
+            changed.frontends.insert(443, fe.into());
+            let text = render_managed(&changed, &RenderOptions::default());
+            assert!(!same_listeners(&one, &text), "{json}");
+            assert!(!same_listeners(&text, &one), "{json}");
+        }
+        assert!(same_listeners("", ""));
     }
 
     #[test]

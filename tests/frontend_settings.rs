@@ -446,8 +446,8 @@ const SHORT_DEFAULTS: &str = "defaults
 ";
 
 /// How long the clients stay silent: well past the defaults' 1 s, well within the frontend's
-/// own 5 s.
-const IDLE: Duration = Duration::from_millis(2500);
+/// own 10 s (room for a loaded machine on both sides).
+const IDLE: Duration = Duration::from_millis(5000);
 
 #[test]
 fn frontend_timeouts_beat_the_defaults_section() {
@@ -456,7 +456,7 @@ fn frontend_timeouts_beat_the_defaults_section() {
     let (long, short) = (free_port(), free_port());
     agent.put_frontend_ok(
         long,
-        &json!({"timeouts": {"client": "5s", "server": "5s"}}),
+        &json!({"timeouts": {"client": "10s", "server": "10s"}}),
         "reload",
     );
     agent.put_ok(
@@ -491,20 +491,20 @@ fn frontend_timeouts_beat_the_defaults_section() {
             let mut buf = [0u8; 64];
             let idle = c.stream.read(&mut buf).map_err(|e| e.kind());
             c.stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
+                .set_read_timeout(Some(Duration::from_secs(4)))
                 .unwrap();
             (idle, c.echo("still here"))
         });
         let (read, after) = cut.join().unwrap();
         // Closed by HAProxy (0 bytes) about 1 s into the silence, long before the read's own
-        // deadline.
+        // deadline (HAProxy's timers may fire a little early, a loaded machine late).
         assert_eq!(
             read,
             Ok(0),
             "the default-timeout connection after {after:?}"
         );
         assert!(
-            after >= Duration::from_millis(700) && after < Duration::from_millis(2000),
+            after >= Duration::from_millis(500) && after < Duration::from_millis(4000),
             "cut after {after:?}, want about 1 s"
         );
         let (idle, echo) = kept.join().unwrap();
@@ -513,13 +513,13 @@ fn frontend_timeouts_beat_the_defaults_section() {
                 idle,
                 Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
             ),
-            "the 5 s frontend's connection during the idle wait: {idle:?}"
+            "the 10 s frontend's connection during the idle wait: {idle:?}"
         );
         assert_eq!(echo.as_deref(), Ok("still here"));
     });
     let text = agent.managed_text_at(agent.desired().0);
-    assert!(text.contains("    timeout client 5s\n"), "{text}");
-    assert!(text.contains("    timeout server 5s\n"), "{text}");
+    assert!(text.contains("    timeout client 10s\n"), "{text}");
+    assert!(text.contains("    timeout server 10s\n"), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,6 +638,62 @@ fn a_changed_frontend_bind_applies_at_restart() {
         text.contains(&format!("    bind [::1]:{fe} v6only\n")),
         "{text}"
     );
+}
+
+/// The restart's reload to the new binds fails (something else holds `[::1]:port`): HAProxy
+/// keeps serving the old listeners, `/healthz` says why and is not in sync, and the agent tries
+/// again on its timer until the address is free.
+#[test]
+fn a_failed_reload_to_new_binds_is_reported_and_retried() {
+    let mut agent = Agent::managed_with(Options {
+        extra: vec!["--frontend-bind".into(), "127.0.0.1".into()],
+        ..Options::default()
+    });
+    let backend = ProxyBackend::start("127.0.0.2", "F");
+    let fe = free_port();
+    agent.put_ok(
+        fe,
+        "f",
+        &body(&backend.ip(), backend.port(), json!({})),
+        "reload",
+    );
+    let v4 = SocketAddr::from(([127, 0, 0, 1], fe));
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, fe));
+    let squatter = TcpListener::bind(v6).expect("[::1] on the frontend's port");
+    agent.set_extra(vec!["--frontend-bind".into(), "127.0.0.1,::1".into()]);
+    agent.stop();
+    agent.start_answering();
+    let health = eventually(SETTLE, "/healthz to say why", || {
+        let r = agent.get("/healthz");
+        let v = r.json();
+        let error = v["error"].as_str().unwrap_or_default().to_string();
+        if r.status == 503 && v["in_sync"] == false && error.contains("frontends other than") {
+            Ok(error)
+        } else {
+            Err(format!("{} {}", r.status, r.body))
+        }
+    });
+    assert!(
+        health.contains(&format!("{fe}")),
+        "names the port: {health}"
+    );
+    // Still serving as before.
+    ProxyClient::connect(None, v4).expect("IPv4 still served");
+    drop(squatter);
+    let c = eventually(
+        Duration::from_secs(40),
+        "IPv6 served once the address is free",
+        || ProxyClient::connect(None, v6),
+    );
+    assert!(c.local.is_ipv6());
+    eventually(SETTLE, "healthy again", || {
+        let r = agent.get("/healthz");
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

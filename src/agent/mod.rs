@@ -394,7 +394,23 @@ struct Owner {
     /// Whether the log was told that host checks are on but HAProxy's process (or its
     /// environment) cannot be read: said once, not at every scan.
     unseen_haproxy_told: std::sync::atomic::AtomicBool,
+    /// Set while HAProxy serves other listeners than the agent renders (a start-time reload
+    /// failed): not in sync, and retried.
+    listeners_retry: Option<ListenersRetry>,
 }
+
+/// A reload to the listeners the agent renders that failed, and when to try again.
+struct ListenersRetry {
+    error: String,
+    next: Instant,
+    backoff: Duration,
+}
+
+/// First pause after a repair reload that did not work (frontends HAProxy lacks, or listeners
+/// other than the agent renders); it doubles up to [`REPAIR_MAX`] while they stay wrong: a few
+/// reloads a minute at most.
+const REPAIR_FIRST: Duration = Duration::from_secs(2);
+const REPAIR_MAX: Duration = Duration::from_secs(60);
 
 /// Starts the owner task and the config writer; returns the handle and the tasks' join handle.
 pub fn spawn(
@@ -465,6 +481,7 @@ pub fn spawn(
         config_managed,
         port_conflicts: Vec::new(),
         unseen_haproxy_told: Default::default(),
+        listeners_retry: None,
     };
     owner.publish();
     let handle = AgentHandle {
@@ -582,10 +599,11 @@ impl Owner {
     }
 
     /// At start: when the managed file's listeners are not what this agent renders for the same
-    /// state (it was started with another `--frontend-bind`, or a new version renders frontends
-    /// differently), HAProxy serves the old ones, and nothing but a reload changes them: one
-    /// validated, confirmed reload, rolled back on failure. Servers alone differing is the
-    /// first reconcile's job, with no reload.
+    /// state (it was started with another `--frontend-bind`, a new version renders frontends
+    /// differently, or it died between a settings reload and storing it), HAProxy serves the old
+    /// ones, and nothing but a reload changes them: one validated, confirmed reload, rolled back
+    /// on failure and then retried on the timer (see [`Self::retry_listeners`]). Servers alone
+    /// differing is the first reconcile's job, with no reload.
     async fn reload_if_listeners_changed(&mut self) {
         if self.state.frontends.is_empty() {
             return;
@@ -595,8 +613,7 @@ impl Owner {
             let files = self.files.lock().await;
             files.files.read_managed().await.ok().flatten()
         };
-        let on_disk = on_disk.unwrap_or_default();
-        if crate::render::listeners_of(&on_disk) == crate::render::listeners_of(&text) {
+        if crate::render::same_listeners(&on_disk.unwrap_or_default(), &text) {
             return;
         }
         self.client.disconnect();
@@ -604,14 +621,46 @@ impl Owner {
             // HAProxy is away: it reads the file the writer leaves when it starts.
             return;
         }
-        tracing::info!("the managed file's frontends differ from what this agent renders for the same state (another --frontend-bind, or a new version): reloading once");
+        tracing::info!("the managed file's frontends differ from what this agent renders for the same state (another --frontend-bind, a new version, or a settings change not stored): reloading once");
+        self.reload_listeners(REPAIR_FIRST).await;
+    }
+
+    /// Reloads with every frontend as the state renders it; on failure keeps why, and when to
+    /// try again (`backoff`, doubling up to a minute), in [`Owner::listeners_retry`]: the writer
+    /// puts the new file in place meanwhile, so neither the file nor a later start would tell.
+    async fn reload_listeners(&mut self, backoff: Duration) {
         self.files.lock().await.written = None;
         let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
-        if let Err(why) = self.reload_to_current(&ports).await {
-            self.metrics.reload_failures.inc();
-            tracing::error!(error = %why, "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
-            self.last_error = Some(why);
+        match self.reload_to_current(&ports).await {
+            Ok(()) => {
+                if self.listeners_retry.take().is_some() {
+                    tracing::info!("HAProxy took the frontends as this agent renders them");
+                }
+            }
+            Err(why) => {
+                self.metrics.reload_failures.inc();
+                tracing::error!(error = %why, retry_in_s = backoff.as_secs(), "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
+                self.listeners_retry = Some(ListenersRetry {
+                    error: format!(
+                        "HAProxy serves frontends other than the agent renders: a reload to them failed: {why}"
+                    ),
+                    next: Instant::now() + backoff,
+                    backoff,
+                });
+            }
         }
+    }
+
+    /// The timer's part: a failed start-time reload of the listeners, tried again when due.
+    pub(super) async fn retry_listeners(&mut self) {
+        let Some(r) = &self.listeners_retry else {
+            return;
+        };
+        if Instant::now() < r.next {
+            return;
+        }
+        let backoff = (r.backoff * 2).min(REPAIR_MAX);
+        self.reload_listeners(backoff).await;
     }
 
     /// Publishes the desired state for readers and the config writer: after each commit.
@@ -640,11 +689,15 @@ impl Owner {
         Health {
             haproxy: if self.haproxy_up { "up" } else { "down" },
             // A closed store refuses every change: not healthy, whatever HAProxy does.
-            in_sync: self.haproxy_up && !self.out_of_sync && self.store_error.is_none(),
+            in_sync: self.haproxy_up
+                && !self.out_of_sync
+                && self.store_error.is_none()
+                && self.listeners_retry.is_none(),
             drift: self.drift.clone(),
             error: self
                 .store_error
                 .clone()
+                .or_else(|| self.listeners_retry.as_ref().map(|r| r.error.clone()))
                 .or_else(|| self.repair_error.clone())
                 .or_else(|| self.last_error.clone()),
             generation: self.state.generation,

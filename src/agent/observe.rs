@@ -3,11 +3,6 @@
 
 use super::*;
 
-/// First pause after a reload that should have brought missing frontends back; it doubles up
-/// to [`REPAIR_MAX`] while they stay missing: a few reloads a minute at most.
-const REPAIR_FIRST: Duration = Duration::from_secs(2);
-const REPAIR_MAX: Duration = Duration::from_secs(60);
-
 impl Owner {
     /// The timer: leases; then a full comparison when one is due (every drift-check
     /// interval), when something is known to differ, or when HAProxy restarted or was reloaded
@@ -16,6 +11,7 @@ impl Owner {
     /// the agent's idle CPU.
     pub(super) async fn tick(&mut self) {
         self.expire_leases().await;
+        self.retry_listeners().await;
         let full = self.out_of_sync
             || !self.suspect_ports.is_empty()
             || Instant::now() >= self.next_full

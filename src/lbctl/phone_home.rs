@@ -392,6 +392,15 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                     }
                     match ph.put_with(ip, None).await {
                         Sent::Ok(answer) => {
+                            if registered != Some(ip) || last_error.is_some() {
+                                log(&format!(
+                                    "{} at {ip}:{} serves frontend {} (without its frontend flags): {}",
+                                    ph.args.node,
+                                    ph.args.node_port,
+                                    ph.args.frontend_port,
+                                    answer.trim()
+                                ));
+                            }
                             registered = Some(ip);
                             Sent::Ok(answer)
                         }

@@ -4,8 +4,10 @@
 //! until the peer closes. So a client can check that its own address and port went through, and
 //! an idle connection can be kept open and probed.
 //!
-//! HAProxy's health checks are connections too: with `send-proxy` they carry `PROXY UNKNOWN`
-//! (v1) or a LOCAL command (v2) and close at once; plain TCP checks send nothing. Each is read
+//! HAProxy's health checks are connections too: on the traffic port with `send-proxy` they carry
+//! a v1 line for the check's own connection (`PROXY TCP4 <LB> <node> ...`: HAProxy 2.6 and 3.2
+//! build it from the connection, not `PROXY UNKNOWN`) or a v2 LOCAL command, and close at once;
+//! plain TCP checks send nothing. Each is read
 //! and recorded like any other connection, and a write to a peer gone is ignored.
 
 use std::io::{Read, Write};
@@ -26,7 +28,7 @@ pub enum Header {
     V1(SocketAddr),
     /// A v2 PROXY command for an IPv4 or IPv6 TCP client.
     V2(SocketAddr),
-    /// `PROXY UNKNOWN`: what HAProxy's v1 health checks send.
+    /// `PROXY UNKNOWN` (HAProxy's v1 checks send a TCP4/TCP6 line instead; kept for completeness).
     V1Unknown,
     /// A v2 LOCAL command (or no address): what HAProxy's v2 health checks send.
     V2Local,
