@@ -3,7 +3,9 @@
 //! `--interval 1s`, SIGTERM removes its server and exits 0, `--once` registers and exits, bad
 //! settings exit 2; the frontend settings flags create a frontend with them (checked over HTTP
 //! on their own port) and a sidecar asking for other settings gets one final 409 line; `lbctl
-//! sign`'s headers are accepted by the agent.
+//! sign`'s headers are accepted by the agent. With an `--agent` list the sidecar registers
+//! through the next agent when the first is dead, moves to the second when the first stops,
+//! and refuses a bad URL anywhere in the list at start.
 
 mod common;
 
@@ -427,4 +429,186 @@ fn a_sidecar_keeps_its_node_when_the_frontends_settings_change_under_it() {
         .clone();
     assert_eq!(f["settings"]["maxconn"], 200);
     drop(b);
+}
+
+/// The servers `agent` wants for frontend `fe`: node → node IP.
+fn servers_of(agent: &Agent, fe: u16) -> Vec<(String, String)> {
+    agent
+        .desired()
+        .1
+        .into_iter()
+        .filter(|((port, _), _)| *port == fe)
+        .map(|((_, node), s)| (node, s.ip))
+        .collect()
+}
+
+/// `--agent DEAD,LIVE`: the first attempt fails on the dead one, the sidecar says it tries the
+/// next and registers through it; SIGTERM's DELETE goes to the one that took the registration.
+#[test]
+fn a_sidecar_registers_through_the_next_agent_when_the_first_is_dead() {
+    let agent = Agent::managed();
+    let a = Echo::start("127.0.0.2", "node at .2");
+    let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
+    let url = ip_endpoint(ip);
+    let fe = free_port();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let live = format!("http://{}", agent.addr);
+    let log = agent.root.join("sidecar.log");
+    let child = phone_home(
+        &format!("{dead},{live}"),
+        &agent.keys_path,
+        fe,
+        a.port(),
+        &url,
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut sidecar = Sidecar(child);
+    let told = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(Duration::from_secs(20), "traffic to .2", || {
+        through(fe).is_ok_and(|r| r.contains("node at .2"))
+    });
+    // Traffic moves just before the agent stores the change and answers: wait for the answer.
+    eventually(Duration::from_secs(10), "the registration's answer", || {
+        if told().contains(&format!("serves frontend {fe} through {live}: ")) {
+            Ok(())
+        } else {
+            Err(told())
+        }
+    });
+    assert_eq!(
+        servers_of(&agent, fe),
+        [("node-1".to_string(), "127.0.0.2".to_string())]
+    );
+    let text = told();
+    assert!(
+        text.contains(&format!("cannot reach the agent at {dead}: "))
+            && text.contains(&format!("; trying {live}\n")),
+        "{text}"
+    );
+
+    common::send_signal(sidecar.0.id(), "TERM");
+    let status = sidecar.0.wait().unwrap();
+    assert!(status.success(), "{status}: {}", told());
+    assert_eq!(servers_of(&agent, fe), []);
+    assert!(
+        told().contains(&format!(
+            "node-1 removed from frontend {fe} through {live}\n"
+        )),
+        "{}",
+        told()
+    );
+}
+
+/// Two live agents with the same key and no shared state: the sidecar keeps to the first while
+/// it answers (the second hears nothing); once the first is stopped, its next renewal, with the
+/// node's new IP, reaches the second, whose HAProxy routes it.
+#[test]
+fn a_sidecar_fails_over_to_the_second_agent_when_the_first_stops() {
+    let mut first = Agent::managed();
+    let mut second = Agent::managed();
+    second.share_key_of(&first);
+    let a = Echo::start("127.0.0.2", "node at .2");
+    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
+        .expect("same port on another loopback address");
+    let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
+    let url = ip_endpoint(ip.clone());
+    let fe = free_port();
+    let (url_a, url_b) = (
+        format!("http://{}", first.addr),
+        format!("http://{}", second.addr),
+    );
+    let log = first.root.join("sidecar.log");
+    let child = phone_home(
+        &format!("{url_a},{url_b}"),
+        &first.keys_path,
+        fe,
+        a.port(),
+        &url,
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut sidecar = Sidecar(child);
+    let told = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(Duration::from_secs(20), "traffic to .2", || {
+        through(fe).is_ok_and(|r| r.contains("node at .2"))
+    });
+    // A few heartbeats later the second still has nothing: each agent knows only what was
+    // sent to it.
+    let renewals = first.metric("lbagent_http_requests_total{route=\"put_server\",status=\"200\"}");
+    eventually(Duration::from_secs(10), "two more renewals", || {
+        let now = first.metric("lbagent_http_requests_total{route=\"put_server\",status=\"200\"}");
+        if now >= renewals + 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{now} renewals"))
+        }
+    });
+    assert_eq!(servers_of(&second, fe), []);
+
+    first.stop();
+    *ip.lock().unwrap() = "127.0.0.3".into();
+    eventually(
+        Duration::from_secs(20),
+        "the second agent to get the server",
+        || match servers_of(&second, fe)[..] {
+            [(ref node, ref ip)] if node == "node-1" && ip == "127.0.0.3" => Ok(()),
+            ref other => Err(format!("{other:?}; sidecar said: {}", told())),
+        },
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "traffic to .3 through the second",
+        || through(fe).is_ok_and(|r| r.contains("node at .3")),
+    );
+    eventually(Duration::from_secs(10), "the second's answer", || {
+        if told().contains(&format!("serves frontend {fe} through {url_b}: ")) {
+            Ok(())
+        } else {
+            Err(told())
+        }
+    });
+    let text = told();
+    assert!(text.contains(&format!("; trying {url_b}\n")), "{text}");
+    assert!(sidecar.0.try_wait().unwrap().is_none(), "{text}");
+    // It keeps to the agent that works: one switch, not one per heartbeat.
+    assert_eq!(text.matches("; trying ").count(), 1, "{text}");
+    drop(b);
+}
+
+/// Every URL of the list is checked at start: a bad second one is exit 2 naming it, before any
+/// request (the first, reachable or not, is never asked).
+#[test]
+fn a_bad_url_anywhere_in_the_agent_list_exits_2_naming_it() {
+    for (list, named) in [
+        (
+            "http://127.0.0.1:1,ftp://lb-b:9900",
+            "\"ftp://lb-b:9900\" must start with http://",
+        ),
+        (
+            "http://127.0.0.1:1,http://lb b",
+            "bad agent URL \"http://lb b\"",
+        ),
+        ("http://127.0.0.1:1,,http://lb-b", "has an empty URL"),
+        (
+            "http://127.0.0.1:1,http://127.0.0.1:1/",
+            "lists http://127.0.0.1:1/ twice",
+        ),
+    ] {
+        let started = Instant::now();
+        let out = lbctl()
+            .args(["phone-home", "--agent", list])
+            .args(["--frontend-port", "443", "--node-port", "30443"])
+            .args(["--node", "n", "--node-ip", "127.0.0.2"])
+            .env("LBAGENT_KEY", "a-secret-for-the-url-check")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{list}: {said}");
+        assert!(said.contains(named), "{list}: {said}");
+        assert_eq!(said.lines().count(), 1, "{said}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{list}");
+    }
 }

@@ -6,7 +6,8 @@
 //! within 5 s without a restart, and a broken one leaves the old one serving and counts a
 //! failure; SIGHUP re-reads them; `--tls-client-ca` refuses a client without a certificate or with one another CA
 //! signed; `lbctl phone-home` over https registers and follows an IP change; managed mode's
-//! `--tls-self-signed` makes its certificate once and reuses it.
+//! `--tls-self-signed` makes its certificate once and reuses it; `lbctl health` verifies it
+//! and answers 3 (no answer) for a certificate another CA signed.
 
 mod common;
 
@@ -712,6 +713,36 @@ fn self_signed_is_made_once_reused_and_trusted_through_its_file() {
     assert_eq!(key_mode & 0o777, 0o600);
     let out = lbctl_state(&agent, &["--ca-file", cert.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // `lbctl health` takes the same TLS flags, and a handshake that fails is no answer (3),
+    // as keepalived must see a local agent it cannot verify as down.
+    let health = |url: &str, ca: &Path| {
+        run(lbctl()
+            .args(["health", "--agent", url, "--ca-file"])
+            .arg(ca))
+    };
+    let https = format!("https://{}", agent.addr);
+    let out = health(&https, &cert);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).starts_with("healthy: generation "));
+    let other_ca = agent.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, Ca::new("another CA").pem()).unwrap();
+    let out = health(&https, &other_ca);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with(&format!(
+            "no answer from {https}: the agent's TLS certificate does not verify"
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = health(&format!("http://{}", agent.addr), &cert);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("not HTTP"),
+        "{}",
+        text(&out.stdout)
+    );
 
     agent.restart();
     assert_eq!(std::fs::read_to_string(&cert).unwrap(), pem, "made again");

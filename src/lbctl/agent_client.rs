@@ -121,6 +121,11 @@ impl AgentClient {
         })
     }
 
+    /// The agent's URL, as given (without a trailing `/`).
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a signed request; returns the status and the body text.
     pub async fn signed_request(
         &self,
@@ -131,9 +136,7 @@ impl AgentClient {
         timeout: Duration,
     ) -> Result<(u16, String), AgentError> {
         let agent = &self.base;
-        let uri: Uri = format!("{agent}{path_with_query}")
-            .parse()
-            .map_err(|e| AgentError::Config(format!("bad agent URL {agent:?}: {e}")))?;
+        let uri = self.uri(path_with_query)?;
         let now = crate::clock::unix_seconds();
         let mut req = Request::builder().method(method.clone()).uri(uri);
         for (name, value) in signed_headers(
@@ -152,32 +155,118 @@ impl AgentClient {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| AgentError::Config(e.to_string()))?;
-        let resp = tokio::time::timeout(timeout, self.client.request(req))
+        self.exchange(req, timeout, timeout)
             .await
-            .map_err(|_| {
-                AgentError::Transport(format!(
+            .map_err(|failure| match failure {
+                Unanswered::Config(why) => AgentError::Config(format!("{agent}: {why}")),
+                Unanswered::Head(timeout) => AgentError::Transport(format!(
                     "the agent at {agent} did not answer within {timeout:?}"
-                ))
-            })?
-            .map_err(|e| match crate::tls::client::configuration_error(&e) {
-                Some(why) => AgentError::Config(format!("{agent}: {why}")),
-                None => AgentError::Transport(format!(
-                    "cannot reach the agent at {agent}: {}",
-                    crate::tls::client::chain(&e)
                 )),
+                Unanswered::Unreachable(e) => AgentError::Transport(format!(
+                    "cannot reach the agent at {agent}: {}",
+                    crate::tls::client::chain(&*e)
+                )),
+                Unanswered::Body(timeout) => AgentError::Transport(format!(
+                    "the agent at {agent} did not finish answering within {timeout:?}"
+                )),
+                Unanswered::Read(e) => {
+                    AgentError::Transport(format!("reading the agent's answer: {e}"))
+                }
+            })
+    }
+
+    /// An unsigned GET (for `/healthz`) whose whole answer must come within `timeout`: the
+    /// status and the body text, or why there was no answer, in a few words without the URL
+    /// (`Connection refused (os error 111)`, `no answer within 2s`). A TLS certificate that
+    /// does not verify is such a reason too: the caller only needs to know it got no answer.
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+        let req = Request::get(self.uri(path).map_err(|e| e.to_string())?)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let whole = tokio::time::timeout(timeout, self.exchange(req, timeout, timeout));
+        match whole.await {
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(failure)) => Err(match failure {
+                Unanswered::Config(why) => why,
+                Unanswered::Head(t) => format!("no answer within {t:?}"),
+                Unanswered::Body(t) => format!("the answer did not finish within {t:?}"),
+                // The innermost cause is the one that says what happened; hyper's outer
+                // layers (`client error (Connect)`) say only where.
+                Unanswered::Unreachable(e) => innermost(&*e),
+                Unanswered::Read(e) => format!("reading the answer: {e}"),
+            }),
+        }
+    }
+
+    fn uri(&self, path_with_query: &str) -> Result<Uri, AgentError> {
+        let agent = &self.base;
+        format!("{agent}{path_with_query}")
+            .parse()
+            .map_err(|e| AgentError::Config(format!("bad agent URL {agent:?}: {e}")))
+    }
+
+    /// Sends `req`: the answer's head within `head`, then its body within `body`.
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+        head: Duration,
+        body: Duration,
+    ) -> Result<(u16, String), Unanswered> {
+        let resp = tokio::time::timeout(head, self.client.request(req))
+            .await
+            .map_err(|_| Unanswered::Head(head))?
+            .map_err(|e| match crate::tls::client::configuration_error(&e) {
+                Some(why) => Unanswered::Config(why),
+                None => Unanswered::Unreachable(Box::new(e)),
             })?;
         let status = resp.status().as_u16();
-        let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
+        let bytes = tokio::time::timeout(body, resp.into_body().collect())
             .await
-            .map_err(|_| {
-                AgentError::Transport(format!(
-                    "the agent at {agent} did not finish answering within {timeout:?}"
-                ))
-            })?
-            .map_err(|e| AgentError::Transport(format!("reading the agent's answer: {e}")))?
+            .map_err(|_| Unanswered::Body(body))?
+            .map_err(|e| Unanswered::Read(e.to_string()))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
+}
+
+/// Why an exchange got no whole answer, before a command words it.
+enum Unanswered {
+    /// A setting is wrong: a certificate that does not verify, an https agent asked in http.
+    Config(String),
+    /// No answer's head within this deadline.
+    Head(Duration),
+    /// The connection failed.
+    Unreachable(BoxError),
+    /// The body did not come within this deadline.
+    Body(Duration),
+    Read(String),
+}
+
+/// The last cause of `error`'s chain.
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = error;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+/// The URLs of an `--agent` flag: one, or several separated by commas (spaces around each are
+/// ignored). An empty entry or one given twice is an error naming the flag's value.
+pub fn agent_urls(flag: &str) -> Result<Vec<&str>, String> {
+    let mut urls: Vec<&str> = Vec::new();
+    for url in flag.split(',').map(str::trim) {
+        if url.is_empty() {
+            return Err(format!("--agent {flag:?} has an empty URL in its list"));
+        }
+        let same = |u: &&str| u.trim_end_matches('/') == url.trim_end_matches('/');
+        if urls.iter().any(same) {
+            return Err(format!("--agent {flag:?} lists {url} twice"));
+        }
+        urls.push(url);
+    }
+    Ok(urls)
 }
 
 #[cfg(test)]
@@ -199,6 +288,27 @@ mod tests {
         );
         assert_eq!(said(502, "Bad Gateway\n"), "502: Bad Gateway");
         assert_eq!(said(500, r#"{"error":1}"#), r#"500: {"error":1}"#);
+    }
+
+    #[test]
+    fn agent_lists_split_on_commas_and_refuse_empty_and_repeated_urls() {
+        assert_eq!(agent_urls("http://a:9900").unwrap(), ["http://a:9900"]);
+        assert_eq!(
+            agent_urls("http://a:9900, https://b:9900/ ,http://c").unwrap(),
+            ["http://a:9900", "https://b:9900/", "http://c"]
+        );
+        for (flag, said) in [
+            ("", "--agent \"\" has an empty URL in its list"),
+            (
+                "http://a,",
+                "--agent \"http://a,\" has an empty URL in its list",
+            ),
+            ("http://a,,http://b", "has an empty URL"),
+            ("http://a,http://a/", "lists http://a/ twice"),
+        ] {
+            let e = agent_urls(flag).unwrap_err();
+            assert!(e.contains(said), "{flag:?}: {e}");
+        }
     }
 
     #[test]

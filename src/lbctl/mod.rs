@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod frontend;
+pub mod health;
 pub mod phone_home;
 pub mod show;
 
@@ -38,6 +39,9 @@ pub enum Commands {
     Show(ShowArgs),
     /// Print the agent's view: desired state and what HAProxy reports (signed GET /v1/frontends).
     State(StateArgs),
+    /// Exit 0 when the local agent and its HAProxy are healthy (GET /healthz, no key): for
+    /// monitoring and keepalived's vrrp_script. 1 unhealthy, 2 usage, 3 no answer.
+    Health(health::HealthArgs),
     /// Set a frontend's whole settings, or remove it (signed PUT and DELETE /v1/frontends/PORT).
     #[command(subcommand)]
     Frontend(frontend::FrontendCommand),
@@ -75,7 +79,8 @@ pub struct StateArgs {
 
 /// How an operator's command reaches the agent and signs for it: `lbctl state`'s and `lbctl
 /// frontend`'s flags. (`lbctl phone-home` has its own: a sidecar's key may come from the
-/// environment, and its deadline is per retry.)
+/// environment, and its deadline is per retry; so has `lbctl health`, which needs no key and
+/// a short deadline.)
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
     /// The agent's URL.
@@ -171,6 +176,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Commands::PhoneHome(args) => return runtime.block_on(phone_home::run(*args)),
         Commands::Frontend(command) => return runtime.block_on(frontend::run(command)),
+        Commands::Health(args) => return runtime.block_on(health::run(args)),
         _ => {}
     }
     let result = runtime.block_on(async {
@@ -178,7 +184,9 @@ pub fn main() -> ExitCode {
             Commands::Show(args) => run_show(args).await,
             Commands::State(args) => run_state(args).await,
             Commands::Sign(args) => run_sign(args),
-            Commands::PhoneHome(_) | Commands::Frontend(_) => unreachable!("handled above"),
+            Commands::PhoneHome(_) | Commands::Frontend(_) | Commands::Health(_) => {
+                unreachable!("handled above")
+            }
         }
     });
     match result {

@@ -3,6 +3,13 @@
 //! interval; retries with capped exponential backoff while the agent is away; on SIGTERM
 //! removes its server and exits 0. Logs one line per change or failure, not per heartbeat.
 //!
+//! With several agents (`--agent URL1,URL2`, for agents that share their state, not behind one
+//! floating IP) it sends to one at a time and keeps to it while it answers; when it cannot be
+//! reached or answers 5xx or 429 (what is retried anyway), the next attempt goes to the next
+//! URL of the list, round robin. A refusal (4xx) is final as with one agent: another agent
+//! sharing the state would refuse it too. The DELETE goes to the agent that took the last
+//! registration, then to each other once while they cannot be reached.
+//!
 //! Exit codes: 0 done (stopped by a signal, or `--once` registered); 1 the agent could not be
 //! reached or kept failing (`--once` gave up); 2 a usage or configuration error (a TLS
 //! certificate that does not verify is one: no retry), or the agent refused the request for
@@ -21,7 +28,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
-use super::agent_client::{agent_said, AgentClient, AgentError, SigningKey};
+use super::agent_client::{agent_said, agent_urls, AgentClient, AgentError, SigningKey};
 use super::frontend::FrontendFlags;
 use super::port_flag;
 use crate::clock::DurationSetting;
@@ -29,8 +36,14 @@ use crate::model::{check_service_label, NodeName};
 
 #[derive(clap::Args, Debug)]
 pub struct PhoneHomeArgs {
-    /// The agent's URL.
-    #[arg(long, env = "LBAGENT_URL", default_value = "http://127.0.0.1:9900")]
+    /// The agent's URL, or several separated by commas to fail over between agents that share
+    /// their state (tried in turn while one cannot be reached or answers 5xx/429).
+    #[arg(
+        long,
+        env = "LBAGENT_URL",
+        default_value = "http://127.0.0.1:9900",
+        value_name = "URL[,URL...]"
+    )]
     pub agent: String,
     /// The frontend port on the load balancer.
     #[arg(long, value_parser = port_flag)]
@@ -190,8 +203,11 @@ fn jittered(interval: Duration) -> Duration {
 
 enum Sent {
     Ok(String),
-    /// Worth retrying: the agent is away, overloaded, or the clock/key may be fixed.
+    /// Worth retrying with the same agent: the clock or key may be fixed, the node IP found.
     Retry(String),
+    /// Worth retrying, with the next agent of a list: this one cannot be reached or answered
+    /// 5xx or 429.
+    Away(String),
     /// Retrying will not help.
     Refused(String),
     /// 409: the frontend's settings differ from this sidecar's flags (the agent's message,
@@ -202,7 +218,8 @@ enum Sent {
 
 struct PhoneHome {
     args: PhoneHomeArgs,
-    client: AgentClient,
+    /// `--agent`'s, in its order: one, or a failover list.
+    agents: Vec<AgentClient>,
     key: SigningKey,
     source: IpSource,
     path: String,
@@ -213,11 +230,25 @@ struct PhoneHome {
 }
 
 impl PhoneHome {
-    async fn put(&self, ip: IpAddr) -> Sent {
-        self.put_with(ip, self.frontend.as_ref()).await
+    async fn put(&self, agent: &AgentClient, ip: IpAddr) -> Sent {
+        self.put_with(agent, ip, self.frontend.as_ref()).await
     }
 
-    async fn put_with(&self, ip: IpAddr, frontend: Option<&serde_json::Value>) -> Sent {
+    /// "the agent answered", naming which when there are several.
+    fn answered(&self, agent: &AgentClient) -> String {
+        if self.agents.len() > 1 {
+            format!("the agent at {} answered", agent.url())
+        } else {
+            "the agent answered".into()
+        }
+    }
+
+    async fn put_with(
+        &self,
+        agent: &AgentClient,
+        ip: IpAddr,
+        frontend: Option<&serde_json::Value>,
+    ) -> Sent {
         let mut body = serde_json::json!({
             "node_ip": ip.to_string(),
             "node_port": self.args.node_port,
@@ -238,8 +269,7 @@ impl PhoneHome {
             body["frontend"] = settings.clone();
         }
         let body = body.to_string().into_bytes();
-        match self
-            .client
+        match agent
             .signed_request(&self.key, Method::PUT, &self.path, body, self.timeout)
             .await
         {
@@ -256,16 +286,22 @@ impl PhoneHome {
             }
             Ok((status, text)) => {
                 let (head, message) = agent_said(status, &text);
-                Sent::Retry(format!("the agent answered {head}: {message}"))
+                let e = format!("{} {head}: {message}", self.answered(agent));
+                if elsewhere(status) {
+                    Sent::Away(e)
+                } else {
+                    Sent::Retry(e)
+                }
             }
             Err(AgentError::Config(e)) => Sent::Refused(e),
-            Err(AgentError::Transport(e)) => Sent::Retry(e),
+            Err(AgentError::Transport(e)) => Sent::Away(e),
         }
     }
 
-    async fn delete(&self) -> Result<(), String> {
-        match self
-            .client
+    /// The DELETE: [`Sent::Ok`] when the server is gone (200, or 404: it was not there),
+    /// [`Sent::Away`] when another agent may take it, else [`Sent::Refused`].
+    async fn delete(&self, agent: &AgentClient) -> Sent {
+        match agent
             .signed_request(
                 &self.key,
                 Method::DELETE,
@@ -275,14 +311,32 @@ impl PhoneHome {
             )
             .await
         {
-            Ok((200 | 404, _)) => Ok(()),
+            Ok((200 | 404, text)) => Sent::Ok(text),
             Ok((status, text)) => {
                 let (head, message) = agent_said(status, &text);
-                Err(format!("the agent answered {head}: {message}"))
+                let e = format!("{} {head}: {message}", self.answered(agent));
+                if elsewhere(status) {
+                    Sent::Away(e)
+                } else {
+                    Sent::Refused(e)
+                }
             }
-            Err(e) => Err(e.to_string()),
+            Err(AgentError::Transport(e)) => Sent::Away(e),
+            Err(e @ AgentError::Config(_)) => Sent::Refused(e.to_string()),
         }
     }
+}
+
+/// Whether an answer's status is the agent's trouble, not the request's: 5xx, or 429 (its
+/// API flooded). Another agent of a list may answer; a 4xx refusal it would give too.
+fn elsewhere(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
+/// The agents in the order the DELETE tries them: `first` (the one holding the
+/// registration), then each other once, round the list.
+fn delete_order(first: usize, count: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |i| (first + i) % count)
 }
 
 /// Whether a 409's body is the agent's refusal of inline settings: its message names the
@@ -346,15 +400,23 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage(e),
     };
-    let client = match AgentClient::new(&args.agent, &args.tls) {
-        Ok(c) => c,
-        Err(e) => return usage(e.to_string()),
+    let urls = match agent_urls(&args.agent) {
+        Ok(u) => u,
+        Err(e) => return usage(e),
     };
+    // Every URL now, so a typo in the second shows at start, not at the first failover.
+    let mut agents = Vec::with_capacity(urls.len());
+    for url in urls {
+        match AgentClient::new(url, &args.tls) {
+            Ok(c) => agents.push(c),
+            Err(e) => return usage(e.to_string()),
+        }
+    }
     let path = format!("/v1/frontends/{}/servers/{}", args.frontend_port, args.node);
     let frontend = inline_settings(&args.frontend);
     let ph = PhoneHome {
         args,
-        client,
+        agents,
         key,
         source,
         path,
@@ -376,10 +438,18 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
     let mut last_error: Option<String> = None;
     // The settings conflict last logged, while the sidecar renews without its flags.
     let mut settings_told: Option<String> = None;
+    let several = ph.agents.len() > 1;
+    // The agent asked now, and the one that took the last registration (the DELETE's).
+    let mut current = 0;
+    let mut holder: Option<usize> = None;
+    // With several agents, the failure last logged for each: one line per agent and outage,
+    // not one per attempt while every agent is away.
+    let mut agent_told: Vec<Option<String>> = vec![None; ph.agents.len()];
     loop {
+        let agent = &ph.agents[current];
         let attempt = match ph.source.resolve(ph.timeout).await {
             Err(e) => Sent::Retry(format!("node IP: {e}")),
-            Ok(ip) => match ph.put(ip).await {
+            Ok(ip) => match ph.put(agent, ip).await {
                 // The frontend's settings were changed after this sidecar registered: its node
                 // keeps serving with them (dropping it would take the node out of service over a
                 // setting), and the log says so at every change of the message.
@@ -390,7 +460,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                         ));
                         settings_told = Some(e);
                     }
-                    match ph.put_with(ip, None).await {
+                    match ph.put_with(agent, ip, None).await {
                         Sent::Ok(answer) => {
                             if registered != Some(ip) || last_error.is_some() {
                                 log(&format!(
@@ -402,6 +472,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                                 ));
                             }
                             registered = Some(ip);
+                            holder = Some(current);
                             Sent::Ok(answer)
                         }
                         other => other,
@@ -410,9 +481,14 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                 Sent::SettingsConflict(e) => Sent::Refused(e),
                 Sent::Ok(answer) => {
                     settings_told = None;
-                    if registered != Some(ip) || last_error.is_some() {
+                    if registered != Some(ip) || last_error.is_some() || holder != Some(current) {
+                        let through = if several {
+                            format!(" through {}", agent.url())
+                        } else {
+                            String::new()
+                        };
                         log(&format!(
-                            "{} at {ip}:{} serves frontend {}: {}",
+                            "{} at {ip}:{} serves frontend {}{through}: {}",
                             ph.args.node,
                             ph.args.node_port,
                             ph.args.frontend_port,
@@ -420,14 +496,27 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                         ));
                     }
                     registered = Some(ip);
+                    holder = Some(current);
                     Sent::Ok(answer)
                 }
                 other => other,
             },
         };
+        // With several agents, this one's trouble sends the next attempt to the next one, and
+        // its own line replaces "retrying" (last_error is set, so the arm below stays quiet).
+        if let (true, Sent::Away(e)) = (several, &attempt) {
+            let next = (current + 1) % ph.agents.len();
+            if agent_told[current].as_ref() != Some(e) {
+                log(&format!("{e}; trying {}", ph.agents[next].url()));
+                agent_told[current] = Some(e.clone());
+            }
+            last_error = Some(e.clone());
+            current = next;
+        }
         let wait = match attempt {
             Sent::Ok(_) => {
                 last_error = None;
+                agent_told.fill(None);
                 backoff = Duration::from_millis(500);
                 if ph.args.once {
                     return ExitCode::SUCCESS;
@@ -438,7 +527,7 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                 log(&e);
                 return ExitCode::from(2);
             }
-            Sent::Retry(e) => {
+            Sent::Retry(e) | Sent::Away(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
                     log(&format!("{e}; retrying"));
                     last_error = Some(e);
@@ -459,12 +548,34 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         }
     }
     // Leaving: take our server out so a pod that moves leaves nothing stale behind.
-    match ph.delete().await {
-        Ok(()) => log(&format!(
-            "{} removed from frontend {}",
-            ph.args.node, ph.args.frontend_port
-        )),
-        Err(e) => log(&format!("could not remove {}: {e}", ph.args.node)),
+    let order: Vec<usize> = delete_order(holder.unwrap_or(current), ph.agents.len()).collect();
+    for (i, &at) in order.iter().enumerate() {
+        let agent = &ph.agents[at];
+        match ph.delete(agent).await {
+            Sent::Ok(_) => {
+                let through = if several {
+                    format!(" through {}", agent.url())
+                } else {
+                    String::new()
+                };
+                log(&format!(
+                    "{} removed from frontend {}{through}",
+                    ph.args.node, ph.args.frontend_port
+                ));
+                break;
+            }
+            Sent::Away(e) if i + 1 < order.len() => {
+                let next = ph.agents[order[i + 1]].url();
+                log(&format!(
+                    "could not remove {}: {e}; trying {next}",
+                    ph.args.node
+                ));
+            }
+            Sent::Away(e) | Sent::Refused(e) | Sent::Retry(e) | Sent::SettingsConflict(e) => {
+                log(&format!("could not remove {}: {e}", ph.args.node));
+                break;
+            }
+        }
     }
     ExitCode::SUCCESS
 }
@@ -590,6 +701,37 @@ mod tests {
         // What the agent reads back from it is what was given.
         let raw: crate::model::settings::RawSettings = serde_json::from_value(body).unwrap();
         assert_eq!(raw.validate("frontend.").unwrap(), all.frontend.settings());
+    }
+
+    #[test]
+    fn only_the_agents_trouble_fails_over() {
+        for status in [500, 502, 503, 504, 429] {
+            assert!(elsewhere(status), "{status}");
+        }
+        // A refusal, a key or clock problem: another agent sharing the state would say the same.
+        for status in [400, 401, 403, 404, 405, 409, 413, 302] {
+            assert!(!elsewhere(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn the_delete_tries_the_holder_first_then_each_other_once() {
+        assert_eq!(delete_order(0, 1).collect::<Vec<_>>(), [0]);
+        assert_eq!(delete_order(1, 3).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(delete_order(2, 3).collect::<Vec<_>>(), [2, 0, 1]);
+    }
+
+    #[test]
+    fn agent_flag_takes_a_list() {
+        let a = parse(&["--agent", "http://a:9900,http://b:9900"]).unwrap();
+        assert_eq!(
+            agent_urls(&a.agent).unwrap(),
+            ["http://a:9900", "http://b:9900"]
+        );
+        assert_eq!(
+            agent_urls(&parse(&[]).unwrap().agent).unwrap(),
+            ["http://127.0.0.1:9900"]
+        );
     }
 
     #[test]

@@ -1110,6 +1110,26 @@ impl Agent {
             .unwrap_or_else(|e| panic!("{method} {path} as {key_id}: {e}\n{}", self.log()))
     }
 
+    /// Makes this agent take `other`'s key (its keys file rewritten, then SIGHUP), as agents
+    /// behind one sidecar's `--agent` list share theirs; returns once a request signed with it
+    /// is accepted.
+    pub fn share_key_of(&mut self, other: &Agent) {
+        let secret = String::from_utf8(other.secret.clone()).expect("a text secret");
+        write_keys(&self.keys_path, &[(&other.key_id, &secret)]);
+        self.signal("HUP");
+        self.key_id = other.key_id.clone();
+        self.secret = other.secret.clone();
+        eventually(
+            Duration::from_secs(10),
+            "the shared key to be accepted",
+            || match self.try_signed("GET", "/v1/frontends", "") {
+                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) => Err(format!("{r:?}")),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+    }
+
     /// `PUT /v1/frontends/{port}/servers/{node}` with `body`.
     pub fn put(&self, port: u16, node: &str, body: &Value) -> Response {
         self.signed(
