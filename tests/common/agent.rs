@@ -462,7 +462,11 @@ impl Drop for Echo {
 
 /// Connects to 127.0.0.1:`port` and reads the one line the backend behind it sends.
 pub fn through(port: u16) -> Result<String, String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    through_addr(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Connects to `addr` and reads the one line the backend behind it sends.
+pub fn through_addr(addr: SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -592,6 +596,11 @@ pub struct Options {
     pub haproxy_configs: Vec<PathBuf>,
     /// The agent serves TLS (its flags are in `extra`): how the harness's own requests trust it.
     pub tls: Option<ClientTls>,
+    /// `--frontend-bind` (default 127.0.0.1).
+    pub frontend_bind: String,
+    /// Run the agent (and so its managed HAProxy) inside this network namespace; the harness's
+    /// requests are made from inside it too (see `netns.rs`).
+    pub netns: Option<String>,
 }
 
 /// How the harness trusts an agent serving TLS.
@@ -641,6 +650,8 @@ impl Default for Options {
             extra: Vec::new(),
             haproxy_configs: Vec::new(),
             tls: None,
+            frontend_bind: "127.0.0.1".into(),
+            netns: None,
         }
     }
 }
@@ -907,7 +918,7 @@ impl Agent {
             "--listen".into(),
             self.addr.to_string(),
             "--frontend-bind".into(),
-            "127.0.0.1".into(),
+            self.options.frontend_bind.clone(),
             "--allow-node-ports".into(),
             self.options.allow_node_ports.clone(),
             "--reconcile-interval".into(),
@@ -952,7 +963,11 @@ impl Agent {
         self.starts += 1;
         let log_path = self.root.join(format!("agent-{}.log", self.starts));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lbagent"))
+        let mut cmd = match &self.options.netns {
+            Some(ns) => super::netns::command_in(ns, env!("CARGO_BIN_EXE_lbagent")),
+            None => Command::new(env!("CARGO_BIN_EXE_lbagent")),
+        };
+        let child = cmd
             .args(self.args())
             .env(
                 "PATH",
@@ -1061,7 +1076,12 @@ impl Agent {
                 Some(trusting(&pem, None))
             }
         };
-        ApiConn::connect(self.addr, tls.as_ref())?.request(method, path, headers, body)
+        let connect = || ApiConn::connect(self.addr, tls.as_ref());
+        let conn = match &self.options.netns {
+            Some(ns) => super::netns::in_netns(ns, connect)?,
+            None => connect()?,
+        };
+        conn.request(method, path, headers, body)
     }
 
     pub fn get(&self, path: &str) -> Response {

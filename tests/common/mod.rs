@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod flood;
+pub mod netns;
 pub mod proxy_backend;
 
 use std::net::TcpListener;
