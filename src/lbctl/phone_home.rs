@@ -449,46 +449,41 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
         let agent = &ph.agents[current];
         let attempt = match ph.source.resolve(ph.timeout).await {
             Err(e) => Sent::Retry(format!("node IP: {e}")),
-            Ok(ip) => match ph.put(agent, ip).await {
-                // The frontend's settings were changed after this sidecar registered: its node
-                // keeps serving with them (dropping it would take the node out of service over a
-                // setting), and the log says so at every change of the message.
-                Sent::SettingsConflict(e) if registered.is_some() => {
-                    if settings_told.as_deref() != Some(e.as_str()) {
-                        log(&format!(
-                            "{e}; renewing without this sidecar's frontend flags: the frontend's own settings stand until they match again"
-                        ));
-                        settings_told = Some(e);
-                    }
-                    match ph.put_with(agent, ip, None).await {
-                        Sent::Ok(answer) => {
-                            if registered != Some(ip) || last_error.is_some() {
-                                log(&format!(
-                                    "{} at {ip}:{} serves frontend {} (without its frontend flags): {}",
-                                    ph.args.node,
-                                    ph.args.node_port,
-                                    ph.args.frontend_port,
-                                    answer.trim()
-                                ));
-                            }
-                            registered = Some(ip);
-                            holder = Some(current);
-                            Sent::Ok(answer)
+            Ok(ip) => {
+                let (sent, without_flags) = match ph.put(agent, ip).await {
+                    // The frontend's settings were changed after this sidecar registered: its
+                    // node keeps serving with them (dropping it would take the node out of
+                    // service over a setting), and the log says so at every change of the
+                    // message.
+                    Sent::SettingsConflict(e) if registered.is_some() => {
+                        if settings_told.as_deref() != Some(e.as_str()) {
+                            log(&format!(
+                                "{e}; renewing without this sidecar's frontend flags: the frontend's own settings stand until they match again"
+                            ));
+                            settings_told = Some(e);
                         }
-                        other => other,
+                        (ph.put_with(agent, ip, None).await, true)
                     }
-                }
-                Sent::SettingsConflict(e) => Sent::Refused(e),
-                Sent::Ok(answer) => {
-                    settings_told = None;
+                    Sent::SettingsConflict(e) => (Sent::Refused(e), false),
+                    other => (other, false),
+                };
+                if let Sent::Ok(answer) = &sent {
+                    if !without_flags {
+                        settings_told = None;
+                    }
                     if registered != Some(ip) || last_error.is_some() || holder != Some(current) {
                         let through = if several {
                             format!(" through {}", agent.url())
                         } else {
                             String::new()
                         };
+                        let without = if without_flags {
+                            " (without its frontend flags)"
+                        } else {
+                            ""
+                        };
                         log(&format!(
-                            "{} at {ip}:{} serves frontend {}{through}: {}",
+                            "{} at {ip}:{} serves frontend {}{through}{without}: {}",
                             ph.args.node,
                             ph.args.node_port,
                             ph.args.frontend_port,
@@ -497,10 +492,9 @@ pub async fn run(args: PhoneHomeArgs) -> ExitCode {
                     }
                     registered = Some(ip);
                     holder = Some(current);
-                    Sent::Ok(answer)
                 }
-                other => other,
-            },
+                sent
+            }
         };
         // With several agents, this one's trouble sends the next attempt to the next one, and
         // its own line replaces "retrying" (last_error is set, so the arm below stays quiet).
