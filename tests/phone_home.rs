@@ -41,9 +41,7 @@ fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Durat
 #[test]
 fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
     let agent = Agent::managed();
-    let a = Echo::start("127.0.0.2", "node at .2");
-    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
-        .expect("same port on another loopback address");
+    let (a, b) = Echo::pair("127.0.0.2", "node at .2", "127.0.0.3", "node at .3");
     let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
     let url = ip_endpoint(ip.clone());
     let fe = free_port();
@@ -376,9 +374,7 @@ fn sign_prints_headers_the_agent_accepts() {
 #[test]
 fn a_sidecar_keeps_its_node_when_the_frontends_settings_change_under_it() {
     let agent = Agent::managed();
-    let a = Echo::start("127.0.0.2", "node at .2");
-    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
-        .expect("same port on another loopback address");
+    let (a, b) = Echo::pair("127.0.0.2", "node at .2", "127.0.0.3", "node at .3");
     let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
     let url = ip_endpoint(ip.clone());
     let fe = free_port();
@@ -509,9 +505,7 @@ fn a_sidecar_fails_over_to_the_second_agent_when_the_first_stops() {
     let mut first = Agent::managed();
     let mut second = Agent::managed();
     second.share_key_of(&first);
-    let a = Echo::start("127.0.0.2", "node at .2");
-    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
-        .expect("same port on another loopback address");
+    let (a, b) = Echo::pair("127.0.0.2", "node at .2", "127.0.0.3", "node at .3");
     let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
     let url = ip_endpoint(ip.clone());
     let fe = free_port();

@@ -616,9 +616,7 @@ fn phone_home_over_https_registers_follows_an_ip_change_and_a_wrong_ca_exits_2()
         trusting(&ca.pem(), None),
         &[],
     );
-    let a = Echo::start("127.0.0.2", "node at .2");
-    let b = Echo::bind(&format!("127.0.0.3:{}", a.port()), "node at .3")
-        .expect("same port on another loopback address");
+    let (a, b) = Echo::pair("127.0.0.2", "node at .2", "127.0.0.3", "node at .3");
     let ip = Arc::new(Mutex::new("127.0.0.2".to_string()));
     let url = ip_endpoint(ip.clone());
     let fe = common::free_port();

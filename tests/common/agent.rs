@@ -440,6 +440,21 @@ impl Echo {
         })
     }
 
+    /// Two echoes on one port of two loopback addresses (a node whose IP changes, its port
+    /// kept): a port free on `ip_a` may be taken on `ip_b` by another test running beside this
+    /// one, so another port is tried then (20 at most).
+    pub fn pair(ip_a: &str, reply_a: &str, ip_b: &str, reply_b: &str) -> (Echo, Echo) {
+        let mut last = None;
+        for _ in 0..20 {
+            let a = Echo::start(ip_a, reply_a);
+            match Echo::bind(&format!("{ip_b}:{}", a.port()), reply_b) {
+                Ok(b) => return (a, b),
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("no port free on both {ip_a} and {ip_b} in 20 tries: {last:?}");
+    }
+
     pub fn ip(&self) -> String {
         self.addr.ip().to_string()
     }
