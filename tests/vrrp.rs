@@ -65,7 +65,10 @@ fn keepalived_config(file: &str, agent: SocketAddr) -> String {
         ("192.0.2.100/24", format!("{FLOATING}/24")),
         ("192.0.2.11", LB_A.to_string()),
         ("192.0.2.12", LB_B.to_string()),
-        ("/usr/bin/lbctl", env!("CARGO_BIN_EXE_lbctl").to_string()),
+        (
+            "/usr/local/bin/lbctl",
+            env!("CARGO_BIN_EXE_lbctl").to_string(),
+        ),
         ("http://127.0.0.1:9900", agent_url),
         (
             "/etc/keepalived/notify-floating-ip.sh",

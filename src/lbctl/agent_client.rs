@@ -155,7 +155,7 @@ impl AgentClient {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| AgentError::Config(e.to_string()))?;
-        self.exchange(req, timeout, timeout)
+        self.exchange(req, timeout)
             .await
             .map_err(|failure| match failure {
                 Unanswered::Config(why) => AgentError::Config(format!("{agent}: {why}")),
@@ -183,7 +183,7 @@ impl AgentClient {
         let req = Request::get(self.uri(path).map_err(|e| e.to_string())?)
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
-        let whole = tokio::time::timeout(timeout, self.exchange(req, timeout, timeout));
+        let whole = tokio::time::timeout(timeout, self.exchange(req, timeout));
         match whole.await {
             Err(_) => Err(format!("no answer within {timeout:?}")),
             Ok(Ok(answer)) => Ok(answer),
@@ -207,23 +207,25 @@ impl AgentClient {
     }
 
     /// Sends `req`: the answer's head within `head`, then its body within `body`.
+    /// Sends `req` and reads the whole answer, head and body, `within` one deadline: a
+    /// caller's timeout bounds the request (a sidecar's DELETE must fit the pod's grace).
     async fn exchange(
         &self,
         req: Request<Full<Bytes>>,
-        head: Duration,
-        body: Duration,
+        within: Duration,
     ) -> Result<(u16, String), Unanswered> {
-        let resp = tokio::time::timeout(head, self.client.request(req))
+        let deadline = tokio::time::Instant::now() + within;
+        let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
-            .map_err(|_| Unanswered::Head(head))?
+            .map_err(|_| Unanswered::Head(within))?
             .map_err(|e| match crate::tls::client::configuration_error(&e) {
                 Some(why) => Unanswered::Config(why),
                 None => Unanswered::Unreachable(Box::new(e)),
             })?;
         let status = resp.status().as_u16();
-        let bytes = tokio::time::timeout(body, resp.into_body().collect())
+        let bytes = tokio::time::timeout_at(deadline, resp.into_body().collect())
             .await
-            .map_err(|_| Unanswered::Body(body))?
+            .map_err(|_| Unanswered::Body(within))?
             .map_err(|e| Unanswered::Read(e.to_string()))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))

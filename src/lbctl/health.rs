@@ -26,6 +26,12 @@ pub struct HealthArgs {
     /// seconds).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Healthy when HAProxy is up and serving, even while the agent is out of sync (a reload it
+    /// keeps retrying, a store it cannot reach): the question a floating IP asks. Without it,
+    /// out of sync is unhealthy too (monitoring). A stuck change on every VM must not take the
+    /// floating IP off all of them while their HAProxies serve.
+    #[arg(long)]
+    pub serving: bool,
     #[command(flatten)]
     pub tls: crate::tls::client::ClientTlsArgs,
 }
@@ -56,6 +62,11 @@ const LINE_MAX: usize = 300;
 
 /// The verdict on an answer of `/healthz`, and its line.
 pub fn judge(status: u16, body: &str) -> (Verdict, String) {
+    judge_as(status, body, false)
+}
+
+/// [`judge`]; `serving`: HAProxy up is enough (`--serving`), whatever the sync says.
+pub fn judge_as(status: u16, body: &str, serving: bool) -> (Verdict, String) {
     let json = serde_json::from_str::<serde_json::Value>(body).ok();
     // The agent's health has both fields; anything else (its error JSON while it shuts down,
     // another program on the port) is judged by its status.
@@ -76,6 +87,12 @@ pub fn judge(status: u16, body: &str) -> (Verdict, String) {
             Some(g) => (Verdict::Healthy, format!("healthy: generation {g}")),
             None => (Verdict::Healthy, "healthy".into()),
         };
+    } else if serving && up {
+        let why = error.map_or_else(String::new, |e| format!(": {e}"));
+        return (
+            Verdict::Healthy,
+            one_line(&format!("serving: haproxy up, the agent not in sync{why}")),
+        );
     } else if !up {
         match error {
             Some(e) => format!("unhealthy: haproxy down: {e}"),
@@ -144,7 +161,7 @@ pub async fn run(args: HealthArgs) -> ExitCode {
         Err(e) => return usage(e.to_string()),
     };
     let (verdict, line) = match client.get("/healthz", timeout).await {
-        Ok((status, body)) => judge(status, &body),
+        Ok((status, body)) => judge_as(status, &body, args.serving),
         Err(why) => (
             Verdict::NoAnswer,
             one_line(&format!("no answer from {}: {why}", client.url())),
@@ -159,6 +176,22 @@ pub async fn run(args: HealthArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--serving`: out of sync with HAProxy up is serving; HAProxy down is not, either way.
+    #[test]
+    fn serving_asks_only_whether_haproxy_serves() {
+        let stuck = r#"{"haproxy":"up","in_sync":false,"error":"a reload failed","generation":3}"#;
+        assert_eq!(judge(503, stuck).0, Verdict::Unhealthy);
+        let (v, line) = judge_as(503, stuck, true);
+        assert_eq!(v, Verdict::Healthy);
+        assert!(
+            line.starts_with("serving: ") && line.contains("a reload failed"),
+            "{line}"
+        );
+        let down = r#"{"haproxy":"down","in_sync":false,"generation":3}"#;
+        assert_eq!(judge_as(503, down, true).0, Verdict::Unhealthy);
+        assert_eq!(judge_as(503, "not json", true).0, Verdict::Unhealthy);
+    }
 
     #[test]
     fn exit_codes_tell_healthy_unhealthy_and_no_answer_apart() {
