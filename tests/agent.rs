@@ -19,11 +19,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 /// The frontend's entry in `GET /v1/frontends`.
 fn frontend(state: &Value, port: u16) -> Option<Value> {
-    state["frontends"]
-        .as_array()?
-        .iter()
-        .find(|f| f["frontend_port"] == port)
-        .cloned()
+    common::agent::frontend_in(state, port)
 }
 
 fn server(state: &Value, port: u16, node: &str) -> Option<Value> {

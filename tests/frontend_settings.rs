@@ -35,11 +35,7 @@ const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
 /// The frontend's `settings` in `GET /v1/frontends`.
 fn settings(agent: &Agent, port: u16) -> Value {
     let state = agent.state();
-    state["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend_port"] == port)
+    common::agent::frontend_in(&state, port)
         .unwrap_or_else(|| panic!("no frontend {port} in {state}"))["settings"]
         .clone()
 }

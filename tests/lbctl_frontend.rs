@@ -49,12 +49,7 @@ fn one_error_line(out: &Output, code: i32) -> String {
 
 /// Frontend `port` in `GET /v1/frontends`, if the agent has it.
 fn frontend_state(agent: &Agent, port: u16) -> Option<Value> {
-    agent.state()["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend_port"] == port)
-        .cloned()
+    common::agent::frontend_in(&agent.state(), port)
 }
 
 /// `fe_<port>`'s maxconn (`slim`, the seventh column) in HAProxy's own `show stat`, read with a

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::{
-    eventually, http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar,
+    eventually, frontend_in, http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar,
 };
 
 fn free_port() -> u16 {
@@ -64,13 +64,7 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
     });
     assert!(took < Duration::from_secs(5), "IP change took {took:?}");
     let state = agent.state();
-    let fe_state = state["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend_port"] == fe)
-        .unwrap()
-        .clone();
+    let fe_state = frontend_in(&state, fe).unwrap();
     assert_eq!(fe_state["servers"][0]["node_ip"], "127.0.0.3");
     assert_eq!(fe_state["servers"][0]["service"], "web");
 
@@ -83,12 +77,7 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
     let mut stderr = stderr;
     stderr.read_to_string(&mut log).unwrap();
     let state = agent.state();
-    let servers = state["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend_port"] == fe)
-        .map(|f| f["servers"].as_array().unwrap().len());
+    let servers = frontend_in(&state, fe).map(|f| f["servers"].as_array().unwrap().len());
     assert_eq!(servers, Some(0), "{state}");
     // One line per change, not per heartbeat: the first registration, the move, the removal.
     let lines: Vec<&str> = log.lines().collect();
@@ -253,15 +242,7 @@ fn settings_flags_make_the_frontend_and_a_different_one_is_refused_for_good() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let frontend = || {
-        agent.state()["frontends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["frontend_port"] == fe)
-            .cloned()
-            .expect("the frontend")
-    };
+    let frontend = || frontend_in(&agent.state(), fe).expect("the frontend");
     let settings = frontend()["settings"].clone();
     assert_eq!(
         settings,
@@ -416,13 +397,7 @@ fn a_sidecar_keeps_its_node_when_the_frontends_settings_change_under_it() {
     );
     // The frontend's own settings stand.
     let state = agent.state();
-    let f = state["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend_port"] == fe)
-        .unwrap()
-        .clone();
+    let f = frontend_in(&state, fe).unwrap();
     assert_eq!(f["settings"]["maxconn"], 200);
     drop(b);
 }

@@ -1486,6 +1486,15 @@ pub fn write_keys_text(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Frontend `port`'s entry in a `GET /v1/frontends` answer, if it has one.
+pub fn frontend_in(state: &Value, port: u16) -> Option<Value> {
+    state["frontends"]
+        .as_array()?
+        .iter()
+        .find(|f| f["frontend_port"] == port)
+        .cloned()
+}
+
 /// `{"node_ip": ip, "node_port": port}` plus `extra` fields.
 pub fn body(ip: &str, port: u16, extra: Value) -> Value {
     let mut v = serde_json::json!({"node_ip": ip, "node_port": port});
