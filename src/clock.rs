@@ -15,6 +15,13 @@ pub fn unix_seconds() -> u64 {
         .unwrap_or(0)
 }
 
+/// Now as Unix milliseconds: when a heartbeat was received, as agents tell each other.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Parses a duration as every flag and setting takes it: humantime text (`90s`, `1m30s`,
 /// `500ms`, `2h`) or, for settings files and scripts written before durations had units, a
 /// bare number of seconds (`300`, `0.5`). The error quotes the text; the caller (clap, the

@@ -27,10 +27,11 @@ use crate::haproxy::{
     ConfigFiles, MainOptions, ManagedHaproxy, Reloader, ServerStateFile, DEFAULT_HARD_STOP_AFTER,
 };
 use crate::metrics::Metrics;
+use crate::model::DesiredState;
 use crate::policy::{CidrList, Policy, PortList};
 use crate::render::RenderOptions;
 use crate::runtime::{ClientOptions, Endpoint, RuntimeClient};
-use crate::store::Store;
+use crate::store::{EtcdOptions, EtcdStore, StateStore, Store};
 use crate::tls::{self_signed, ServerFiles, ServerTls};
 
 /// Every setting, from flags; each may also come from the `--config` TOML file (same names,
@@ -192,6 +193,37 @@ pub struct Settings {
     /// has localhost, 127.0.0.1, ::1 and a specific --listen address).
     #[arg(long, value_name = "LIST")]
     pub tls_self_signed_names: Option<String>,
+    /// Keep the desired state in etcd, shared by the agents of several VMs: its client URLs,
+    /// comma-separated (`https://10.0.0.1:2379,https://10.0.0.2:2379`). Without it, the local
+    /// journal in --state-dir.
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// Every key of these agents lives under it [default: /lbagent/].
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// TLS to etcd: the CA (PEM) that signed its client certificates.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// TLS to etcd: this agent's client certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// TLS to etcd: the key of --etcd-cert (PEM), mode 0600.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd's authentication: the user, with --etcd-password-file.
+    #[arg(long, value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// etcd's authentication: a file (mode 0600) holding the user's password.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// This agent's name among those sharing etcd [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub agent_name: Option<String>,
+    /// With --etcd: when the prefix holds no frontend, write the local journal's state (in
+    /// --state-dir) into it at start: the move from one VM to several.
+    #[arg(long)]
+    #[serde(default)]
+    pub seed_from_local: bool,
 }
 
 impl Settings {
@@ -230,8 +262,17 @@ impl Settings {
             tls_cert,
             tls_key,
             tls_client_ca,
-            tls_self_signed_names
+            tls_self_signed_names,
+            etcd,
+            etcd_prefix,
+            etcd_ca_file,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
+            agent_name
         );
+        self.seed_from_local |= file.seed_from_local;
         self.tls_self_signed |= file.tls_self_signed;
         if self.haproxy_extra_config.is_empty() {
             self.haproxy_extra_config = file.haproxy_extra_config;
@@ -281,6 +322,157 @@ pub fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The etcd options of `--etcd` and its companions, checked; `None` without `--etcd`.
+fn etcd_options(settings: &Settings, listen: SocketAddr) -> Result<Option<EtcdOptions>, BoxError> {
+    let Some(urls) = &settings.etcd else {
+        let stray = [
+            ("--etcd-prefix", settings.etcd_prefix.is_some()),
+            ("--etcd-ca-file", settings.etcd_ca_file.is_some()),
+            ("--etcd-cert", settings.etcd_cert.is_some()),
+            ("--etcd-key", settings.etcd_key.is_some()),
+            ("--etcd-user", settings.etcd_user.is_some()),
+            (
+                "--etcd-password-file",
+                settings.etcd_password_file.is_some(),
+            ),
+            ("--seed-from-local", settings.seed_from_local),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(format!("{flag} needs --etcd").into());
+        }
+        return Ok(None);
+    };
+    let endpoints: Vec<String> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if endpoints.is_empty() {
+        return Err("--etcd: no URL given".into());
+    }
+    for url in &endpoints {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("--etcd: `{url}` is not an http:// or https:// URL").into());
+        }
+    }
+    let prefix = settings
+        .etcd_prefix
+        .clone()
+        .unwrap_or_else(|| "/lbagent/".into());
+    if prefix.is_empty() || prefix.contains(['\n', ';']) {
+        return Err(format!("--etcd-prefix: `{prefix}` is not a usable prefix").into());
+    }
+    let prefix = if prefix.ends_with('/') {
+        prefix
+    } else {
+        format!("{prefix}/")
+    };
+    const MAX_PEM: u64 = 1 << 20;
+    let ca_pem = match &settings.etcd_ca_file {
+        Some(p) => Some(
+            crate::secret_file::read_regular(p, MAX_PEM)
+                .map_err(|e| format!("--etcd-ca-file {e}"))?,
+        ),
+        None => None,
+    };
+    let identity = match (&settings.etcd_cert, &settings.etcd_key) {
+        (Some(c), Some(k)) => Some((
+            crate::secret_file::read_regular(c, MAX_PEM).map_err(|e| format!("--etcd-cert {e}"))?,
+            crate::secret_file::read(k, MAX_PEM)
+                .map_err(|e| format!("--etcd-key {e}"))?
+                .into_bytes(),
+        )),
+        (None, None) => None,
+        _ => return Err("--etcd-cert and --etcd-key go together".into()),
+    };
+    let user = match (&settings.etcd_user, &settings.etcd_password_file) {
+        (Some(u), Some(p)) => {
+            let password = crate::secret_file::read(p, 4096)
+                .map_err(|e| format!("--etcd-password-file {e}"))?;
+            Some((
+                u.clone(),
+                password.trim_end_matches(['\r', '\n']).to_string(),
+            ))
+        }
+        (None, None) => None,
+        _ => return Err("--etcd-user and --etcd-password-file go together".into()),
+    };
+    let agent_name = match &settings.agent_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "lbagent".into()),
+    };
+    crate::model::NodeName::new(&agent_name)
+        .map_err(|e| format!("--agent-name `{agent_name}`: {}", e.message))?;
+    Ok(Some(EtcdOptions {
+        endpoints,
+        prefix,
+        ca_pem,
+        identity,
+        user,
+        agent_name,
+        listen: listen.to_string(),
+    }))
+}
+
+/// Opens the store: the journal in `state_dir`, or etcd (seeded from the journal when asked
+/// and the prefix is empty).
+async fn open_store(
+    state_dir: &std::path::Path,
+    etcd: Option<EtcdOptions>,
+    seed_from_local: bool,
+    metrics: &Metrics,
+) -> Result<(StateStore, DesiredState), BoxError> {
+    let Some(options) = etcd else {
+        let (store, state) = Store::open(state_dir)?;
+        return Ok((StateStore::Journal(store), state));
+    };
+    let prefix = options.prefix.clone();
+    let cache = state_dir.join(crate::store::etcd::CACHE_FILE);
+    let (mut store, state) = EtcdStore::open(options.clone(), metrics.etcd.clone(), &cache).await?;
+    if !seed_from_local {
+        return Ok((StateStore::Etcd(Box::new(store)), state));
+    }
+    if !state.frontends.is_empty() {
+        tracing::info!(
+            prefix,
+            frontends = state.frontends.len(),
+            "--seed-from-local: etcd already holds frontends; not seeding"
+        );
+        return Ok((StateStore::Etcd(Box::new(store)), state));
+    }
+    // The journal is read and let go: its lock is not held while etcd is the store.
+    let local = Store::open(state_dir)?.1;
+    if local.frontends.is_empty() {
+        tracing::info!("--seed-from-local: the local journal holds no frontend; nothing to seed");
+        return Ok((StateStore::Etcd(Box::new(store)), state));
+    }
+    match store.seed(&local).await {
+        Ok(Some(revision)) => {
+            tracing::info!(
+                prefix,
+                revision,
+                frontends = local.frontends.len(),
+                servers = local.server_count(),
+                "seeded etcd from the local journal"
+            );
+            // Opened again, to start from what etcd holds now with its revisions (the first
+            // watch would bring the seeded frontends as changes: a reload for nothing).
+            drop(store);
+            let (store, state) = EtcdStore::open(options, metrics.etcd.clone(), &cache).await?;
+            return Ok((StateStore::Etcd(Box::new(store)), state));
+        }
+        Ok(None) => tracing::info!(prefix, "--seed-from-local: another agent seeded etcd first"),
+        Err(e) => {
+            tracing::error!(error = %e, "--seed-from-local: could not seed etcd; starting without")
+        }
+    }
+    Ok((StateStore::Etcd(Box::new(store)), state))
+}
 
 /// A legacy token file larger than this is not one (the old tokens are a few dozen bytes).
 const MAX_LEGACY_TOKEN_FILE: u64 = 4096;
@@ -417,8 +609,10 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         None => None,
     };
 
-    let (store, state) = Store::open(&state_dir)?;
+    let etcd = etcd_options(&settings, listen)?;
+    let (store, state) = open_store(&state_dir, etcd, settings.seed_from_local, &metrics).await?;
     tracing::info!(
+        store = ?store.kind(),
         generation = state.generation,
         frontends = state.frontends.len(),
         servers = state.server_count(),
@@ -494,6 +688,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
     let parts = AgentParts {
         state,
         store,
+        store_dir: state_dir.clone(),
         client: RuntimeClient::new(socket, ClientOptions::default()),
         files,
         reloader,

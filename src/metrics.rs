@@ -63,6 +63,30 @@ pub struct Metrics {
     pub audit_suppressed: Counter,
     /// The API's certificate; exported only when TLS is on ([`Metrics::with_tls`]).
     pub tls: TlsMetrics,
+    /// The shared store's; always exported (zero without `--etcd`).
+    pub etcd: EtcdMetrics,
+}
+
+/// etcd's metrics, shared with the store's background tasks.
+#[derive(Clone, Debug)]
+pub struct EtcdMetrics {
+    /// Calls to etcd that failed or timed out, and watches that broke.
+    pub errors: Counter,
+    /// Seconds from this agent's commit being acknowledged to its watch delivering it.
+    pub watch_lag: Histogram,
+    /// The revision the watch has delivered up to.
+    pub revision: Gauge,
+}
+
+impl Default for EtcdMetrics {
+    fn default() -> Self {
+        EtcdMetrics {
+            errors: Counter::default(),
+            // 1 ms to ~16 s.
+            watch_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            revision: Gauge::default(),
+        }
+    }
 }
 
 /// The API certificate's metrics.
@@ -182,6 +206,28 @@ impl Metrics {
             "Audit records of unauthenticated requests left out: their address was rate-limited, or the writer was behind",
             audit_suppressed.clone(),
         );
+        // The name issue #12 gives the same count.
+        registry.register(
+            "lease_expirations",
+            "Registrations deleted because their sidecar stopped renewing them (the same count as lbagent_lease_expiries_total)",
+            lease_expiries.clone(),
+        );
+        let etcd = EtcdMetrics::default();
+        registry.register(
+            "etcd_errors",
+            "Calls to etcd that failed or timed out, and watches that broke",
+            etcd.errors.clone(),
+        );
+        registry.register(
+            "etcd_watch_lag_seconds",
+            "Seconds from this agent's own commit to its etcd watch delivering it",
+            etcd.watch_lag.clone(),
+        );
+        registry.register(
+            "etcd_revision",
+            "The etcd revision this agent's watch has delivered up to",
+            etcd.revision.clone(),
+        );
         let tls = TlsMetrics::default();
         if tls_on {
             registry.register(
@@ -237,6 +283,7 @@ impl Metrics {
             body_budget_in_use.clone(),
         );
         Metrics {
+            etcd,
             audit_write_failures,
             audit_suppressed,
             tls,

@@ -327,6 +327,7 @@ mod tests {
         let st = DesiredState {
             generation: 42,
             frontends,
+            ..Default::default()
         };
         let expected = "\
 # Managed by lbagent: do not edit; generation 42

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// A commit lost to another agent's: what etcd holds for its frontends, and the changes to
+/// apply again on top.
+pub(super) struct Lost {
+    pub(super) current: Vec<RemoteFrontend>,
+    pub(super) again: Vec<(Change, Requester)>,
+}
+
 /// The ports whose changes wait for a reload: those of a queued reload set, and those of this
 /// group's changes that add or remove a frontend. A later change of such a port joins the
 /// reload set behind them instead of going to HAProxy at once: `DELETE /v1/frontends/P` then a
@@ -32,15 +39,24 @@ impl ReloadPorts {
 }
 
 impl Owner {
-    pub(super) async fn apply_group(&mut self, group: Vec<(Change, Requester)>) {
-        self.apply_changes(group, true).await
+    /// Applies a group of changes of one origin (requests, the agent's own, or etcd's). A
+    /// group whose commit lost to another agent's is applied again on top of what that agent
+    /// stored, which HAProxy gets first; each change gives up after [`MAX_CONFLICTS`] losses,
+    /// so this ends.
+    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, Requester)>) {
+        let mut group = group;
+        while let Some(lost) = self.apply_once(group).await {
+            let current = self.remote_group(lost.current);
+            // Changes from etcd are not stored, so they cannot lose: this returns `None`.
+            let _ = Box::pin(self.apply_once(current)).await;
+            group = lost.again;
+        }
     }
 
-    /// [`Self::apply_group`]; `policy: false` for the agent's own changes (a lease's delete),
-    /// which must go through even if the policy no longer allows the port.
-    pub(super) async fn apply_changes(&mut self, group: Vec<(Change, Requester)>, policy: bool) {
+    /// One pass of [`Self::apply_changes`]: `Some` when the commit lost to another agent's.
+    async fn apply_once(&mut self, group: Vec<(Change, Requester)>) -> Option<Lost> {
         if group.is_empty() {
-            return;
+            return None;
         }
         if self.store.is_none() {
             // It could not be reopened after a failure: try again, so a disk that recovered
@@ -51,7 +67,7 @@ impl Owner {
         let mut reloads = Vec::new();
         let mut reload_ports = ReloadPorts::of_queue(&self.reload_sets);
         for (change, reply) in group {
-            let allowed = if policy {
+            let allowed = if reply.origin == Origin::Client {
                 self.check_policy(&change, reply.scope.as_deref())
             } else {
                 Ok(())
@@ -61,13 +77,16 @@ impl Owner {
                 continue;
             }
             // Every PUT that passes policy is a heartbeat, also one that changes nothing.
-            if let Change::PutServer {
-                frontend_port,
-                node,
-                ..
-            } = &change
+            if let (
+                Change::PutServer {
+                    frontend_port,
+                    node,
+                    ..
+                },
+                Origin::Client,
+            ) = (&change, reply.origin)
             {
-                self.leases.renew(*frontend_port, node, Instant::now());
+                self.renewed(*frontend_port, node);
             }
             if reload_ports.takes(change.frontend_port(), self.needs_reload(&change)) {
                 reloads.push((change, reply));
@@ -105,32 +124,76 @@ impl Owner {
                 }
             }
         }
-        self.commit_runtime(accepted).await;
+        let lost = self.commit_runtime(accepted).await;
         self.queue_reloads(reloads);
+        lost
     }
 
-    /// Sends the group's commands to HAProxy in one batch, then stores the group with one
-    /// fsync, then answers. HAProxy goes first so traffic moves without waiting for the disk:
-    /// the fsync is most of a change's time, and several times the round trip when the CPUs are
+    /// Changes that make the state what etcd holds (`current`), from the etcd's side of a lost
+    /// commit or from the watch; their answers are looked at later ([`Self::remote_outcomes`]).
+    pub(super) fn remote_group(
+        &mut self,
+        current: Vec<RemoteFrontend>,
+    ) -> Vec<(Change, Requester)> {
+        current
+            .into_iter()
+            .map(|r| {
+                let (reply, answer) = Requester::remote();
+                self.remote_answers.push((r.port, answer));
+                (
+                    Change::ReplaceFrontend {
+                        frontend_port: r.port,
+                        spec: r.spec.map(Arc::new),
+                        revision: r.revision,
+                    },
+                    reply,
+                )
+            })
+            .collect()
+    }
+
+    /// Sends the group's commands to HAProxy in one batch and stores the group, then answers.
+    ///
+    /// With the journal HAProxy goes first, so traffic moves without waiting for the disk: the
+    /// fsync is most of a change's time, and several times the round trip when the CPUs are
     /// busy. The answer still waits for both, so a 200 means applied and stored. If the store
     /// fails, the group is undone in memory, the store reopened, and HAProxy put back to what
     /// the store holds before the error is answered. (That is the state before the group,
     /// unless the record reached the journal although its fsync failed: then the change stays,
     /// unconfirmed, as it would after a crash. An agent killed between the two steps leaves the
     /// same kind of unanswered change, which its first reconcile settles.)
-    pub(super) async fn commit_runtime(&mut self, accepted: Vec<Accepted>) {
+    ///
+    /// With etcd the commit goes first: it may lose to another agent's, and HAProxy must not
+    /// run a change that lost. A lost group is undone in memory and returned, to be applied
+    /// again on top of what won ([`Self::apply_changes`]).
+    pub(super) async fn commit_runtime(&mut self, accepted: Vec<Accepted>) -> Option<Lost> {
         if accepted.is_empty() {
-            return;
+            return None;
         }
-        if self.store.is_none() && accepted.iter().any(|a| a.effect != Effect::Unchanged) {
-            // Still closed after the retry in `apply_group`: refuse before HAProxy sees it. (A
+        let stored = accepted
+            .iter()
+            .any(|a| a.effect != Effect::Unchanged && a.reply.origin != Origin::Remote);
+        if self.store.is_none() && stored {
+            // Still closed after the retry in `apply_once`: refuse before HAProxy sees it. (A
             // group that changes nothing, such as heartbeats, has nothing to store and goes on.)
             self.undo_group(&accepted);
             let why = self.closed_store_reason();
             for a in accepted {
                 let _ = a.reply.send(Err(ApplyError::Store(why.clone())));
             }
-            return;
+            return None;
+        }
+        let changed: Vec<Change> = accepted
+            .iter()
+            .filter(|a| a.effect != Effect::Unchanged && a.reply.origin != Origin::Remote)
+            .map(|a| a.change.clone())
+            .collect();
+        let commits_first = self.store.as_ref().is_some_and(StateStore::commits_first);
+        if commits_first {
+            if let Err(e) = self.store_commit(&changed).await {
+                self.undo_group(&accepted);
+                return self.not_stored(accepted, e).await;
+            }
         }
         // Commands from what HAProxy had (the previous spec, in the undo record) to the new
         // spec: no `show servers state` round trip on the request path. Drift that makes these
@@ -145,6 +208,9 @@ impl Owner {
                     Undo::Server { previous, .. } => {
                         self.change_commands(&a.change, previous.as_ref(), &mut commands)
                     }
+                    Undo::Replace { port, previous, .. } => {
+                        self.replace_commands(*port, previous.as_deref(), &mut commands)
+                    }
                     // A settings change the runtime API can make (a reload-worthy one never
                     // comes this way).
                     _ => commands.extend(a.settings_commands.iter().cloned()),
@@ -153,22 +219,11 @@ impl Owner {
             ranges.push(start..commands.len());
         }
         let replies = self.send_batch(&commands).await;
-        let changed: Vec<Change> = accepted
-            .iter()
-            .filter(|a| a.effect != Effect::Unchanged)
-            .map(|a| a.change.clone())
-            .collect();
-        if let Err(e) = self.store_commit(&changed) {
-            self.undo_group(&accepted);
-            self.reopen_store();
-            // Before answering, so a refused client never finds its change still serving.
-            tracing::warn!(error = %e, "not stored: putting HAProxy back to the stored state");
-            self.out_of_sync = true;
-            self.reconcile().await;
-            for a in accepted {
-                let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
+        if !commits_first {
+            if let Err(e) = self.store_commit(&changed).await {
+                self.undo_group(&accepted);
+                return self.not_stored(accepted, e).await;
             }
-            return;
         }
         self.metrics.servers.set(self.state.server_count() as i64);
         self.publish_desired();
@@ -197,6 +252,56 @@ impl Owner {
                 reload_for: None,
             }));
         }
+        None
+    }
+
+    /// A group the store did not take (undone in memory already): a lost commit comes back to
+    /// be applied again; otherwise every change is refused, after HAProxy is put back to what
+    /// the journal holds.
+    async fn not_stored(&mut self, accepted: Vec<Accepted>, e: CommitError) -> Option<Lost> {
+        match e {
+            CommitError::Conflict(current) => {
+                let mut again = Vec::with_capacity(accepted.len());
+                for a in accepted {
+                    if let Some(reply) = self.lost_once(a.reply, a.change.frontend_port()) {
+                        again.push((a.change, reply));
+                    }
+                }
+                Some(Lost { current, again })
+            }
+            CommitError::Unavailable(why) => {
+                self.store_unavailable = Some((why.clone(), Instant::now()));
+                for a in accepted {
+                    let _ = a.reply.send(Err(ApplyError::StoreUnavailable(why.clone())));
+                }
+                None
+            }
+            CommitError::Failed(e) => {
+                self.reopen_store();
+                // Before answering, so a refused client never finds its change still serving.
+                tracing::warn!(error = %e, "not stored: putting HAProxy back to the stored state");
+                self.out_of_sync = true;
+                self.reconcile().await;
+                for a in accepted {
+                    let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts a lost commit against a change: the requester back, to try again, or `None`
+    /// once it lost too often (then it is answered).
+    pub(super) fn lost_once(&mut self, mut reply: Requester, port: u16) -> Option<Requester> {
+        reply.conflicts += 1;
+        if reply.conflicts > MAX_CONFLICTS {
+            let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(
+                "etcd: frontend {port} kept changing under this change (its commit lost to \
+                 other agents' {MAX_CONFLICTS} times in a row); try again"
+            ))));
+            return None;
+        }
+        Some(reply)
     }
 
     /// The runtime commands of one change, from what HAProxy has (`previous`) to what it asks.
@@ -254,8 +359,48 @@ impl Owner {
                 ));
                 out.push(Command::DelServer(server));
             }
-            Change::DeleteFrontend { .. } | Change::PutFrontend { .. } => {}
+            Change::DeleteFrontend { .. }
+            | Change::PutFrontend { .. }
+            | Change::ReplaceFrontend { .. } => {}
         }
+    }
+
+    /// The runtime commands that take HAProxy's frontend `port` from `previous` to the state's:
+    /// the servers it lost deleted, its new and changed ones put, then the live settings. (A
+    /// replacement that adds or removes the frontend, or changes what only the config file
+    /// says, is a reload and never comes here.)
+    fn replace_commands(
+        &mut self,
+        port: u16,
+        previous: Option<&crate::model::FrontendSpec>,
+        out: &mut Vec<Command>,
+    ) {
+        let (Some(old), Some(new)) = (previous, self.state.frontends.get(&port).cloned()) else {
+            return;
+        };
+        for (node, spec) in &old.servers {
+            if !new.servers.contains_key(node) {
+                let delete = Change::DeleteServer {
+                    frontend_port: port,
+                    node: node.clone(),
+                };
+                self.change_commands(&delete, Some(spec), out);
+            }
+        }
+        for (node, spec) in &new.servers {
+            let before = old.servers.get(node);
+            if before != Some(spec) {
+                let put = Change::PutServer {
+                    frontend_port: port,
+                    node: node.clone(),
+                    mode: new.mode,
+                    spec: spec.clone(),
+                    frontend: None,
+                };
+                self.change_commands(&put, before, out);
+            }
+        }
+        out.extend(reconcile::settings_commands(port, &new, &old.settings));
     }
 
     /// What HAProxy refused of one change's commands, as the request will be told; `None` when
@@ -321,10 +466,14 @@ impl Owner {
         }
     }
 
-    /// After a failed commit the store refuses further ones (what reached the disk is
+    /// After a failed commit the journal refuses further ones (what reached the disk is
     /// uncertain): open it again, and take what it holds as the desired state, so the agent
-    /// goes on storing and never claims more, or less, than the disk has.
+    /// goes on storing and never claims more, or less, than the disk has. (etcd needs none of
+    /// this: a failed transaction wrote nothing, or the watch brings what it wrote.)
     pub(super) fn reopen_store(&mut self) {
+        if matches!(self.store, Some(StateStore::Etcd(_))) {
+            return;
+        }
         // The old one goes first: it holds the directory's lock.
         drop(self.store.take());
         let dir = self.store_dir.clone();
@@ -339,7 +488,7 @@ impl Owner {
                     self.out_of_sync = true;
                     self.publish_desired();
                 }
-                self.store = Some(store);
+                self.store = Some(StateStore::Journal(store));
                 self.store_error = None;
             }
             Err(e) => {
@@ -356,16 +505,28 @@ impl Owner {
         }
     }
 
-    pub(super) fn store_commit(&mut self, changes: &[Change]) -> Result<(), String> {
+    /// Stores `changes` (applied to the state already). With etcd, the frontends they touch
+    /// are then at the commit's revision.
+    pub(super) async fn store_commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
         if changes.is_empty() {
             return Ok(());
         }
         let Some(store) = self.store.as_mut() else {
-            return Err("the store is closed".into());
+            return Err(CommitError::Failed("the store is closed".into()));
         };
-        // fsync blocks: tell the runtime so other tasks (the HTTP server) keep running.
-        let state = &self.state;
-        tokio::task::block_in_place(|| store.commit(state, changes)).map_err(|e| e.to_string())
+        let revision = store.commit(&self.state, changes).await?;
+        self.store_unavailable = None;
+        if let Some(revision) = revision {
+            for port in changes.iter().map(Change::frontend_port) {
+                if self.state.frontends.contains_key(&port) {
+                    self.state.revisions.set_present(port, revision);
+                } else {
+                    self.state.revisions.set_absent(port, revision);
+                }
+            }
+            self.etcd_revision = self.etcd_revision.max(revision);
+        }
+        Ok(())
     }
 
     /// Sends a batch and returns HAProxy's answer to each command, or `None` when it could not

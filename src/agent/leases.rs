@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::model::{DesiredState, NodeName};
+use crate::store::etcd::Renewal;
 
 /// The lease clocks of every registration in the desired state.
 pub(super) struct Leases {
@@ -26,6 +27,9 @@ pub(super) struct Leases {
     /// By frontend port, then node: a look-up needs no owned key, so a check of 10,000
     /// registrations allocates nothing.
     renewed: HashMap<u16, HashMap<NodeName, Instant>>,
+    /// The heartbeats this agent received itself, as Unix milliseconds: what it tells the
+    /// other agents (with etcd), so the one that expires knows of them.
+    heard: HashMap<u16, HashMap<NodeName, u64>>,
     suspended: bool,
 }
 
@@ -67,12 +71,67 @@ impl Leases {
         Leases {
             lease,
             renewed,
+            heard: HashMap::new(),
             suspended: false,
         }
     }
 
     pub fn enabled(&self) -> bool {
         self.lease.is_some()
+    }
+
+    /// A heartbeat this agent received (`now_ms`: the same moment as Unix milliseconds).
+    pub fn heard(&mut self, frontend_port: u16, node: &NodeName, now: Instant, now_ms: u64) {
+        if self.lease.is_some() {
+            self.heard
+                .entry(frontend_port)
+                .or_default()
+                .insert(node.clone(), now_ms);
+        }
+        self.renew(frontend_port, node, now);
+    }
+
+    /// Heartbeats another agent received: each clock moves to the newest renewal, never back.
+    pub fn merge(&mut self, renewals: &[Renewal], now: Instant, now_ms: u64) {
+        if self.lease.is_none() {
+            return;
+        }
+        for r in renewals {
+            let ago = Duration::from_millis(now_ms.saturating_sub(r.at_ms));
+            let at = now.checked_sub(ago).unwrap_or(now);
+            let clocks = self.renewed.entry(r.port).or_default();
+            match clocks.get_mut(&r.node) {
+                Some(t) => *t = (*t).max(at),
+                None => {
+                    clocks.insert(r.node.clone(), at);
+                }
+            }
+        }
+    }
+
+    /// The heartbeats this agent received, of registrations `state` still has.
+    pub fn heard_list(&mut self, state: &DesiredState) -> Vec<Renewal> {
+        self.heard
+            .retain(|port, nodes| match state.frontends.get(port) {
+                Some(fe) => {
+                    nodes.retain(|node, _| fe.servers.contains_key(node));
+                    !nodes.is_empty()
+                }
+                None => false,
+            });
+        let mut out: Vec<Renewal> = self
+            .heard
+            .iter()
+            .flat_map(|(port, nodes)| {
+                nodes.iter().map(|(node, at)| Renewal {
+                    port: *port,
+                    node: node.clone(),
+                    at_ms: *at,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.port, &a.node).cmp(&(b.port, &b.node)));
+        out
     }
 
     pub fn renew(&mut self, frontend_port: u16, node: &NodeName, now: Instant) {

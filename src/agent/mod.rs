@@ -21,6 +21,8 @@
 //! - `observe.rs`: the timer: drift repair, the rounds of draining servers, lease expiry.
 //! - `leases.rs`: the lease clocks; `drain.rs`: deleted servers waiting for their last
 //!   connection.
+//! - `follow.rs`: with etcd, other agents' changes from the watch, retried when HAProxy did not
+//!   take one, and the heartbeats the agents exchange.
 //! - `view.rs`: the read model of `GET /v1/frontends`, answered without the owner.
 //! - `writer.rs`: the background writer of the managed config file.
 
@@ -43,10 +45,11 @@ use crate::reconcile::{self, Plan};
 use crate::render::{render_managed, RenderOptions};
 use crate::runtime::parse::{ProxyKind, StatRow};
 use crate::runtime::{Command, Error as RuntimeError, RuntimeClient, ServerAdminState};
-use crate::store::Store;
+use crate::store::{CommitError, RemoteFrontend, StateStore, Store, StoreEvent, StoreKind};
 
 mod commit;
 mod drain;
+mod follow;
 mod leases;
 mod observe;
 mod ports;
@@ -104,6 +107,9 @@ pub enum ApplyError {
     Unavailable(String),
     #[error("storing the change failed: {0}")]
     Store(String),
+    /// The shared store (etcd) cannot take changes now; HAProxy keeps serving what it has.
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
 }
@@ -130,6 +136,28 @@ pub struct Health {
     /// bind them is for the log.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub port_conflicts: Vec<u16>,
+    /// Where the desired state lives, and with etcd whether it answers.
+    pub store: StoreHealth,
+}
+
+/// The store as `/healthz` and `GET /v1/frontends` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    pub kind: StoreKind,
+    /// etcd: the revision this agent has applied up to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// etcd: why it cannot be used now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// etcd: this agent's name, the agents registered (oldest first), and whether this one
+    /// expires registrations for all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<crate::store::etcd::AgentSeen>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expiring: bool,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -168,6 +196,9 @@ pub struct FrontendView {
 pub struct StateView {
     pub generation: u64,
     pub haproxy: &'static str,
+    /// Set by the handle, from what the owner last published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreHealth>,
     pub frontends: Vec<FrontendView>,
 }
 
@@ -196,7 +227,12 @@ impl AgentHandle {
         scope: Option<Arc<Scope>>,
     ) -> Result<ApplyOk, ApplyError> {
         let (answer, rx) = oneshot::channel();
-        let reply = Requester { answer, scope };
+        let reply = Requester {
+            answer,
+            scope,
+            origin: Origin::Client,
+            conflicts: 0,
+        };
         self.tx
             .send(Msg { change, reply })
             .await
@@ -212,7 +248,9 @@ impl AgentHandle {
             return None;
         }
         let desired = self.desired();
-        Some(self.observer.view(&desired, scope).await)
+        let mut view = self.observer.view(&desired, scope).await;
+        view.store = Some(self.health.borrow().store.clone());
+        Some(view)
     }
 
     /// The desired state as of the last committed change.
@@ -233,7 +271,9 @@ impl AgentHandle {
 /// Everything the owner needs.
 pub struct AgentParts {
     pub state: DesiredState,
-    pub store: Store,
+    pub store: StateStore,
+    /// The journal's directory, to reopen it after a failure (with etcd: unused).
+    pub store_dir: std::path::PathBuf,
     pub client: RuntimeClient,
     pub files: ConfigFiles,
     pub reloader: Reloader,
@@ -295,16 +335,48 @@ impl ManagedFile {
 struct Requester {
     answer: oneshot::Sender<Result<ApplyOk, ApplyError>>,
     scope: Option<Arc<Scope>>,
+    origin: Origin,
+    /// Commits of this change lost to another agent's (etcd): each time it is computed again
+    /// on the new state, up to [`MAX_CONFLICTS`].
+    conflicts: u8,
 }
+
+/// Where a change comes from, which decides whether the policy checks it and whether it is
+/// stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A request: checked by the policy, stored.
+    Client,
+    /// The agent's own (a lease's delete): stored, but the policy may no longer allow the port,
+    /// and the delete must go through anyway.
+    Own,
+    /// Already in etcd (another agent's commit, or what a lost transaction found): applied to
+    /// HAProxy only.
+    Remote,
+}
+
+/// How many times a change is computed again after losing its commit to another agent's.
+const MAX_CONFLICTS: u8 = 5;
 
 impl Requester {
     /// The agent's own change (a lease's delete): no key, no scope.
     fn own() -> (Requester, oneshot::Receiver<Result<ApplyOk, ApplyError>>) {
+        Requester::from(Origin::Own)
+    }
+
+    /// A change from etcd.
+    fn remote() -> (Requester, oneshot::Receiver<Result<ApplyOk, ApplyError>>) {
+        Requester::from(Origin::Remote)
+    }
+
+    fn from(origin: Origin) -> (Requester, oneshot::Receiver<Result<ApplyOk, ApplyError>>) {
         let (answer, rx) = oneshot::channel();
         (
             Requester {
                 answer,
                 scope: None,
+                origin,
+                conflicts: 0,
             },
             rx,
         )
@@ -334,7 +406,21 @@ const MAX_GROUP: usize = 256;
 
 struct Owner {
     state: DesiredState,
-    store: Option<Store>,
+    store: Option<StateStore>,
+    /// etcd: other agents' changes and renewals, from the watch.
+    store_events: Option<mpsc::Receiver<StoreEvent>>,
+    /// etcd: the answers of changes from etcd not yet looked at, by frontend port.
+    remote_answers: Vec<(u16, oneshot::Receiver<Result<ApplyOk, ApplyError>>)>,
+    /// etcd: a change from etcd HAProxy did not take, and when all of etcd is compared with
+    /// the state again.
+    remote_retry: Option<ListenersRetry>,
+    /// etcd: why a commit could not reach it, and when; until a commit or a quorum read after
+    /// it succeeds.
+    store_unavailable: Option<(String, Instant)>,
+    /// etcd: the newest revision applied (by the watch or this agent's own commits).
+    etcd_revision: i64,
+    /// etcd: when this agent's heartbeats were last published, and what.
+    renewals_published: Option<(Instant, Vec<crate::store::etcd::Renewal>)>,
     store_dir: std::path::PathBuf,
     client: RuntimeClient,
     files: Arc<Mutex<ManagedFile>>,
@@ -431,6 +517,8 @@ pub fn spawn(
     }));
     metrics.servers.set(parts.state.server_count() as i64);
     let leases = Leases::new(parts.lease, &parts.state, Instant::now());
+    let mut store = parts.store;
+    let store_events = store.take_events();
     let (health_tx, health) = watch::channel(Health {
         haproxy: "down",
         in_sync: false,
@@ -440,11 +528,26 @@ pub fn spawn(
         draining: Vec::new(),
         leases_suspended: None,
         port_conflicts: Vec::new(),
+        store: StoreHealth {
+            kind: store.kind(),
+            revision: None,
+            error: None,
+            agent: None,
+            agents: Vec::new(),
+            expiring: false,
+        },
     });
+    let etcd_revision = store.etcd_status().map_or(0, |s| s.revision);
     let mut owner = Owner {
         state: parts.state,
-        store_dir: parts.store.dir().to_path_buf(),
-        store: Some(parts.store),
+        store_dir: parts.store_dir,
+        store: Some(store),
+        store_events,
+        remote_answers: Vec::new(),
+        remote_retry: None,
+        store_unavailable: None,
+        etcd_revision,
+        renewals_published: None,
         client: parts.client,
         files: files.clone(),
         reloader: parts.reloader,
@@ -493,6 +596,11 @@ pub fn spawn(
     let writer = ConfigWriter {
         files,
         render: parts.render,
+        cache: owner
+            .store
+            .as_ref()
+            .and_then(StateStore::cache_path)
+            .map(std::path::Path::to_path_buf),
     };
     let every = parts.reconcile_every;
     let task = tokio::spawn(async move {
@@ -535,10 +643,15 @@ impl Owner {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        let mut events = self.store_events.take();
         loop {
             let mut ran_reload = false;
             tokio::select! {
                 biased;
+                event = recv_event(&mut events) => match event {
+                    Some(event) => self.store_event(event).await,
+                    None => events = None,
+                },
                 msg = rx.recv() => {
                     let Some(first) = msg else { break };
                     let mut group = Vec::new();
@@ -549,9 +662,12 @@ impl Owner {
                             Err(_) => break,
                         }
                     }
-                    self.apply_group(group).await;
+                    self.apply_changes(group).await;
                 }
-                _ = tick.tick() => self.tick().await,
+                _ = tick.tick() => {
+                    self.tick().await;
+                    self.follow_store().await;
+                }
                 _ = shutdown.cancelled() => break,
                 // Nothing else to do: the next reload set.
                 _ = std::future::ready(()), if !self.reload_sets.is_empty() => {
@@ -574,11 +690,17 @@ impl Owner {
         while let Ok(m) = rx.try_recv() {
             group.push((m.change, m.reply));
         }
-        self.apply_group(group).await;
+        self.apply_changes(group).await;
         while !self.reload_sets.is_empty() {
             self.next_reload_set().await;
         }
-        drop(self.store.take());
+        if let Some(StateStore::Etcd(store)) = self.store.take() {
+            if let Err(e) = crate::store::etcd::write_cache(store.cache_path(), &self.state) {
+                tracing::warn!(error = %e, "could not keep a local copy of the state at shutdown");
+            }
+            // Leaves at once: the expiring role moves without waiting for the lease.
+            store.close().await;
+        }
         // Leave the managed file matching the state, so a HAProxy restart keeps everything.
         let text = render_managed(&self.state, &self.render);
         let generation = self.state.generation;
@@ -686,17 +808,32 @@ impl Owner {
     }
 
     fn health(&self) -> Health {
+        let etcd = self.store.as_ref().and_then(StateStore::etcd_status);
+        // etcd that does not answer, or did not take the last commit: changes are refused.
+        let commit_failed = self
+            .store_unavailable
+            .as_ref()
+            .filter(|(_, at)| etcd.as_ref().and_then(|e| e.answered_at) < Some(*at))
+            .map(|(why, _)| why.clone());
+        let store_down = etcd
+            .as_ref()
+            .and_then(|e| e.error.clone())
+            .or(commit_failed);
         Health {
             haproxy: if self.haproxy_up { "up" } else { "down" },
             // A closed store refuses every change: not healthy, whatever HAProxy does.
             in_sync: self.haproxy_up
                 && !self.out_of_sync
                 && self.store_error.is_none()
+                && store_down.is_none()
+                && self.remote_retry.is_none()
                 && self.listeners_retry.is_none(),
             drift: self.drift.clone(),
             error: self
                 .store_error
                 .clone()
+                .or_else(|| store_down.clone())
+                .or_else(|| self.remote_retry.as_ref().map(|r| r.error.clone()))
                 .or_else(|| self.listeners_retry.as_ref().map(|r| r.error.clone()))
                 .or_else(|| self.repair_error.clone())
                 .or_else(|| self.last_error.clone()),
@@ -704,6 +841,17 @@ impl Owner {
             draining: self.draining.names(),
             leases_suspended: self.leases_suspended.clone(),
             port_conflicts: self.port_conflicts.iter().map(|(p, _)| *p).collect(),
+            store: StoreHealth {
+                kind: self
+                    .store
+                    .as_ref()
+                    .map_or(StoreKind::Journal, StateStore::kind),
+                revision: etcd.as_ref().map(|_| self.etcd_revision),
+                error: store_down,
+                agent: etcd.as_ref().map(|e| e.name.clone()),
+                expiring: etcd.as_ref().is_some_and(|e| e.expiring),
+                agents: etcd.map(|e| e.agents).unwrap_or_default(),
+            },
         }
     }
 
@@ -745,5 +893,14 @@ impl Owner {
     /// only the config file can say.
     fn needs_reload(&self, change: &Change) -> bool {
         self.state.reload_needed_for(change).is_some()
+    }
+}
+
+/// The next event of the store's watch; pending forever without one (the journal's case, or
+/// after the watch's channel closed).
+async fn recv_event(events: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<StoreEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -273,7 +273,17 @@ impl Owner {
             return;
         }
         let was_suspended = self.leases.suspended();
-        match self.leases.check(&self.state, Instant::now()) {
+        let verdict = self.leases.check(&self.state, Instant::now());
+        // With etcd, one agent expires registrations for all (the oldest registered; see
+        // `store/etcd.rs`), from every agent's heartbeats: the others keep their clocks only.
+        if let Some(etcd) = self.store.as_ref().and_then(StateStore::etcd_status) {
+            if !etcd.expiring {
+                self.leases_suspended = None;
+                self.metrics.lease_expiry_suspended.set(0);
+                return;
+            }
+        }
+        match verdict {
             leases::Verdict::Suspended { late, total } => {
                 let why = format!(
                     "{late} of {total} registrations have not been renewed for most of their \
@@ -310,7 +320,7 @@ impl Owner {
                     answers.push((o, answer));
                 }
                 // A delete never waits for a reload: every answer is in when this returns.
-                self.apply_changes(group, false).await;
+                self.apply_changes(group).await;
                 for (o, mut answer) in answers {
                     let last_seen_unix = now.saturating_sub(o.silent_for.as_secs());
                     match answer.try_recv() {

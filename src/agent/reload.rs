@@ -103,9 +103,11 @@ impl Owner {
         for (change, reply) in set {
             // Again: changes applied earlier (in this group, or this set) may have used up
             // the cap, or conflict with this one.
-            if let Err(d) = self.check_policy(&change, reply.scope.as_deref()) {
-                let _ = reply.send(Err(d.into()));
-                continue;
+            if reply.origin == Origin::Client {
+                if let Err(d) = self.check_policy(&change, reply.scope.as_deref()) {
+                    let _ = reply.send(Err(d.into()));
+                    continue;
+                }
             }
             let reason = self.state.reload_needed_for(&change);
             match self.state.apply_with_transition(&change) {
@@ -160,8 +162,12 @@ impl Owner {
             }
             return;
         }
-        let changes: Vec<Change> = applied.iter().map(|(c, _, _)| c.clone()).collect();
-        if let Err(e) = self.store_commit(&changes) {
+        let changes: Vec<Change> = applied
+            .iter()
+            .filter(|(_, _, r)| r.origin != Origin::Remote)
+            .map(|(c, _, _)| c.clone())
+            .collect();
+        if let Err(e) = self.store_commit(&changes).await {
             // HAProxy now runs frontends the store does not have: take them back out. The
             // file must be written again although its generation is not newer than the
             // one just installed (the undo took the generation back).
@@ -174,8 +180,34 @@ impl Owner {
                 tracing::error!(error = %msg, "could not take back frontends after the store failed; the timer will");
                 self.suspect_ports.extend(ports.iter().copied());
             }
-            for (_, _, reply) in applied {
-                let _ = reply.send(Err(ApplyError::Store(e.clone())));
+            match e {
+                // Lost to another agent's commit: what won first, then this set again on top
+                // (each its own set, so what etcd holds is never undone with what it refused).
+                CommitError::Conflict(current) => {
+                    let mut again = Vec::with_capacity(applied.len());
+                    for (change, _, reply) in applied {
+                        let port = change.frontend_port();
+                        if let Some(reply) = self.lost_once(reply, port) {
+                            again.push((change, reply));
+                        }
+                    }
+                    if !again.is_empty() {
+                        self.reload_sets.push_front(again);
+                    }
+                    let current = self.remote_group(current);
+                    self.reload_sets.push_front(current);
+                }
+                CommitError::Unavailable(why) => {
+                    self.store_unavailable = Some((why.clone(), Instant::now()));
+                    for (_, _, reply) in applied {
+                        let _ = reply.send(Err(ApplyError::StoreUnavailable(why.clone())));
+                    }
+                }
+                CommitError::Failed(e) => {
+                    for (_, _, reply) in applied {
+                        let _ = reply.send(Err(ApplyError::Store(e.clone())));
+                    }
+                }
             }
             return;
         }

@@ -145,6 +145,7 @@ fn build(
     StateView {
         generation: desired.generation,
         haproxy: if up { "up" } else { "down" },
+        store: None,
         frontends,
     }
 }

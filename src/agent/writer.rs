@@ -15,6 +15,8 @@ const WRITE_MAX_DELAY: Duration = Duration::from_secs(2);
 pub(super) struct ConfigWriter {
     pub(super) files: Arc<Mutex<ManagedFile>>,
     pub(super) render: RenderOptions,
+    /// With etcd: where the last state applied is kept too, for a start without etcd.
+    pub(super) cache: Option<std::path::PathBuf>,
 }
 
 impl ConfigWriter {
@@ -40,7 +42,19 @@ impl ConfigWriter {
                 let text = render_managed(&state, &self.render);
                 let mut files = self.files.lock().await;
                 match files.install(&text, state.generation).await {
-                    Ok(_) => written = Some(state.generation),
+                    Ok(_) => {
+                        written = Some(state.generation);
+                        if let Some(path) = &self.cache {
+                            let (path, state) = (path.clone(), state.clone());
+                            let wrote = tokio::task::spawn_blocking(move || {
+                                crate::store::etcd::write_cache(&path, &state)
+                            })
+                            .await;
+                            if let Ok(Err(e)) = wrote {
+                                tracing::warn!(error = %e, "could not keep a local copy of the state");
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "could not write the managed configuration; retrying");
                         drop(files);

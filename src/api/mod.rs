@@ -294,6 +294,11 @@ fn apply_error(e: ApplyError) -> Reply {
             "store_failed",
             e.to_string(),
         ),
+        ApplyError::StoreUnavailable(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
         ApplyError::ShuttingDown => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
@@ -490,7 +495,9 @@ impl Api {
                         Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => {
                             Some(node.clone())
                         }
-                        Change::DeleteFrontend { .. } | Change::PutFrontend { .. } => None,
+                        Change::DeleteFrontend { .. }
+                        | Change::PutFrontend { .. }
+                        | Change::ReplaceFrontend { .. } => None,
                     };
                     let legacy = Authenticated {
                         key_id: "legacy-token".into(),

@@ -391,6 +391,45 @@ pub fn render_table(view: &Overview, colour: Colour) -> String {
     out
 }
 
+/// The store line of `lbctl state`: `store: journal`, or etcd's revision and the agents seen
+/// (`store: etcd at revision 42, unavailable (...); agents: lb-a (this one, expires leases), lb-b`).
+fn store_line(store: &serde_json::Value) -> Option<String> {
+    let kind = store["kind"].as_str()?;
+    let mut line = format!("store: {kind}");
+    if let Some(rev) = store["revision"].as_i64() {
+        let _ = write!(line, " at revision {rev}");
+    }
+    if let Some(e) = store["error"].as_str() {
+        let _ = write!(line, ", unavailable ({e})");
+    }
+    let me = store["agent"].as_str();
+    let agents: Vec<String> = store["agents"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|agent| {
+                    let name = agent["name"].as_str()?;
+                    let mut notes = Vec::new();
+                    if Some(name) == me {
+                        notes.push("this one");
+                    }
+                    if agent["expiring"].as_bool() == Some(true) {
+                        notes.push("expires leases");
+                    }
+                    Some(match notes.is_empty() {
+                        true => name.to_string(),
+                        false => format!("{name} ({})", notes.join(", ")),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !agents.is_empty() {
+        let _ = write!(line, "; agents: {}", agents.join(", "));
+    }
+    Some(line)
+}
+
 /// `lbctl state`: the agent's desired state beside what HAProxy reports.
 pub fn render_state(v: &serde_json::Value) -> String {
     let mut out = String::new();
@@ -400,6 +439,9 @@ pub fn render_state(v: &serde_json::Value) -> String {
         v["generation"],
         v["haproxy"].as_str().unwrap_or("?")
     );
+    if let Some(line) = store_line(&v["store"]) {
+        let _ = writeln!(out, "{line}");
+    }
     let empty = Vec::new();
     for fe in v["frontends"].as_array().unwrap_or(&empty) {
         let _ = writeln!(

@@ -194,6 +194,65 @@ pub struct DesiredState {
     /// config writer): publishing copies only this map, and the first change to a frontend
     /// after a publish copies that one frontend, not the whole state.
     pub frontends: BTreeMap<u16, Arc<FrontendSpec>>,
+    /// With etcd as the store: the revision each frontend's value is at (and when each removed
+    /// frontend was known gone), which guards a commit and tells a late watch event from a new
+    /// one. Empty with the journal; never stored.
+    #[serde(skip)]
+    pub revisions: Revisions,
+}
+
+/// The etcd revisions a state is at, frontend by frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Revisions {
+    /// Frontends the state has: their value's mod revision.
+    present: BTreeMap<u16, i64>,
+    /// Frontends the state lacks: the revision at which they were known absent.
+    absent: BTreeMap<u16, i64>,
+}
+
+impl Revisions {
+    /// The mod revision of a frontend the state has, when known (`None`: absent, or created
+    /// here and not stored yet).
+    pub fn present(&self, port: u16) -> Option<i64> {
+        self.present.get(&port).copied()
+    }
+
+    /// The newest revision known for `port`, present or absent.
+    pub fn of(&self, port: u16) -> Option<i64> {
+        self.present
+            .get(&port)
+            .or_else(|| self.absent.get(&port))
+            .copied()
+    }
+
+    pub fn set_present(&mut self, port: u16, revision: i64) {
+        self.absent.remove(&port);
+        self.present.insert(port, revision);
+    }
+
+    pub fn set_absent(&mut self, port: u16, revision: i64) {
+        self.present.remove(&port);
+        self.absent.insert(port, revision);
+    }
+
+    /// Both records of `port`, to put back by [`Self::restore`].
+    fn record(&self, port: u16) -> (Option<i64>, Option<i64>) {
+        (
+            self.present.get(&port).copied(),
+            self.absent.get(&port).copied(),
+        )
+    }
+
+    fn restore(&mut self, port: u16, (present, absent): (Option<i64>, Option<i64>)) {
+        match present {
+            Some(r) => self.present.insert(port, r),
+            None => self.present.remove(&port),
+        };
+        match absent {
+            Some(r) => self.absent.insert(port, r),
+            None => self.absent.remove(&port),
+        };
+    }
 }
 
 /// One change a request asks for.
@@ -226,6 +285,14 @@ pub enum Change {
     DeleteFrontend {
         frontend_port: u16,
     },
+    /// A frontend as etcd has it at `revision` (another agent's commit, or a re-read): the
+    /// whole frontend, or `None` for none. Applied only when newer than what the state has;
+    /// never sent by a client, never stored.
+    ReplaceFrontend {
+        frontend_port: u16,
+        spec: Option<Arc<FrontendSpec>>,
+        revision: i64,
+    },
 }
 
 impl Change {
@@ -234,7 +301,8 @@ impl Change {
             Change::PutServer { frontend_port, .. }
             | Change::PutFrontend { frontend_port, .. }
             | Change::DeleteServer { frontend_port, .. }
-            | Change::DeleteFrontend { frontend_port } => *frontend_port,
+            | Change::DeleteFrontend { frontend_port }
+            | Change::ReplaceFrontend { frontend_port, .. } => *frontend_port,
         }
     }
 }
@@ -324,6 +392,13 @@ pub enum Undo {
         port: u16,
         previous: Arc<FrontendSpec>,
     },
+    /// Put a replaced frontend (or its absence) back, with its revisions.
+    Replace {
+        generation: u64,
+        port: u16,
+        previous: Option<Arc<FrontendSpec>>,
+        revisions: (Option<i64>, Option<i64>),
+    },
 }
 
 impl DesiredState {
@@ -350,6 +425,12 @@ impl DesiredState {
                 port,
                 previous: frontend.cloned().unwrap_or_default(),
             },
+            Change::ReplaceFrontend { .. } => Undo::Replace {
+                generation,
+                port,
+                previous: frontend.cloned(),
+                revisions: self.revisions.record(port),
+            },
         };
         let effect = self.apply(change)?;
         Ok((effect, undo))
@@ -373,7 +454,8 @@ impl DesiredState {
                     })
                 })
             }
-            Change::DeleteFrontend { frontend_port } => self
+            Change::DeleteFrontend { frontend_port }
+            | Change::ReplaceFrontend { frontend_port, .. } => self
                 .frontends
                 .get(frontend_port)
                 .cloned()
@@ -443,6 +525,19 @@ impl DesiredState {
                 self.generation = generation;
                 self.frontends.insert(port, previous);
             }
+            Undo::Replace {
+                generation,
+                port,
+                previous,
+                revisions,
+            } => {
+                self.generation = generation;
+                match previous {
+                    Some(fe) => self.frontends.insert(port, fe),
+                    None => self.frontends.remove(&port),
+                };
+                self.revisions.restore(port, revisions);
+            }
         }
     }
 
@@ -464,6 +559,23 @@ impl DesiredState {
             },
             Change::DeleteServer { .. } => None,
             Change::DeleteFrontend { .. } => Some("a removed frontend"),
+            Change::ReplaceFrontend { spec, revision, .. } => {
+                if self.revisions.of(change.frontend_port()) >= Some(*revision) {
+                    return None;
+                }
+                match (current, spec) {
+                    (None, None) => None,
+                    (None, Some(_)) => Some("a new frontend"),
+                    (Some(_), None) => Some("a removed frontend"),
+                    (Some(old), Some(new)) if old.mode != new.mode => Some("mode"),
+                    (Some(old), Some(new)) => {
+                        match settings::how_to_apply(&old.settings, &new.settings) {
+                            SettingsChange::Reload(field) => Some(field),
+                            _ => None,
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -570,6 +682,43 @@ impl DesiredState {
                     return Err(Conflict::NoFrontend(*frontend_port));
                 }
                 Effect::Reload
+            }
+            Change::ReplaceFrontend {
+                frontend_port,
+                spec,
+                revision,
+            } => {
+                let port = *frontend_port;
+                if self.revisions.of(port) >= Some(*revision) {
+                    // Late: the state knows a newer value already.
+                    return Ok(Effect::Unchanged);
+                }
+                let reload = self.reload_needed_for(change).is_some();
+                let current = self.frontends.get(&port);
+                let same = match (current, spec) {
+                    (Some(a), Some(b)) => **a == **b,
+                    (None, None) => true,
+                    _ => false,
+                };
+                match spec {
+                    Some(fe) => {
+                        self.frontends.insert(port, fe.clone());
+                        self.revisions.set_present(port, *revision);
+                    }
+                    None => {
+                        self.frontends.remove(&port);
+                        self.revisions.set_absent(port, *revision);
+                    }
+                }
+                if same {
+                    // This agent's own commit coming back, or a value it already has.
+                    return Ok(Effect::Unchanged);
+                }
+                if reload {
+                    Effect::Reload
+                } else {
+                    Effect::Runtime
+                }
             }
         };
         if effect != Effect::Unchanged {

@@ -54,7 +54,9 @@ impl Scope {
                      delete its servers one by one"
                 ),
             )),
-            Change::DeleteFrontend { .. } => {
+            // Only etcd's own changes replace a frontend; no key sends one, but none could
+            // do more with it than remove the frontend.
+            Change::DeleteFrontend { .. } | Change::ReplaceFrontend { .. } => {
                 self.all_nodes_inside(frontend, &format!("remove the whole frontend {port}"))
             }
             // Settings apply to every server of the frontend: a key may change them only when

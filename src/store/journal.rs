@@ -1,4 +1,4 @@
-//! The durable store of the desired state: a snapshot plus an append-only journal of group
+//! The local journal: the durable store of the desired state on one VM: a snapshot plus an append-only journal of group
 //! commits, so a change is acknowledged only once it is on disk and a `kill -9` at any instant
 //! leaves a directory [`Store::open`] can load.
 //!
@@ -491,6 +491,7 @@ fn change_kind(change: &Change) -> &'static str {
         Change::PutFrontend { .. } => "put_frontend",
         Change::DeleteServer { .. } => "delete_server",
         Change::DeleteFrontend { .. } => "delete_frontend",
+        Change::ReplaceFrontend { .. } => "replace_frontend",
     }
 }
 
