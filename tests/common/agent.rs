@@ -572,7 +572,7 @@ pub fn pids_with(needle: &str) -> Vec<u32> {
     out
 }
 
-fn stop_child(child: &mut Child, grace: Duration) {
+pub fn stop_child(child: &mut Child, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
