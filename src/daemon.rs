@@ -324,7 +324,11 @@ pub fn main() -> ExitCode {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The etcd options of `--etcd` and its companions, checked; `None` without `--etcd`.
-fn etcd_options(settings: &Settings, listen: SocketAddr) -> Result<Option<EtcdOptions>, BoxError> {
+fn etcd_options(
+    settings: &Settings,
+    listen: SocketAddr,
+    state_dir: &std::path::Path,
+) -> Result<Option<EtcdOptions>, BoxError> {
     let Some(urls) = &settings.etcd else {
         let stray = [
             ("--etcd-prefix", settings.etcd_prefix.is_some()),
@@ -416,7 +420,25 @@ fn etcd_options(settings: &Settings, listen: SocketAddr) -> Result<Option<EtcdOp
         user,
         agent_name,
         listen: listen.to_string(),
+        instance: agent_instance(state_dir)?,
     }))
+}
+
+/// This agent's instance id among those sharing etcd: made once, kept in the state directory,
+/// so a restarted agent is known for itself and another under the same name is not.
+fn agent_instance(state_dir: &std::path::Path) -> Result<String, BoxError> {
+    let path = state_dir.join("agent-instance");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display()).into()),
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no random bytes for the instance id: {e}"))?;
+    let id = hex::encode(bytes);
+    std::fs::write(&path, format!("{id}\n")).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(id)
 }
 
 /// Opens the store: the journal in `state_dir`, or etcd (seeded from the journal when asked
@@ -462,13 +484,28 @@ async fn open_store(
             );
             // Opened again, to start from what etcd holds now with its revisions (the first
             // watch would bring the seeded frontends as changes: a reload for nothing).
-            drop(store);
+            store.close().await;
             let (store, state) = EtcdStore::open(options, metrics.etcd.clone(), &cache).await?;
             return Ok((StateStore::Etcd(Box::new(store)), state));
         }
         Ok(None) => tracing::info!(prefix, "--seed-from-local: another agent seeded etcd first"),
+        // Starting on an empty etcd would take every frontend out of this VM's HAProxy.
         Err(e) => {
-            tracing::error!(error = %e, "--seed-from-local: could not seed etcd; starting without")
+            let hint = if local.frontends.len() >= 128 {
+                format!(
+                    " (the journal holds {} frontends, one write each in one transaction: etcd \
+                     refuses more than --max-txn-ops, 128 by default; raise it on the members \
+                     for the move)",
+                    local.frontends.len()
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!(
+                "--seed-from-local: could not seed etcd: {e}{hint}; not started, the journal is \
+                 as it was"
+            )
+            .into());
         }
     }
     Ok((StateStore::Etcd(Box::new(store)), state))
@@ -609,7 +646,7 @@ pub async fn run(cli: Settings) -> Result<(), BoxError> {
         None => None,
     };
 
-    let etcd = etcd_options(&settings, listen)?;
+    let etcd = etcd_options(&settings, listen, &state_dir)?;
     let (store, state) = open_store(&state_dir, etcd, settings.seed_from_local, &metrics).await?;
     tracing::info!(
         store = ?store.kind(),

@@ -20,8 +20,9 @@
 //!   per change request, accepted or refused.
 //! - [`policy`]: which ports and addresses a request may use: the global policy, and each
 //!   key's [`policy::Scope`], checked by the API before the owner applies the global policy.
-//! - [`model`]: the desired state and the one way to change it; [`store`]: its durable
-//!   journal and snapshots.
+//! - [`model`]: the desired state and the one way to change it; [`store`]: where it is kept,
+//!   the local journal and snapshots (one VM), or etcd, shared by the agents of several VMs,
+//!   each following the others' commits through a watch.
 //! - [`agent`]: the owner task — the only holder of state, store and runtime connection; group
 //!   commit, reloads with rollback, the drift-repair timer.
 //! - [`reconcile`]: desired vs observed → runtime commands (pure); [`render`]: the config file

@@ -28,6 +28,11 @@ impl ReloadPorts {
         )
     }
 
+    /// The ports.
+    pub(super) fn ports(&self) -> &BTreeSet<u16> {
+        &self.0
+    }
+
     /// Whether the next change of the group, on `port`, goes to the reload set; `needs_reload`:
     /// it adds or removes a frontend itself.
     pub(super) fn takes(&mut self, port: u16, needs_reload: bool) -> bool {
@@ -294,7 +299,7 @@ impl Owner {
     /// once it lost too often (then it is answered).
     pub(super) fn lost_once(&mut self, mut reply: Requester, port: u16) -> Option<Requester> {
         reply.conflicts += 1;
-        if reply.conflicts > MAX_CONFLICTS {
+        if reply.conflicts >= MAX_CONFLICTS {
             let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(
                 "etcd: frontend {port} kept changing under this change (its commit lost to \
                  other agents' {MAX_CONFLICTS} times in a row); try again"
@@ -417,13 +422,9 @@ impl Owner {
             if r.outcome.is_success() {
                 continue;
             }
-            if let (
-                Change::DeleteServer {
-                    frontend_port,
-                    node,
-                },
-                true,
-            ) = (change, r.outcome.is_server_in_use())
+            let deleted = deleted_by(change, undo, &r.command);
+            if let (Some((frontend_port, node, previous)), true) =
+                (&deleted, r.outcome.is_server_in_use())
             {
                 let server = server_ref(*frontend_port, node);
                 // Wanted again by a later change of the group: not draining.
@@ -435,23 +436,16 @@ impl Owner {
                 if !wanted {
                     tracing::info!(server = %server, "server still has connections: draining it, deleted once idle");
                     // What HAProxy holds: the spec before the delete, in maintenance now.
-                    let spec = match undo {
-                        Undo::Server {
-                            previous: Some(p), ..
-                        } => Some(crate::model::ServerSpec {
-                            state: crate::model::ServerState::Maint,
-                            ..p.clone()
-                        }),
-                        _ => None,
-                    };
+                    let spec = previous.as_ref().map(|p| crate::model::ServerSpec {
+                        state: crate::model::ServerState::Maint,
+                        ..p.clone()
+                    });
                     self.draining.start(server, spec, Instant::now());
                 }
                 continue;
             }
             // A server to delete that HAProxy does not have: nothing is left to do.
-            if matches!(change, Change::DeleteServer { .. })
-                && r.outcome.kind == crate::runtime::OutcomeKind::NotFound
-            {
+            if deleted.is_some() && r.outcome.kind == crate::runtime::OutcomeKind::NotFound {
                 continue;
             }
             refused.push(format!("`{}`: {}", r.command, r.outcome.text.trim_end()));
@@ -574,6 +568,42 @@ impl Owner {
         self.set_up(false);
         self.out_of_sync = true;
         self.last_error = Some(e.to_string());
+    }
+}
+
+/// The server a change's command (its text, as HAProxy was sent it) deletes: its frontend port,
+/// node and spec before (from the undo record). A delete's commands are all about its server; a
+/// replacement's `del server` names one of the servers its frontend lost.
+fn deleted_by(
+    change: &Change,
+    undo: &Undo,
+    command: &str,
+) -> Option<(
+    u16,
+    crate::model::NodeName,
+    Option<crate::model::ServerSpec>,
+)> {
+    match (change, undo) {
+        (
+            Change::DeleteServer {
+                frontend_port,
+                node,
+            },
+            Undo::Server { previous, .. },
+        ) => Some((*frontend_port, node.clone(), previous.clone())),
+        (
+            Change::ReplaceFrontend { frontend_port, .. },
+            Undo::Replace {
+                previous: Some(fe), ..
+            },
+        ) => {
+            let server = command.strip_prefix("del server ")?;
+            fe.servers
+                .iter()
+                .find(|(node, _)| server_ref(*frontend_port, node).to_string() == server)
+                .map(|(node, spec)| (*frontend_port, node.clone(), Some(spec.clone())))
+        }
+        _ => None,
     }
 }
 

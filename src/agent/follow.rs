@@ -5,10 +5,6 @@
 
 use super::*;
 
-/// How often this agent's heartbeats are published for the expiring agent: well within the
-/// third of a lease by which a renewal counts as late (the shortest `--lease` is seconds).
-const RENEWALS_EVERY: Duration = Duration::from_secs(2);
-
 impl Owner {
     /// A batch from the watch: the frontends it brings become changes from etcd, in one group
     /// (so new frontends share one reload); another agent's heartbeats move the lease clocks.
@@ -20,9 +16,18 @@ impl Owner {
                 everything,
             } => {
                 if everything {
-                    // A re-read: what it does not list is gone.
+                    // A re-read: what it does not list is gone, also a frontend only a queued
+                    // reload set would create.
                     let listed: BTreeSet<u16> = frontends.iter().map(|f| f.port).collect();
-                    for port in self.state.frontends.keys() {
+                    let queued = super::commit::ReloadPorts::of_queue(&self.reload_sets);
+                    let known: BTreeSet<u16> = self
+                        .state
+                        .frontends
+                        .keys()
+                        .chain(queued.ports())
+                        .copied()
+                        .collect();
+                    for port in &known {
                         if !listed.contains(port) {
                             frontends.push(RemoteFrontend {
                                 port: *port,
@@ -137,30 +142,19 @@ impl Owner {
         self.apply_changes(group).await;
     }
 
-    /// Publishes this agent's heartbeats for the expiring agent, when they changed.
+    /// Publishes the heartbeats this agent received since the last tick, for the expiring
+    /// agent: each tick, so a renewal reaches it within a tick or two, well before the third
+    /// of a lease after which a registration counts as late.
     fn publish_renewals(&mut self) {
         let Some(StateStore::Etcd(store)) = &self.store else {
             return;
         };
-        if !self.leases.enabled() {
+        let heard = self.leases.take_heard();
+        if heard.is_empty() {
             return;
         }
-        let due = self
-            .renewals_published
-            .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= RENEWALS_EVERY);
-        if !due {
-            return;
+        if let Err(back) = store.publish_renewals(heard) {
+            self.leases.give_back(back);
         }
-        let heard = self.leases.heard_list(&self.state);
-        if self
-            .renewals_published
-            .as_ref()
-            .is_some_and(|(_, last)| *last == heard)
-        {
-            return;
-        }
-        store.publish_renewals(heard.clone());
-        self.renewals_published = Some((Instant::now(), heard));
     }
 }

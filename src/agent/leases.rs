@@ -109,29 +109,32 @@ impl Leases {
         }
     }
 
-    /// The heartbeats this agent received, of registrations `state` still has.
-    pub fn heard_list(&mut self, state: &DesiredState) -> Vec<Renewal> {
-        self.heard
-            .retain(|port, nodes| match state.frontends.get(port) {
-                Some(fe) => {
-                    nodes.retain(|node, _| fe.servers.contains_key(node));
-                    !nodes.is_empty()
-                }
-                None => false,
-            });
-        let mut out: Vec<Renewal> = self
-            .heard
-            .iter()
+    /// The heartbeats this agent received since the last call, taken out: what it publishes
+    /// for the expiring agent. (`give_back` returns them when they could not be sent.)
+    pub fn take_heard(&mut self) -> Vec<Renewal> {
+        let mut out: Vec<Renewal> = std::mem::take(&mut self.heard)
+            .into_iter()
             .flat_map(|(port, nodes)| {
-                nodes.iter().map(|(node, at)| Renewal {
-                    port: *port,
-                    node: node.clone(),
-                    at_ms: *at,
-                })
+                nodes
+                    .into_iter()
+                    .map(move |(node, at_ms)| Renewal { port, node, at_ms })
             })
             .collect();
         out.sort_by(|a, b| (a.port, &a.node).cmp(&(b.port, &b.node)));
         out
+    }
+
+    /// Heartbeats [`Self::take_heard`] gave that could not be sent, to go with the next ones.
+    pub fn give_back(&mut self, renewals: Vec<Renewal>) {
+        for r in renewals {
+            let at = self
+                .heard
+                .entry(r.port)
+                .or_default()
+                .entry(r.node)
+                .or_insert(0);
+            *at = (*at).max(r.at_ms);
+        }
     }
 
     pub fn renew(&mut self, frontend_port: u16, node: &NodeName, now: Instant) {

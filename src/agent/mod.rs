@@ -355,8 +355,10 @@ enum Origin {
     Remote,
 }
 
-/// How many times a change is computed again after losing its commit to another agent's.
-const MAX_CONFLICTS: u8 = 5;
+/// How many times a change is computed again after losing its commit to another agent's. Two
+/// agents hammering one frontend each lose about half the time; 20 losses in a row is one in
+/// a million.
+const MAX_CONFLICTS: u8 = 20;
 
 impl Requester {
     /// The agent's own change (a lease's delete): no key, no scope.
@@ -403,6 +405,9 @@ struct Accepted {
 
 /// Most requests group-committed together.
 const MAX_GROUP: usize = 256;
+/// With etcd: a group's commit is one transaction, of one compare, one write and one read per
+/// frontend, and etcd refuses more than 128 of each by default.
+const MAX_ETCD_GROUP: usize = 100;
 
 struct Owner {
     state: DesiredState,
@@ -419,8 +424,7 @@ struct Owner {
     store_unavailable: Option<(String, Instant)>,
     /// etcd: the newest revision applied (by the watch or this agent's own commits).
     etcd_revision: i64,
-    /// etcd: when this agent's heartbeats were last published, and what.
-    renewals_published: Option<(Instant, Vec<crate::store::etcd::Renewal>)>,
+
     store_dir: std::path::PathBuf,
     client: RuntimeClient,
     files: Arc<Mutex<ManagedFile>>,
@@ -547,7 +551,7 @@ pub fn spawn(
         remote_retry: None,
         store_unavailable: None,
         etcd_revision,
-        renewals_published: None,
+
         client: parts.client,
         files: files.clone(),
         reloader: parts.reloader,
@@ -656,7 +660,13 @@ impl Owner {
                     let Some(first) = msg else { break };
                     let mut group = Vec::new();
                     group.push((first.change, first.reply));
-                    while group.len() < MAX_GROUP {
+                    let max = match &self.store {
+                        // etcd takes at most 128 operations per transaction (`--max-txn-ops`):
+                        // a group touches at most one frontend per change.
+                        Some(StateStore::Etcd(_)) => MAX_ETCD_GROUP,
+                        _ => MAX_GROUP,
+                    };
+                    while group.len() < max {
                         match rx.try_recv() {
                             Ok(m) => group.push((m.change, m.reply)),
                             Err(_) => break,
@@ -695,7 +705,7 @@ impl Owner {
             self.next_reload_set().await;
         }
         if let Some(StateStore::Etcd(store)) = self.store.take() {
-            if let Err(e) = crate::store::etcd::write_cache(store.cache_path(), &self.state) {
+            if let Err(e) = crate::store::etcd::write_cache(store.cache_path(), &self.state).await {
                 tracing::warn!(error = %e, "could not keep a local copy of the state at shutdown");
             }
             // Leaves at once: the expiring role moves without waiting for the lease.
@@ -807,18 +817,25 @@ impl Owner {
         });
     }
 
+    /// Why etcd cannot take changes now: it does not answer, or did not take a commit and has
+    /// not answered a quorum read since. `None` with the journal.
+    fn store_down(&self, etcd: Option<&crate::store::EtcdStatus>) -> Option<String> {
+        let etcd = etcd?;
+        etcd.unanswered.clone().or_else(|| {
+            self.store_unavailable
+                .as_ref()
+                .filter(|(_, at)| etcd.answered_at < Some(*at))
+                .map(|(why, _)| why.clone())
+        })
+    }
+
     fn health(&self) -> Health {
         let etcd = self.store.as_ref().and_then(StateStore::etcd_status);
-        // etcd that does not answer, or did not take the last commit: changes are refused.
-        let commit_failed = self
-            .store_unavailable
-            .as_ref()
-            .filter(|(_, at)| etcd.as_ref().and_then(|e| e.answered_at) < Some(*at))
-            .map(|(why, _)| why.clone());
-        let store_down = etcd
-            .as_ref()
-            .and_then(|e| e.error.clone())
-            .or(commit_failed);
+        // Changes are refused meanwhile, or other agents' changes may not arrive (a watch
+        // starting again): not in sync.
+        let store_down = self
+            .store_down(etcd.as_ref())
+            .or_else(|| etcd.as_ref().and_then(|e| e.error.clone()));
         Health {
             haproxy: if self.haproxy_up { "up" } else { "down" },
             // A closed store refuses every change: not healthy, whatever HAProxy does.

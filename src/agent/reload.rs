@@ -97,6 +97,17 @@ impl Owner {
             }
             return;
         }
+        // etcd known to be away: refused before HAProxy reloads, not after a reload, a commit
+        // that times out and a reload back. (Changes from etcd go on: they are stored.)
+        if set.iter().any(|(_, r)| r.origin != Origin::Remote) {
+            let etcd = self.store.as_ref().and_then(StateStore::etcd_status);
+            if let Some(why) = self.store_down(etcd.as_ref()) {
+                for (_, reply) in set {
+                    let _ = reply.send(Err(ApplyError::StoreUnavailable(why.clone())));
+                }
+                return;
+            }
+        }
         let mut applied: Vec<(Change, Undo, Requester)> = Vec::new();
         let mut transitions = Vec::new();
         let mut reasons = Vec::new();

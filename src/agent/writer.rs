@@ -45,12 +45,7 @@ impl ConfigWriter {
                     Ok(_) => {
                         written = Some(state.generation);
                         if let Some(path) = &self.cache {
-                            let (path, state) = (path.clone(), state.clone());
-                            let wrote = tokio::task::spawn_blocking(move || {
-                                crate::store::etcd::write_cache(&path, &state)
-                            })
-                            .await;
-                            if let Ok(Err(e)) = wrote {
+                            if let Err(e) = crate::store::etcd::write_cache(path, &state).await {
                                 tracing::warn!(error = %e, "could not keep a local copy of the state");
                             }
                         }

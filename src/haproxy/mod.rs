@@ -35,6 +35,7 @@ mod master;
 mod process;
 mod server_state;
 
+pub(crate) use files::write_atomic;
 pub use files::ConfigFiles;
 pub use master::{wait_frontend_open, ReloadReport, Reloader};
 pub use process::{MainOptions, ManagedHaproxy, DEFAULT_HARD_STOP_AFTER};

@@ -69,6 +69,9 @@ pub struct EtcdOptions {
     pub agent_name: String,
     /// What other agents are told of this one: its API's address.
     pub listen: String,
+    /// Random and kept across restarts (in the state directory): tells this agent's own old
+    /// registration from another agent's under the same name.
+    pub instance: String,
 }
 
 /// A frontend as etcd has it at `revision`: its mod revision, or for `None` (absent) the
@@ -111,6 +114,9 @@ pub enum StoreEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentSeen {
     pub name: String,
+    /// Random, kept in the agent's state directory: the same agent after a restart.
+    #[serde(default)]
+    pub instance: String,
     /// Its API's address, as it listens.
     pub listen: String,
     pub version: String,
@@ -124,6 +130,9 @@ pub struct AgentSeen {
 pub struct EtcdStatus {
     /// Why etcd is not usable now (`None` while it answers quorum reads and the watch runs).
     pub error: Option<String>,
+    /// Why etcd cannot take a change now: quorum reads fail (a broken watch, which starts
+    /// again on another member within a second, is not one).
+    pub unanswered: Option<String>,
     /// The revision the watch has delivered up to.
     pub revision: i64,
     /// The agents registered now, oldest first; this one among them once registered.
@@ -133,6 +142,8 @@ pub struct EtcdStatus {
     pub name: String,
     /// When a quorum read last succeeded.
     pub answered_at: Option<Instant>,
+    /// The lease this agent's keys are on, once registered.
+    pub lease: Option<i64>,
 }
 
 /// The published status, written by several tasks, each owning its own part.
@@ -150,7 +161,7 @@ pub struct EtcdStore {
     prefix: String,
     status: watch::Receiver<EtcdStatus>,
     events: Option<mpsc::Receiver<StoreEvent>>,
-    renewals_tx: watch::Sender<Vec<Renewal>>,
+    renewals_tx: mpsc::Sender<Vec<Renewal>>,
     metrics: EtcdMetrics,
     lag: Arc<std::sync::Mutex<Lag>>,
     stop: CancellationToken,
@@ -176,19 +187,48 @@ fn etcd_error(what: &str, e: impl std::fmt::Display) -> String {
     format!("etcd: {what}: {e}")
 }
 
-/// `call` with a deadline, its error in words naming etcd.
-async fn timed<T>(
-    what: &str,
-    limit: Duration,
-    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(etcd_error(what, e)),
-        Err(_) => Err(etcd_error(
-            what,
-            format!("no answer within {} s (no quorum?)", limit.as_secs()),
-        )),
+/// `call` with a deadline, its error in words naming etcd. Made again while it fails for a
+/// reason another member may not have (a member down: the client's balancer keeps picking it
+/// for a while; a member without a leader), until the deadline: each call here is a read, a
+/// write of this agent's own keys, or a transaction guarded by revisions, which a repeat
+/// cannot apply twice.
+async fn timed<T, F, Fut>(what: &str, limit: Duration, mut call: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, call()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if another_member_may_answer(&e) && left > RETRY_PAUSE => {
+                tracing::debug!(error = %e, "etcd: {what}: trying again");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Ok(Err(e)) => return Err(etcd_error(what, e)),
+            Err(_) => {
+                return Err(etcd_error(
+                    what,
+                    format!("no answer within {} s (no quorum?)", limit.as_secs()),
+                ))
+            }
+        }
+    }
+}
+
+/// Pause between two tries of one call ([`timed`]).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether `e` is about the member or the connection that answered, not the request.
+fn another_member_may_answer(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
     }
 }
 
@@ -206,9 +246,15 @@ impl EtcdStore {
         // Without etcd at start, the last state this agent applied (HAProxy serves it anyway)
         // until etcd answers: an agent restarted during an etcd outage still serves, and its
         // VM keeps the floating IP.
-        let (state, start) = match read_all(&client, &prefix).await {
-            Ok((state, revision)) => (state, Some(revision)),
-            Err(e) => match read_cache(cache) {
+        let cached = read_cache(cache);
+        let (state, start) = match read_all(&client, &prefix, &metrics).await {
+            Ok((mut state, revision)) => {
+                // Generations only grow, also across restarts (the managed file says which).
+                let before = cached.as_ref().map_or(0, |c| c.generation);
+                state.generation = state.generation.max(before);
+                (state, Some(revision))
+            }
+            Err(e) => match cached {
                 Some(state) => {
                     tracing::warn!(error = %e, cache = %cache.display(), frontends = state.frontends.len(), "etcd does not answer: starting from the last state this agent applied, and following etcd once it answers");
                     (state, None)
@@ -232,9 +278,15 @@ impl EtcdStore {
             ..Default::default()
         });
         let status_tx = Arc::new(status_tx);
-        let health = Arc::new(std::sync::Mutex::new(Health::default()));
+        let not_read = start
+            .is_none()
+            .then(|| "etcd: not read yet (it did not answer at start)".to_string());
+        let health = Arc::new(std::sync::Mutex::new(Health {
+            watch: not_read,
+            ..Health::default()
+        }));
         let (events_tx, events) = mpsc::channel(1024);
-        let (renewals_tx, renewals_rx) = watch::channel(Vec::new());
+        let (renewals_tx, renewals_rx) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let lag = Arc::new(std::sync::Mutex::new(Lag::default()));
         let watcher = Watcher {
@@ -255,6 +307,7 @@ impl EtcdStore {
                 name: options.agent_name.clone(),
                 listen: options.listen.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                instance: options.instance.clone(),
                 expiring: false,
             },
             status: status_tx,
@@ -282,7 +335,7 @@ impl EtcdStore {
     /// frontend, in one transaction (two agents seeding at once cannot mix). The commit's
     /// revision, or `None` when the prefix was not empty.
     pub async fn seed(&mut self, state: &DesiredState) -> Result<Option<i64>, String> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let key = format!("{}frontends/", self.prefix);
         let mut txn = Txn::new().when(vec![Compare::create_revision(
             key.clone(),
@@ -302,7 +355,11 @@ impl EtcdStore {
             })
             .collect();
         txn = txn.and_then(ops);
-        let resp = timed("seeding the prefix", COMMIT_TIMEOUT, client.txn(txn)).await?;
+        let resp = timed("seeding the prefix", COMMIT_TIMEOUT, || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map_or(0, |h| h.revision())))
@@ -325,15 +382,18 @@ impl EtcdStore {
         self.events.take()
     }
 
-    /// Publishes the heartbeats this agent received (the newest of each registration), for
-    /// the expiring agent. Written in the background, on this agent's lease.
-    pub fn publish_renewals(&self, renewals: Vec<Renewal>) {
-        self.renewals_tx.send_replace(renewals);
+    /// Publishes heartbeats this agent received since it last did, for the expiring agent;
+    /// written in the background, on this agent's lease. `Err` gives them back when the writer
+    /// is behind (etcd slow or away): to send again with the next ones.
+    pub fn publish_renewals(&self, renewals: Vec<Renewal>) -> Result<(), Vec<Renewal>> {
+        self.renewals_tx.try_send(renewals).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v,
+        })
     }
 
     /// Every frontend etcd holds now, as a whole re-read would deliver it.
     pub async fn read_everything(&self) -> Result<(Vec<RemoteFrontend>, i64), String> {
-        let (state, revision) = read_all(&self.client, &self.prefix).await?;
+        let (state, revision) = read_all(&self.client, &self.prefix, &self.metrics).await?;
         Ok((remote_frontends(&state, revision), revision))
     }
 
@@ -364,8 +424,13 @@ impl EtcdStore {
             reads.push(TxnOp::get(key, None));
         }
         let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
-        let mut client = self.client.clone();
-        let resp = match timed("storing the change", COMMIT_TIMEOUT, client.txn(txn)).await {
+        let client = self.client.clone();
+        let stored = timed("storing the change", COMMIT_TIMEOUT, || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await;
+        let resp = match stored {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.errors.inc();
@@ -412,18 +477,18 @@ impl EtcdStore {
     }
 
     /// Takes this agent's registration away at once (the expiring role moves without waiting
-    /// for the lease), then stops the tasks.
+    /// for the lease): its lease revoked, which deletes its keys with it; then stops the tasks.
     pub async fn close(self) {
         self.stop.cancel();
-        let name = self.status.borrow().name.clone();
-        let mut client = self.client.clone();
-        let key = format!("{}agents/{name}", self.prefix);
-        let renewals = format!("{}renewals/{name}", self.prefix);
-        let _ = timed("leaving", CALL_TIMEOUT, async {
-            client.delete(key, None).await?;
-            client.delete(renewals, None).await
-        })
-        .await;
+        let lease = self.status.borrow().lease;
+        if let Some(lease) = lease {
+            let client = self.client.clone();
+            let _ = timed("leaving", CALL_TIMEOUT, || {
+                let mut client = client.clone();
+                async move { client.lease_revoke(lease).await }
+            })
+            .await;
+        }
     }
 }
 
@@ -444,12 +509,13 @@ fn remote_frontends(state: &DesiredState, revision: i64) -> Vec<RemoteFrontend> 
 /// start from when etcd does not answer at start.
 pub const CACHE_FILE: &str = "etcd-cache.json";
 
-/// Writes the last state applied (`state`) to `path`, whole: a temporary file renamed over it.
-/// Not fsync'd: etcd holds the truth, this only lets an agent start during an outage.
-pub fn write_cache(path: &Path, state: &DesiredState) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(state).expect("a state serializes"))?;
-    std::fs::rename(&tmp, path)
+/// Writes the last state applied (`state`) to `path`, whole and durably, as the managed file is
+/// written (a temporary file, fsync'd, renamed over it).
+pub async fn write_cache(path: &Path, state: &DesiredState) -> Result<(), String> {
+    let text = serde_json::to_string(state).expect("a state serializes");
+    crate::haproxy::write_atomic(path, &text)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The state [`write_cache`] left, if it is there and readable.
@@ -513,28 +579,37 @@ async fn connect(options: &EtcdOptions) -> Result<Client, String> {
     }
 }
 
-/// Every frontend under `prefix`, and the revision they were read at.
-async fn read_all(client: &Client, prefix: &str) -> Result<(DesiredState, i64), String> {
-    let mut client = client.clone();
+/// Every frontend under `prefix`, and the revision they were read at. A value lbagent cannot
+/// read is left out and counted, as the watch does: one bad key must not stop every agent.
+async fn read_all(
+    client: &Client,
+    prefix: &str,
+    metrics: &EtcdMetrics,
+) -> Result<(DesiredState, i64), String> {
     let key = format!("{prefix}frontends/");
-    let resp = timed(
-        "reading the frontends",
-        COMMIT_TIMEOUT,
-        client.get(key.clone(), Some(GetOptions::new().with_prefix())),
-    )
+    let resp = timed("reading the frontends", COMMIT_TIMEOUT, || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.get(key, Some(GetOptions::new().with_prefix())).await }
+    })
     .await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let mut state = DesiredState::default();
     for kv in resp.kvs() {
-        let rest = String::from_utf8_lossy(&kv.key()[key.len()..]).into_owned();
-        let Some(port) = port_of(&rest) else {
-            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "not a frontend's key; ignored");
+        let name = String::from_utf8_lossy(kv.key());
+        let Some(port) = name.strip_prefix(key.as_str()).and_then(port_of) else {
+            tracing::warn!(key = %name, "not a frontend's key; ignored");
             continue;
         };
-        let spec = decode_frontend(kv.value())
-            .map_err(|e| format!("etcd: frontend {port} holds a value lbagent cannot read: {e}"))?;
-        state.frontends.insert(port, Arc::new(spec));
-        state.revisions.set_present(port, kv.mod_revision());
+        match decode_frontend(kv.value()) {
+            Ok(spec) => {
+                state.frontends.insert(port, Arc::new(spec));
+                state.revisions.set_present(port, kv.mod_revision());
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::error!(port, error = %e, "etcd holds a frontend lbagent cannot read; ignored");
+            }
+        }
     }
     state.generation = state.frontends.len() as u64;
     Ok((state, revision))
@@ -587,16 +662,15 @@ impl Watcher {
     /// Follows the prefix from `next` until the watch breaks; a compacted start re-reads
     /// everything first.
     async fn follow(&self, next: &mut i64) -> Result<(), String> {
-        let mut client = self.client.clone();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(*next)
             .with_prev_key();
-        let mut stream = timed(
-            "starting the watch",
-            CALL_TIMEOUT,
-            client.watch(self.prefix.clone(), Some(options)),
-        )
+        let mut stream = timed("starting the watch", CALL_TIMEOUT, || {
+            let (mut client, options) = (self.client.clone(), options.clone());
+            let prefix = self.prefix.clone();
+            async move { client.watch(prefix, Some(options)).await }
+        })
         .await?;
         loop {
             let resp = match stream.message().await {
@@ -686,7 +760,7 @@ impl Watcher {
     /// Reads every frontend and delivers them as a whole (what it does not list is gone);
     /// returns the revision read at.
     async fn read_everything(&self) -> Result<i64, String> {
-        let (state, revision) = read_all(&self.client, &self.prefix).await?;
+        let (state, revision) = read_all(&self.client, &self.prefix, &self.metrics).await?;
         self.deliver(StoreEvent::Frontends {
             revision,
             frontends: remote_frontends(&state, revision),
@@ -729,8 +803,9 @@ fn publish_health(status: &watch::Sender<EtcdStatus>, h: &Health) {
         .or_else(|| h.watch.clone())
         .or_else(|| h.register.clone());
     status.send_if_modified(|s| {
-        let changed = s.error != error;
+        let changed = s.error != error || s.unanswered != h.probe;
         s.error = error;
+        s.unanswered = h.probe.clone();
         changed
     });
 }
@@ -747,7 +822,7 @@ struct Registrar {
 }
 
 impl Registrar {
-    async fn run(self, mut renewals: watch::Receiver<Vec<Renewal>>, stop: CancellationToken) {
+    async fn run(self, mut renewals: mpsc::Receiver<Vec<Renewal>>, stop: CancellationToken) {
         loop {
             let result = tokio::select! {
                 r = self.registered(&mut renewals) => r,
@@ -759,6 +834,11 @@ impl Registrar {
                 let mut h = self.health.lock().expect("health lock");
                 h.register = Some(why);
                 publish_health(&self.status, &h);
+                // Not registered: another agent may be the oldest now.
+                self.status.send_modify(|s| {
+                    s.expiring = false;
+                    s.lease = None;
+                });
             }
             tokio::select! {
                 _ = tokio::time::sleep(RETRY_AFTER) => {}
@@ -777,80 +857,126 @@ impl Registrar {
 
     /// Registers on a new lease, then keeps it alive, writes renewals as they come and probes,
     /// until something fails.
-    async fn registered(&self, renewals: &mut watch::Receiver<Vec<Renewal>>) -> Result<(), String> {
-        let mut client = self.client.clone();
-        let lease = timed(
-            "granting this agent's lease",
-            CALL_TIMEOUT,
-            client.lease_grant(AGENT_TTL, None),
-        )
+    async fn registered(&self, renewals: &mut mpsc::Receiver<Vec<Renewal>>) -> Result<(), String> {
+        let client = &self.client;
+        let lease = timed("granting this agent's lease", CALL_TIMEOUT, || {
+            let mut client = client.clone();
+            async move { client.lease_grant(AGENT_TTL, None).await }
+        })
         .await?
         .id();
-        let on_lease = || Some(PutOptions::new().with_lease(lease));
-        let me = serde_json::to_vec(&self.me).expect("an agent serializes");
-        timed(
-            "registering this agent",
-            CALL_TIMEOUT,
-            client.put(self.agent_key(), me, on_lease()),
-        )
-        .await?;
-        let (mut keeper, mut answers) = timed(
-            "keeping this agent's lease",
-            CALL_TIMEOUT,
-            client.lease_keep_alive(lease),
-        )
+        self.claim_name(lease).await?;
+        let (mut keeper, mut answers) = timed("keeping this agent's lease", CALL_TIMEOUT, || {
+            let mut client = client.clone();
+            async move { client.lease_keep_alive(lease).await }
+        })
         .await?;
         {
             let mut h = self.health.lock().expect("health lock");
             h.register = None;
             publish_health(&self.status, &h);
         }
-        let mut written: Option<Vec<Renewal>> = None;
+        self.status.send_modify(|s| s.lease = Some(lease));
         let mut tick = tokio::time::interval(PROBE_EVERY);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     self.probe().await;
                     keeper.keep_alive().await.map_err(|e| etcd_error("keeping this agent's lease", e))?;
-                    let answer = timed("keeping this agent's lease", CALL_TIMEOUT, answers.message()).await?;
+                    let answer = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+                        .await
+                        .map_err(|_| etcd_error("keeping this agent's lease", "no answer"))?
+                        .map_err(|e| etcd_error("keeping this agent's lease", e))?;
                     match answer {
                         Some(a) if a.ttl() > 0 => {}
                         _ => return Err("etcd: this agent's lease expired".into()),
                     }
                 }
-                changed = renewals.changed() => {
-                    if changed.is_err() { return Ok(()) }
+                batch = renewals.recv() => {
+                    let Some(mut batch) = batch else { return Ok(()) };
+                    while let Ok(more) = renewals.try_recv() {
+                        batch.extend(more);
+                    }
+                    let value = serde_json::to_vec(&batch).expect("renewals serialize");
+                    let key = self.renewals_key();
+                    timed("writing this agent's renewals", CALL_TIMEOUT, || {
+                        let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+                        async move {
+                            client
+                                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                                .await
+                        }
+                    })
+                    .await?;
                 }
             }
-            let now = renewals.borrow_and_update().clone();
-            if written.as_ref() != Some(&now) {
-                let value = serde_json::to_vec(&now).expect("renewals serialize");
-                timed(
-                    "writing this agent's renewals",
-                    CALL_TIMEOUT,
-                    client.put(self.renewals_key(), value, on_lease()),
-                )
-                .await?;
-                written = Some(now);
+        }
+    }
+
+    /// Puts `agents/<name>` on `lease`, unless another agent holds the name: two agents under
+    /// one name would both think they expire registrations, and skip each other's renewals.
+    /// The same agent restarted (its instance id is kept in its state directory) takes its key
+    /// back at once.
+    async fn claim_name(&self, lease: i64) -> Result<(), String> {
+        let key = self.agent_key();
+        let me = serde_json::to_vec(&self.me).expect("an agent serializes");
+        let put = || {
+            TxnOp::put(
+                key.clone(),
+                me.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![put()])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let client = &self.client;
+        let resp = timed("registering this agent", CALL_TIMEOUT, || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let holder: Option<AgentSeen> = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice(kv.value()).ok()),
+            _ => None,
+        });
+        match holder {
+            Some(h) if h.instance != self.me.instance => Err(format!(
+                "etcd: another agent is registered as `{}` (listening on {}): give each agent \
+                 its own --agent-name",
+                h.name, h.listen
+            )),
+            _ => {
+                let txn = Txn::new().and_then(vec![put()]);
+                timed("registering this agent", CALL_TIMEOUT, || {
+                    let (mut client, txn) = (client.clone(), txn.clone());
+                    async move { client.txn(txn).await }
+                })
+                .await
+                .map(|_| ())
             }
         }
     }
 
     /// A quorum read of the agents' keys: whether etcd answers, who runs, who expires.
     async fn probe(&self) {
-        let mut client = self.client.clone();
         let key = format!("{}agents/", self.prefix);
-        let read = timed(
-            "reading the agents",
-            CALL_TIMEOUT,
-            client.get(
-                key,
-                Some(GetOptions::new().with_prefix().with_sort(
-                    etcd_client::SortTarget::Create,
-                    etcd_client::SortOrder::Ascend,
-                )),
-            ),
-        )
+        let oldest_first = GetOptions::new().with_prefix().with_sort(
+            etcd_client::SortTarget::Create,
+            etcd_client::SortOrder::Ascend,
+        );
+        let read = timed("reading the agents", CALL_TIMEOUT, || {
+            let (mut client, key, options) =
+                (self.client.clone(), key.clone(), oldest_first.clone());
+            async move { client.get(key, Some(options)).await }
+        })
         .await;
         let mut h = self.health.lock().expect("health lock");
         match read {
