@@ -20,7 +20,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::agent::{body, eventually, frontend_in, lbctl, through_addr, Agent, Echo, Options};
+use common::agent::{
+    accepts_at, body, eventually, frontend_in, lbctl, lbctl_health, wait_reaches_at, Agent, Echo,
+    Options,
+};
 use common::etcd::EtcdCluster;
 use common::free_port;
 use serde_json::{json, Value};
@@ -58,13 +61,17 @@ fn at(bind: &str, port: u16) -> SocketAddr {
 
 /// Polls until a connection to `bind:port` gets `reply`.
 fn reaches(bind: &str, port: u16, reply: &str, within: Duration) {
+    wait_reaches_at(at(bind, port), reply, within)
+}
+
+/// Polls until nothing accepts on `bind:port` any more.
+fn closes(bind: &str, port: u16) {
     eventually(
-        within,
-        &format!("{bind}:{port} to answer {reply:?}"),
-        || match through_addr(at(bind, port)) {
-            Ok(l) if l == reply => Ok(()),
-            Ok(l) => Err(format!("answered {l:?}")),
-            Err(e) => Err(e),
+        Duration::from_secs(10),
+        &format!("{bind}:{port} to close"),
+        || match accepts_at(at(bind, port)) {
+            true => Err("still accepts".to_string()),
+            false => Ok(()),
         },
     );
 }
@@ -81,6 +88,22 @@ fn haproxy_servers(agent: &Agent, port: u16) -> Vec<HaproxyServer> {
         .filter(|((b, _), _)| *b == backend)
         .map(|((_, s), v)| (s, v))
         .collect()
+}
+
+/// Polls until both agents want the same servers: an agent publishes its state once its reload
+/// is confirmed, which may be after its old HAProxy worker closed a removed port.
+fn same_desired(a: &Agent, b: &Agent) {
+    eventually(
+        Duration::from_secs(10),
+        "both agents to want the same",
+        || {
+            let (da, db) = (a.desired().1, b.desired().1);
+            match da == db {
+                true => Ok(()),
+                false => Err(format!("A wants {da:?}\nB wants {db:?}")),
+            }
+        },
+    );
 }
 
 fn reloads(agent: &Agent) -> f64 {
@@ -150,14 +173,7 @@ fn a_change_through_either_agent_reaches_both_haproxies() {
     let r = b.signed("DELETE", &format!("/v1/frontends/{fe}"), "");
     assert_eq!(r.status, 200, "{r:?}");
     for bind in [A_BIND, B_BIND] {
-        eventually(
-            Duration::from_secs(10),
-            &format!("{bind}:{fe} closed"),
-            || match std::net::TcpStream::connect_timeout(&at(bind, fe), Duration::from_secs(1)) {
-                Ok(_) => Err("still accepts".to_string()),
-                Err(_) => Ok(()),
-            },
-        );
+        closes(bind, fe);
     }
     // Published once the reload is confirmed, which may be after the old worker closed it.
     eventually(
@@ -260,15 +276,8 @@ fn an_agent_killed_catches_up_even_past_a_compaction() {
     b.start();
     reaches(B_BIND, kept, "two", Duration::from_secs(10));
     reaches(B_BIND, new, "two", Duration::from_secs(10));
-    eventually(
-        Duration::from_secs(10),
-        "B to close the removed frontend",
-        || match std::net::TcpStream::connect_timeout(&at(B_BIND, gone), Duration::from_secs(1)) {
-            Ok(_) => Err("still accepts".to_string()),
-            Err(_) => Ok(()),
-        },
-    );
-    assert_eq!(a.desired().1, b.desired().1);
+    closes(B_BIND, gone);
+    same_desired(&a, &b);
 }
 
 #[test]
@@ -279,13 +288,23 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
     let mut b = agent_on(&etcd.url(2), "lb-b", B_BIND, &[]);
     b.share_key_of(&a);
     let (one, two) = Echo::pair("127.0.0.46", "one", "127.0.0.47", "two");
-    let fe = free_port();
+    let (fe, gone) = (free_port(), free_port());
     a.put_ok(fe, "n1", &body(&one.ip(), one.port(), json!({})), "reload");
+    a.put_ok(
+        gone,
+        "n1",
+        &body(&one.ip(), one.port(), json!({})),
+        "reload",
+    );
     reaches(B_BIND, fe, "one", Duration::from_secs(10));
+    reaches(B_BIND, gone, "one", Duration::from_secs(10));
 
     etcd.stop(2);
     a.put_ok(fe, "n1", &body(&two.ip(), two.port(), json!({})), "runtime");
     a.put_ok(fe, "n2", &body(&two.ip(), two.port(), json!({})), "runtime");
+    // A removal only a whole re-read can tell (its delete event is compacted away).
+    let r = a.signed("DELETE", &format!("/v1/frontends/{gone}"), "");
+    assert_eq!(r.status, 200, "{r:?}");
     etcd.compact();
     // While its member is away, B says so and keeps serving what it had.
     eventually(Duration::from_secs(15), "B's /healthz to name etcd", || {
@@ -299,6 +318,7 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
 
     etcd.resume(2);
     reaches(B_BIND, fe, "two", Duration::from_secs(20));
+    closes(B_BIND, gone);
     eventually(
         Duration::from_secs(10),
         "B to have both servers",
@@ -307,7 +327,7 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
             n => Err(format!("{n} servers")),
         },
     );
-    assert_eq!(a.desired().1, b.desired().1);
+    same_desired(&a, &b);
     assert!(
         b.log().contains("compacted"),
         "B re-read after the compaction:\n{}",
@@ -316,12 +336,7 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
 }
 
 fn health_exit(agent: &Agent, extra: &[&str]) -> Option<i32> {
-    lbctl()
-        .env_remove("LBAGENT_URL")
-        .args(["health", "--agent", &format!("http://{}", agent.addr)])
-        .args(extra)
-        .output()
-        .unwrap()
+    lbctl_health(&format!("http://{}", agent.addr), extra)
         .status
         .code()
 }
@@ -473,7 +488,7 @@ fn seed_from_local_moves_one_vm_into_etcd() {
     // Seeding again (the flag left in place) over a prefix that has frontends does nothing.
     a.restart();
     assert!(a.log().contains("already holds frontends"), "{}", a.log());
-    assert_eq!(a.desired().1, b.desired().1);
+    same_desired(&a, &b);
 }
 
 #[test]
@@ -513,4 +528,33 @@ fn an_agent_started_without_quorum_serves_its_last_state() {
             _ => Err(format!("{h:?}")),
         }
     });
+}
+
+#[test]
+fn two_agents_under_one_name_are_told_apart() {
+    let etcd = EtcdCluster::start(3);
+    let mut a = agent_on(&etcd.urls(), "lb-x", A_BIND, &[]);
+    let mut b = Agent::managed_with_answering(Options {
+        frontend_bind: B_BIND.into(),
+        extra: ["--etcd", &etcd.urls(), "--agent-name", "lb-x"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    eventually(Duration::from_secs(10), "B to say whose name it is", || {
+        let h = b.get("/healthz");
+        match h.status == 503 && h.body.contains("another agent is registered as `lb-x`") {
+            true => Ok(()),
+            false => Err(format!("{h:?}")),
+        }
+    });
+    // A restarted at once (kill -9: its key still lives) takes its name back: it keeps its
+    // instance id in its state directory.
+    a.kill9();
+    a.start();
+    let state = a.state();
+    assert_eq!(state["store"]["expiring"], true, "{state}");
+    let h = b.get("/healthz");
+    assert_eq!(h.status, 503, "{h:?}");
+    b.stop();
 }

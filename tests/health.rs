@@ -10,16 +10,11 @@ use std::net::TcpListener;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::agent::{eventually, lbctl, Agent};
+use common::agent::{eventually, lbctl_health, Agent};
 use common::free_port;
 
 fn health(url: &str, extra: &[&str]) -> Output {
-    lbctl()
-        .env_remove("LBAGENT_URL")
-        .args(["health", "--agent", url])
-        .args(extra)
-        .output()
-        .expect("run lbctl health")
+    lbctl_health(url, extra)
 }
 
 fn said(out: &Output) -> String {

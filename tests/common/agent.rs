@@ -509,17 +509,22 @@ pub fn through_addr(addr: SocketAddr) -> Result<String, String> {
 
 /// Polls until a connection through `port` answers `reply`.
 pub fn wait_reaches(port: u16, reply: &str, within: Duration) {
+    wait_reaches_at(SocketAddr::from(([127, 0, 0, 1], port)), reply, within)
+}
+
+/// Polls until a connection to `addr` answers `reply`.
+pub fn wait_reaches_at(addr: SocketAddr, reply: &str, within: Duration) {
     let mut last;
     let deadline = Instant::now() + within;
     loop {
-        match through(port) {
+        match through_addr(addr) {
             Ok(l) if l == reply => return,
             Ok(l) => last = format!("answered {l:?}"),
             Err(e) => last = e,
         }
         assert!(
             Instant::now() < deadline,
-            "port {port} did not reach {reply:?} within {within:?}: last {last}"
+            "{addr} did not reach {reply:?} within {within:?}: last {last}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -527,11 +532,22 @@ pub fn wait_reaches(port: u16, reply: &str, within: Duration) {
 
 /// Whether something accepts connections on 127.0.0.1:`port`.
 pub fn accepts(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(1),
-    )
-    .is_ok()
+    accepts_at(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Whether something accepts connections on `addr`.
+pub fn accepts_at(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// `lbctl health --agent URL` with `extra` flags, `LBAGENT_URL` unset.
+pub fn lbctl_health(url: &str, extra: &[&str]) -> std::process::Output {
+    lbctl()
+        .env_remove("LBAGENT_URL")
+        .args(["health", "--agent", url])
+        .args(extra)
+        .output()
+        .expect("run lbctl health")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,11 +799,25 @@ impl Agent {
     }
 
     pub fn managed_with(options: Options) -> Agent {
+        let mut a = Agent::managed_unstarted(options);
+        a.start();
+        a
+    }
+
+    /// [`Agent::managed_with`], started without waiting for `/healthz` to be 200 (an agent
+    /// expected to start unhealthy).
+    pub fn managed_with_answering(options: Options) -> Agent {
+        let mut a = Agent::managed_unstarted(options);
+        a.start_answering();
+        a
+    }
+
+    fn managed_unstarted(options: Options) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().canonicalize().unwrap();
         let state_dir = root.join("state");
         let hdir = state_dir.join("haproxy");
-        let mut a = Agent {
+        Agent {
             keys_path: state_dir.join("keys.toml"),
             admin: hdir.join("admin.sock"),
             master: hdir.join("master.sock"),
@@ -804,9 +834,7 @@ impl Agent {
             child: None,
             haproxy: None,
             starts: 0,
-        };
-        a.start();
-        a
+        }
     }
 
     /// An attached agent: the harness starts HAProxy (`-W -S master.sock -f main.cfg -f
