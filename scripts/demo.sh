@@ -12,13 +12,18 @@ export PATH="$PATH:/usr/sbin"
 keep=false
 [ "${1:-}" = "--keep" ] && keep=true
 
-if ! command -v haproxy >/dev/null 2>&1; then
+# haproxy to run, protoc (and protobuf's own .proto files) to build the etcd client.
+missing=()
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+[ -d /usr/include/google/protobuf ] || missing+=(libprotobuf-dev)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "demo: installing haproxy (apt-get)"
+        echo "demo: installing ${missing[*]} (apt-get)"
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "demo: haproxy is missing; run: sudo apt-get install -y haproxy" >&2
+        echo "demo: missing ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
 fi
