@@ -13,7 +13,10 @@
 //!   HAProxy keeps routing; with quorum back, changes flow again;
 //! - a registration expires once over all agents, renewals through the other agent count;
 //! - an agent started while etcd has no quorum serves the last state it applied;
-//! - `--seed-from-local` moves one VM's journal into an empty prefix.
+//! - `--seed-from-local` moves one VM's journal into an empty prefix;
+//! - a second agent under a name another holds is refused; etcd over TLS with a client
+//!   certificate, and with a user and password, works, and a certificate of another CA stops an
+//!   agent with nothing to start from.
 
 mod common;
 
@@ -557,4 +560,139 @@ fn two_agents_under_one_name_are_told_apart() {
     let h = b.get("/healthz");
     assert_eq!(h.status, 503, "{h:?}");
     b.stop();
+}
+
+/// Runs `lbagent` with `args` until it exits (an agent that must refuse to start), 30 s at most.
+fn refused_start(args: &[String]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lbagent"))
+        .args(args)
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            assert!(!status.success(), "started");
+            return String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lbagent did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
+    use common::ca::{write_mode, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test etcd CA");
+    let file = |name: &str, text: &str, mode| {
+        let path = dir.path().join(name);
+        write_mode(&path, text, mode);
+        path
+    };
+    let server = ca.leaf(&["127.0.0.1", "localhost"], false);
+    let client = ca.leaf(&["lbagent"], false);
+    let tls = common::etcd::EtcdTls {
+        ca: file("ca.pem", &ca.pem(), 0o644),
+        server_cert: file("server.pem", &server.cert, 0o644),
+        server_key: file("server-key.pem", &server.key, 0o600),
+        client_cert: file("client.pem", &client.cert, 0o644),
+        client_key: file("client-key.pem", &client.key, 0o600),
+    };
+    let mut etcd = EtcdCluster::start_with(1, Some(tls.clone()));
+    let path = |p: &std::path::Path| p.display().to_string();
+    let tls_flags = vec![
+        "--etcd-ca-file".to_string(),
+        path(&tls.ca),
+        "--etcd-cert".into(),
+        path(&tls.client_cert),
+        "--etcd-key".into(),
+        path(&tls.client_key),
+    ];
+    let flags: Vec<&str> = tls_flags.iter().map(String::as_str).collect();
+    let echo = Echo::start("127.0.0.54", "tls");
+    let fe = free_port();
+    {
+        let a = agent_on(&etcd.url(0), "lb-a", A_BIND, &flags);
+        a.put_ok(
+            fe,
+            "n1",
+            &body(&echo.ip(), echo.port(), json!({})),
+            "reload",
+        );
+        let value = etcd
+            .get(&format!("/lbagent/frontends/{fe}"))
+            .expect("stored");
+        assert!(value.contains(&echo.port().to_string()), "{value}");
+    }
+
+    // Another CA's certificate: etcd refuses it, and an agent with nothing to start from
+    // says so and stops.
+    let other = Ca::new("another CA");
+    let stranger = other.leaf(&["lbagent"], false);
+    let (cert, key) = (
+        file("stranger.pem", &stranger.cert, 0o644),
+        file("stranger-key.pem", &stranger.key, 0o600),
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let err = refused_start(&[
+        "--state-dir".into(),
+        path(fresh.path()),
+        "--listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--etcd".into(),
+        etcd.url(0),
+        "--etcd-ca-file".into(),
+        path(&tls.ca),
+        "--etcd-cert".into(),
+        path(&cert),
+        "--etcd-key".into(),
+        path(&key),
+    ]);
+    assert!(err.contains("etcd"), "{err}");
+
+    // etcd's own authentication: a user and a password from a 0600 file.
+    etcd.ctl(&["user", "add", "root", "--new-user-password=s3cret"])
+        .unwrap();
+    etcd.ctl(&["auth", "enable"]).unwrap();
+    etcd.ctl_user = Some("root:s3cret".into());
+    let password = file("password", "s3cret\n", 0o600);
+    let mut with_password = tls_flags.clone();
+    with_password.extend([
+        "--etcd-user".to_string(),
+        "root".into(),
+        "--etcd-password-file".into(),
+        path(&password),
+    ]);
+    let flags: Vec<&str> = with_password.iter().map(String::as_str).collect();
+    let b = agent_on(&etcd.url(0), "lb-b", B_BIND, &flags);
+    reaches(B_BIND, fe, "tls", Duration::from_secs(10));
+    let r = b.signed("DELETE", &format!("/v1/frontends/{fe}"), "");
+    assert_eq!(r.status, 200, "a change stored with the password: {r:?}");
+    assert_eq!(etcd.get(&format!("/lbagent/frontends/{fe}")), None);
+    let open_password = file("open-password", "s3cret\n", 0o644);
+    let err = refused_start(&[
+        "--state-dir".into(),
+        path(fresh.path()),
+        "--etcd".into(),
+        etcd.url(0),
+        "--etcd-user".into(),
+        "root".into(),
+        "--etcd-password-file".into(),
+        path(&open_password),
+    ]);
+    assert!(
+        err.contains("--etcd-password-file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    etcd.stop(0);
 }

@@ -28,11 +28,30 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<EtcdTls>,
+    /// `user:password` for etcdctl, once authentication is on.
+    pub ctl_user: Option<String>,
+}
+
+/// TLS on the members' client URLs, with client certificates required: PEM files.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// What etcdctl presents.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster commits a write.
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(n, None)
+    }
+
+    /// [`Self::start`], with TLS on the client URLs when `tls` is given.
+    pub fn start_with(n: usize, tls: Option<EtcdTls>) -> EtcdCluster {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: apt-get install etcd-server etcd-client (.ci/run does)"
@@ -57,6 +76,8 @@ impl EtcdCluster {
             dir,
             members,
             initial_cluster,
+            tls,
+            ctl_user: None,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -73,9 +94,20 @@ impl EtcdCluster {
             .append(true)
             .open(&m.log)
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(ETCD)
+        let mut cmd = Command::new(ETCD);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data)
             .args([
@@ -117,7 +149,8 @@ impl EtcdCluster {
 
     /// Member `i`'s client URL.
     pub fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client)
     }
 
     /// Stops member `i` (SIGTERM).
@@ -138,11 +171,23 @@ impl EtcdCluster {
             .filter(|i| self.members[*i].child.is_some())
             .map(|i| self.url(i))
             .collect();
-        let out = Command::new(ETCDCTL)
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new(ETCDCTL);
+        cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(endpoints.join(","))
-            .args(["--command-timeout", "3s"])
+            .args(["--command-timeout", "3s"]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        if let Some(user) = &self.ctl_user {
+            cmd.args(["--user", user]);
+        }
+        let out = cmd
             .args(args)
             .output()
             .map_err(|e| format!("cannot run {ETCDCTL}: {e}"))?;

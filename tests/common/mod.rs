@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod ca;
 pub mod etcd;
 pub mod flood;
 pub mod netns;
