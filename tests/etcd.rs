@@ -696,3 +696,46 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     );
     etcd.stop(0);
 }
+
+#[test]
+fn an_agent_whose_haproxy_cannot_take_a_change_says_so_and_retries() {
+    let (_etcd, a, b) = pair(&[]);
+    let echo = Echo::start("127.0.0.55", "late");
+    let fe = free_port();
+    // Something else listens on B's address and this port: B cannot bind the new frontend.
+    let squatter = std::net::TcpListener::bind(at(B_BIND, fe)).unwrap();
+    a.put_ok(
+        fe,
+        "n1",
+        &body(&echo.ip(), echo.port(), json!({})),
+        "reload",
+    );
+    reaches(A_BIND, fe, "late", Duration::from_secs(1));
+    eventually(Duration::from_secs(15), "B's /healthz to say why", || {
+        let h = b.get("/healthz");
+        match h.status == 503 && h.body.contains(&format!("frontend {fe} from etcd")) {
+            true => Ok(()),
+            false => Err(format!("{h:?}")),
+        }
+    });
+    // A goes on meanwhile.
+    let other = free_port();
+    a.put_ok(
+        other,
+        "n1",
+        &body(&echo.ip(), echo.port(), json!({})),
+        "reload",
+    );
+    reaches(B_BIND, other, "late", Duration::from_secs(10));
+    // The port freed, B's next try takes it.
+    drop(squatter);
+    reaches(B_BIND, fe, "late", Duration::from_secs(30));
+    eventually(Duration::from_secs(15), "B's /healthz 200", || {
+        let h = b.get("/healthz");
+        match h.status {
+            200 => Ok(()),
+            _ => Err(format!("{h:?}")),
+        }
+    });
+    same_desired(&a, &b);
+}
