@@ -15,12 +15,14 @@
 //!
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
 //! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
-//! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit.
+//! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit;
+//!   the start-time reload when the managed file's listeners differ from what is rendered.
 //! - `ports.rs`: ports the agent does not own (HAProxy's own sections and sockets, the API's),
 //!   refused before a new frontend's reload, and reported when an operator binds one later.
 //! - `observe.rs`: the timer: drift repair, the rounds of draining servers, lease expiry.
 //! - `leases.rs`: the lease clocks; `drain.rs`: deleted servers waiting for their last
 //!   connection.
+//! - `health.rs`: what `/healthz` says, published after every turn of the owner.
 //! - `follow.rs`: with etcd, other agents' changes from the watch, retried when HAProxy did not
 //!   take one, and the heartbeats the agents exchange.
 //! - `view.rs`: the read model of `GET /v1/frontends`, answered without the owner.
@@ -50,6 +52,7 @@ use crate::store::{CommitError, RemoteFrontend, StateStore, Store, StoreEvent, S
 mod commit;
 mod drain;
 mod follow;
+mod health;
 mod leases;
 mod observe;
 mod ports;
@@ -58,6 +61,7 @@ mod view;
 mod writer;
 
 use drain::Draining;
+pub use health::{Health, StoreHealth};
 use leases::Leases;
 pub use ports::PortOwners;
 use writer::ConfigWriter;
@@ -112,52 +116,6 @@ pub enum ApplyError {
     StoreUnavailable(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
-}
-
-/// What `/healthz` reports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Health {
-    pub haproxy: &'static str,
-    pub in_sync: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub drift: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub generation: u64,
-    /// Deleted servers still in HAProxy, in maintenance, until their last connection ends.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub draining: Vec<String>,
-    /// Set while lease expiry is suspended: why.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub leases_suspended: Option<String>,
-    /// Ports of the agent's frontends that HAProxy's own configuration binds too (added after
-    /// the agent's frontend): HAProxy splits their connections. Checked at each reload. Only
-    /// the ports: `/healthz` is unauthenticated, and which file and line of the operator's
-    /// bind them is for the log.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub port_conflicts: Vec<u16>,
-    /// Where the desired state lives, and with etcd whether it answers.
-    pub store: StoreHealth,
-}
-
-/// The store as `/healthz` and `GET /v1/frontends` show it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct StoreHealth {
-    pub kind: StoreKind,
-    /// etcd: the revision this agent has applied up to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revision: Option<i64>,
-    /// etcd: why it cannot be used now.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// etcd: this agent's name, the agents registered (oldest first), and whether this one
-    /// expires registrations for all.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub agents: Vec<crate::store::etcd::AgentSeen>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub expiring: bool,
 }
 
 /// A server as `GET /v1/frontends` shows it: desired, and what HAProxy reports.
@@ -730,146 +688,10 @@ impl Owner {
         }
     }
 
-    /// At start: when the managed file's listeners are not what this agent renders for the same
-    /// state (it was started with another `--frontend-bind`, a new version renders frontends
-    /// differently, or it died between a settings reload and storing it), HAProxy serves the old
-    /// ones, and nothing but a reload changes them: one validated, confirmed reload, rolled back
-    /// on failure and then retried on the timer (see [`Self::retry_listeners`]). Servers alone
-    /// differing is the first reconcile's job, with no reload.
-    async fn reload_if_listeners_changed(&mut self) {
-        if self.state.frontends.is_empty() {
-            return;
-        }
-        let text = render_managed(&self.state, &self.render);
-        let on_disk = {
-            let files = self.files.lock().await;
-            files.files.read_managed().await.ok().flatten()
-        };
-        if crate::render::same_listeners(&on_disk.unwrap_or_default(), &text) {
-            return;
-        }
-        self.client.disconnect();
-        if self.client.show_info().await.is_err() {
-            // HAProxy is away: it reads the file the writer leaves when it starts.
-            return;
-        }
-        tracing::info!("the managed file's frontends differ from what this agent renders for the same state (another --frontend-bind, a new version, or a settings change not stored): reloading once");
-        self.reload_listeners(REPAIR_FIRST).await;
-    }
-
-    /// Reloads with every frontend as the state renders it; on failure keeps why, and when to
-    /// try again (`backoff`, doubling up to a minute), in [`Owner::listeners_retry`]: the writer
-    /// puts the new file in place meanwhile, so neither the file nor a later start would tell.
-    async fn reload_listeners(&mut self, backoff: Duration) {
-        self.files.lock().await.written = None;
-        let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
-        match self.reload_to_current(&ports).await {
-            Ok(()) => {
-                if self.listeners_retry.take().is_some() {
-                    tracing::info!("HAProxy took the frontends as this agent renders them");
-                }
-            }
-            Err(why) => {
-                self.metrics.reload_failures.inc();
-                tracing::error!(error = %why, retry_in_s = backoff.as_secs(), "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
-                self.listeners_retry = Some(ListenersRetry {
-                    error: format!(
-                        "HAProxy serves frontends other than the agent renders: a reload to them failed: {why}"
-                    ),
-                    next: Instant::now() + backoff,
-                    backoff,
-                });
-            }
-        }
-    }
-
-    /// The timer's part: a failed start-time reload of the listeners, tried again when due.
-    pub(super) async fn retry_listeners(&mut self) {
-        let Some(r) = &self.listeners_retry else {
-            return;
-        };
-        if Instant::now() < r.next {
-            return;
-        }
-        let backoff = (r.backoff * 2).min(REPAIR_MAX);
-        self.reload_listeners(backoff).await;
-    }
-
     /// Publishes the desired state for readers and the config writer: after each commit.
     /// Cheap: the frontends are shared, not copied (see [`DesiredState::frontends`]).
     fn publish_desired(&mut self) {
         self.desired_tx.send_replace(Arc::new(self.state.clone()));
-    }
-
-    /// Publishes the health `/healthz` answers with, when it changed, and the draining gauge
-    /// beside the list it counts.
-    fn publish(&mut self) {
-        self.metrics
-            .servers_draining
-            .set(self.draining.len() as i64);
-        let now = self.health();
-        self.health_tx.send_if_modified(|h| {
-            let changed = *h != now;
-            if changed {
-                *h = now;
-            }
-            changed
-        });
-    }
-
-    /// Why etcd cannot take changes now: it does not answer, or did not take a commit and has
-    /// not answered a quorum read since. `None` with the journal.
-    fn store_down(&self, etcd: Option<&crate::store::EtcdStatus>) -> Option<String> {
-        let etcd = etcd?;
-        etcd.unanswered.clone().or_else(|| {
-            self.store_unavailable
-                .as_ref()
-                .filter(|(_, at)| etcd.answered_at < Some(*at))
-                .map(|(why, _)| why.clone())
-        })
-    }
-
-    fn health(&self) -> Health {
-        let etcd = self.store.as_ref().and_then(StateStore::etcd_status);
-        // Changes are refused meanwhile, or other agents' changes may not arrive (a watch
-        // starting again): not in sync.
-        let store_down = self
-            .store_down(etcd.as_ref())
-            .or_else(|| etcd.as_ref().and_then(|e| e.error.clone()));
-        Health {
-            haproxy: if self.haproxy_up { "up" } else { "down" },
-            // A closed store refuses every change: not healthy, whatever HAProxy does.
-            in_sync: self.haproxy_up
-                && !self.out_of_sync
-                && self.store_error.is_none()
-                && store_down.is_none()
-                && self.remote_retry.is_none()
-                && self.listeners_retry.is_none(),
-            drift: self.drift.clone(),
-            error: self
-                .store_error
-                .clone()
-                .or_else(|| store_down.clone())
-                .or_else(|| self.remote_retry.as_ref().map(|r| r.error.clone()))
-                .or_else(|| self.listeners_retry.as_ref().map(|r| r.error.clone()))
-                .or_else(|| self.repair_error.clone())
-                .or_else(|| self.last_error.clone()),
-            generation: self.state.generation,
-            draining: self.draining.names(),
-            leases_suspended: self.leases_suspended.clone(),
-            port_conflicts: self.port_conflicts.iter().map(|(p, _)| *p).collect(),
-            store: StoreHealth {
-                kind: self
-                    .store
-                    .as_ref()
-                    .map_or(StoreKind::Journal, StateStore::kind),
-                revision: etcd.as_ref().map(|_| self.etcd_revision),
-                error: store_down,
-                agent: etcd.as_ref().map(|e| e.name.clone()),
-                expiring: etcd.as_ref().is_some_and(|e| e.expiring),
-                agents: etcd.map(|e| e.agents).unwrap_or_default(),
-            },
-        }
     }
 
     /// The policy step of a change: the key's scope, against the frontend as it is now, then

@@ -1,9 +1,75 @@
 //! The reload path: the changes of a group that add or remove a frontend, coalesced into one
-//! validated, confirmed reload, with the culprits of a failed one found and refused alone.
+//! validated, confirmed reload, with the culprits of a failed one found and refused alone; and
+//! the start-time reload when the managed file's listeners are not what this agent renders.
 
 use super::*;
 
 impl Owner {
+    /// At start: when the managed file's listeners are not what this agent renders for the same
+    /// state (it was started with another `--frontend-bind`, a new version renders frontends
+    /// differently, or it died between a settings reload and storing it), HAProxy serves the old
+    /// ones, and nothing but a reload changes them: one validated, confirmed reload, rolled back
+    /// on failure and then retried on the timer (see [`Self::retry_listeners`]). Servers alone
+    /// differing is the first reconcile's job, with no reload.
+    pub(super) async fn reload_if_listeners_changed(&mut self) {
+        if self.state.frontends.is_empty() {
+            return;
+        }
+        let text = render_managed(&self.state, &self.render);
+        let on_disk = {
+            let files = self.files.lock().await;
+            files.files.read_managed().await.ok().flatten()
+        };
+        if crate::render::same_listeners(&on_disk.unwrap_or_default(), &text) {
+            return;
+        }
+        self.client.disconnect();
+        if self.client.show_info().await.is_err() {
+            // HAProxy is away: it reads the file the writer leaves when it starts.
+            return;
+        }
+        tracing::info!("the managed file's frontends differ from what this agent renders for the same state (another --frontend-bind, a new version, or a settings change not stored): reloading once");
+        self.reload_listeners(REPAIR_FIRST).await;
+    }
+
+    /// Reloads with every frontend as the state renders it; on failure keeps why, and when to
+    /// try again (`backoff`, doubling up to a minute), in [`Owner::listeners_retry`]: the writer
+    /// puts the new file in place meanwhile, so neither the file nor a later start would tell.
+    pub(super) async fn reload_listeners(&mut self, backoff: Duration) {
+        self.files.lock().await.written = None;
+        let ports: BTreeSet<u16> = self.state.frontends.keys().copied().collect();
+        match self.reload_to_current(&ports).await {
+            Ok(()) => {
+                if self.listeners_retry.take().is_some() {
+                    tracing::info!("HAProxy took the frontends as this agent renders them");
+                }
+            }
+            Err(why) => {
+                self.metrics.reload_failures.inc();
+                tracing::error!(error = %why, retry_in_s = backoff.as_secs(), "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
+                self.listeners_retry = Some(ListenersRetry {
+                    error: format!(
+                        "HAProxy serves frontends other than the agent renders: a reload to them failed: {why}"
+                    ),
+                    next: Instant::now() + backoff,
+                    backoff,
+                });
+            }
+        }
+    }
+
+    /// The timer's part: a failed start-time reload of the listeners, tried again when due.
+    pub(super) async fn retry_listeners(&mut self) {
+        let Some(r) = &self.listeners_retry else {
+            return;
+        };
+        if Instant::now() < r.next {
+            return;
+        }
+        let backoff = (r.backoff * 2).min(REPAIR_MAX);
+        self.reload_listeners(backoff).await;
+    }
+
     /// The group's changes that add or remove a frontend join the queue of reload sets, all in
     /// one set: one reload for all of them. The owner loop runs one set per turn
     /// ([`Self::next_reload_set`]) and reads its channel in between, so runtime changes to

@@ -1,0 +1,209 @@
+//! The agent's own keys (`agents/<name>`, `renewals/<name>`) on a lease kept alive, and the
+//! probe: a quorum read every few seconds that says whether etcd answers and who runs.
+
+use super::*;
+
+/// The agent's own keys: `agents/<name>` and `renewals/<name>` on a lease kept alive, and a
+/// quorum read every [`PROBE_EVERY`] that says whether etcd answers and lists the agents.
+pub(super) struct Registrar {
+    pub(super) client: Client,
+    pub(super) prefix: String,
+    pub(super) me: AgentSeen,
+    pub(super) status: Arc<watch::Sender<EtcdStatus>>,
+    pub(super) health: Arc<std::sync::Mutex<Health>>,
+    pub(super) metrics: EtcdMetrics,
+}
+
+impl Registrar {
+    pub(super) async fn run(
+        self,
+        mut renewals: mpsc::Receiver<Vec<Renewal>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let result = tokio::select! {
+                r = self.registered(&mut renewals) => r,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(why) = result {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %why, "etcd: this agent's registration lapsed; registering again");
+                let mut h = self.health.lock().expect("health lock");
+                h.register = Some(why);
+                publish_health(&self.status, &h);
+                // Not registered: another agent may be the oldest now.
+                self.status.send_modify(|s| {
+                    s.expiring = false;
+                    s.lease = None;
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_AFTER) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn agent_key(&self) -> String {
+        format!("{}agents/{}", self.prefix, self.me.name)
+    }
+
+    fn renewals_key(&self) -> String {
+        format!("{}renewals/{}", self.prefix, self.me.name)
+    }
+
+    /// Registers on a new lease, then keeps it alive, writes renewals as they come and probes,
+    /// until something fails.
+    async fn registered(&self, renewals: &mut mpsc::Receiver<Vec<Renewal>>) -> Result<(), String> {
+        let client = &self.client;
+        let lease = timed("granting this agent's lease", CALL_TIMEOUT, || {
+            let mut client = client.clone();
+            async move { client.lease_grant(AGENT_TTL, None).await }
+        })
+        .await?
+        .id();
+        self.claim_name(lease).await?;
+        let (mut keeper, mut answers) = timed("keeping this agent's lease", CALL_TIMEOUT, || {
+            let mut client = client.clone();
+            async move { client.lease_keep_alive(lease).await }
+        })
+        .await?;
+        {
+            let mut h = self.health.lock().expect("health lock");
+            h.register = None;
+            publish_health(&self.status, &h);
+        }
+        self.status.send_modify(|s| s.lease = Some(lease));
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.probe().await;
+                    keeper.keep_alive().await.map_err(|e| etcd_error("keeping this agent's lease", e))?;
+                    let answer = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+                        .await
+                        .map_err(|_| etcd_error("keeping this agent's lease", "no answer"))?
+                        .map_err(|e| etcd_error("keeping this agent's lease", e))?;
+                    match answer {
+                        Some(a) if a.ttl() > 0 => {}
+                        _ => return Err("etcd: this agent's lease expired".into()),
+                    }
+                }
+                batch = renewals.recv() => {
+                    let Some(mut batch) = batch else { return Ok(()) };
+                    while let Ok(more) = renewals.try_recv() {
+                        batch.extend(more);
+                    }
+                    let value = serde_json::to_vec(&batch).expect("renewals serialize");
+                    let key = self.renewals_key();
+                    timed("writing this agent's renewals", CALL_TIMEOUT, || {
+                        let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+                        async move {
+                            client
+                                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                                .await
+                        }
+                    })
+                    .await?;
+                }
+            }
+        }
+    }
+
+    /// Puts `agents/<name>` on `lease`, unless another agent holds the name: two agents under
+    /// one name would both think they expire registrations, and skip each other's renewals.
+    /// The same agent restarted (its instance id is kept in its state directory) takes its key
+    /// back at once.
+    async fn claim_name(&self, lease: i64) -> Result<(), String> {
+        let key = self.agent_key();
+        let me = serde_json::to_vec(&self.me).expect("an agent serializes");
+        let put = || {
+            TxnOp::put(
+                key.clone(),
+                me.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![put()])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let client = &self.client;
+        let resp = timed("registering this agent", CALL_TIMEOUT, || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let holder: Option<AgentSeen> = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice(kv.value()).ok()),
+            _ => None,
+        });
+        match holder {
+            Some(h) if h.instance != self.me.instance => Err(format!(
+                "etcd: another agent is registered as `{}` (listening on {}): give each agent \
+                 its own --agent-name",
+                h.name, h.listen
+            )),
+            _ => {
+                let txn = Txn::new().and_then(vec![put()]);
+                timed("registering this agent", CALL_TIMEOUT, || {
+                    let (mut client, txn) = (client.clone(), txn.clone());
+                    async move { client.txn(txn).await }
+                })
+                .await
+                .map(|_| ())
+            }
+        }
+    }
+
+    /// A quorum read of the agents' keys: whether etcd answers, who runs, who expires.
+    async fn probe(&self) {
+        let key = format!("{}agents/", self.prefix);
+        let oldest_first = GetOptions::new().with_prefix().with_sort(
+            etcd_client::SortTarget::Create,
+            etcd_client::SortOrder::Ascend,
+        );
+        let read = timed("reading the agents", CALL_TIMEOUT, || {
+            let (mut client, key, options) =
+                (self.client.clone(), key.clone(), oldest_first.clone());
+            async move { client.get(key, Some(options)).await }
+        })
+        .await;
+        let mut h = self.health.lock().expect("health lock");
+        match read {
+            Ok(resp) => {
+                h.probe = None;
+                let mut agents: Vec<AgentSeen> = resp
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                    .collect();
+                if let Some(first) = agents.first_mut() {
+                    first.expiring = true;
+                }
+                let expiring = agents.first().is_some_and(|a| a.name == self.me.name);
+                self.status.send_modify(|s| {
+                    s.agents = agents;
+                    s.expiring = expiring;
+                    s.answered_at = Some(Instant::now());
+                });
+            }
+            Err(why) => {
+                self.metrics.errors.inc();
+                if h.probe.is_none() {
+                    tracing::warn!(error = %why, "etcd does not answer");
+                }
+                h.probe = Some(why);
+                // Without etcd nobody can tell who expires: nobody does.
+                self.status.send_modify(|s| s.expiring = false);
+            }
+        }
+        publish_health(&self.status, &h);
+    }
+}
