@@ -28,7 +28,8 @@ impl ReloadPorts {
         )
     }
 
-    /// The ports.
+    /// The ports, for a whole re-read from etcd: a frontend only a queued set would create is
+    /// one the re-read may have to remove.
     pub(super) fn ports(&self) -> &BTreeSet<u16> {
         &self.0
     }
@@ -194,7 +195,16 @@ impl Owner {
             .map(|a| a.change.clone())
             .collect();
         let commits_first = self.store.as_ref().is_some_and(StateStore::commits_first);
-        if commits_first {
+        if commits_first && !changed.is_empty() {
+            // etcd known to be away: refused at once, not after the commit's deadline, which
+            // would hold every other request (and the watch, and the timer) for as long.
+            let etcd = self.store.as_ref().and_then(StateStore::etcd_status);
+            if let Some(why) = self.store_down(etcd.as_ref()) {
+                self.undo_group(&accepted);
+                return self
+                    .not_stored(accepted, CommitError::Unavailable(why))
+                    .await;
+            }
             if let Err(e) = self.store_commit(&changed).await {
                 self.undo_group(&accepted);
                 return self.not_stored(accepted, e).await;
@@ -276,8 +286,20 @@ impl Owner {
             }
             CommitError::Unavailable(why) => {
                 self.store_unavailable = Some((why.clone(), Instant::now()));
+                let generation = self.state.generation;
                 for a in accepted {
-                    let _ = a.reply.send(Err(ApplyError::StoreUnavailable(why.clone())));
+                    // A heartbeat that changes nothing has nothing to store: still a 200.
+                    let answer = match a.effect {
+                        Effect::Unchanged => Ok(ApplyOk {
+                            applied: Applied::Unchanged,
+                            generation,
+                            refused: None,
+                            transition: a.transition,
+                            reload_for: None,
+                        }),
+                        _ => Err(ApplyError::StoreUnavailable(why.clone())),
+                    };
+                    let _ = a.reply.send(answer);
                 }
                 None
             }
@@ -298,6 +320,14 @@ impl Owner {
     /// Counts a lost commit against a change: the requester back, to try again, or `None`
     /// once it lost too often (then it is answered).
     pub(super) fn lost_once(&mut self, mut reply: Requester, port: u16) -> Option<Requester> {
+        if reply.origin == Origin::Own {
+            // A lease's delete: the frontend changed meanwhile (the node may just have
+            // registered again); the next look at the clocks decides again.
+            let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(
+                "etcd: frontend {port} changed under the agent's own change"
+            ))));
+            return None;
+        }
         reply.conflicts += 1;
         if reply.conflicts >= MAX_CONFLICTS {
             let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(

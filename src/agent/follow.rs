@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// How often this agent's heartbeats are published at most.
+const RENEWALS_EVERY: Duration = Duration::from_secs(1);
+
 impl Owner {
     /// A batch from the watch: the frontends it brings become changes from etcd, in one group
     /// (so new frontends share one reload); another agent's heartbeats move the lease clocks.
@@ -45,8 +48,7 @@ impl Owner {
             }
             StoreEvent::Renewals { agent, renewals } => {
                 tracing::trace!(agent, count = renewals.len(), "renewals from another agent");
-                self.leases
-                    .merge(&renewals, Instant::now(), crate::clock::unix_millis());
+                self.leases.merge(&renewals, Instant::now());
             }
         }
     }
@@ -70,7 +72,6 @@ impl Owner {
                 self.compare_with_etcd().await;
             }
         }
-        self.publish_renewals();
     }
 
     /// Looks at the answers of changes from etcd that are in.
@@ -89,15 +90,7 @@ impl Owner {
             });
         if let Some(error) = failed {
             tracing::error!(error = %error, "HAProxy did not take a change another agent stored; trying again with backoff");
-            let backoff = self
-                .remote_retry
-                .as_ref()
-                .map_or(REPAIR_FIRST, |r| (r.backoff * 2).min(REPAIR_MAX));
-            self.remote_retry = Some(ListenersRetry {
-                error,
-                next: Instant::now() + backoff,
-                backoff,
-            });
+            self.remote_retry = Some(Retry::after(self.remote_retry.as_ref(), error));
         }
     }
 
@@ -142,13 +135,18 @@ impl Owner {
         self.apply_changes(group).await;
     }
 
-    /// Publishes the heartbeats this agent received since the last tick, for the expiring
-    /// agent: each tick, so a renewal reaches it within a tick or two, well before the third
-    /// of a lease after which a registration counts as late.
-    fn publish_renewals(&mut self) {
+    /// Publishes the heartbeats this agent received since it last did, for the expiring agent:
+    /// after any turn of the owner once [`RENEWALS_EVERY`] has passed (not on the timer, which
+    /// a steady stream of requests keeps from firing), so a renewal reaches the expiring agent
+    /// within about a second, well before a third of any lease.
+    pub(super) fn publish_renewals(&mut self) {
         let Some(StateStore::Etcd(store)) = &self.store else {
             return;
         };
+        if self.renewals_at.elapsed() < RENEWALS_EVERY {
+            return;
+        }
+        self.renewals_at = Instant::now();
         let heard = self.leases.take_heard();
         if heard.is_empty() {
             return;

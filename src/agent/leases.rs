@@ -91,14 +91,15 @@ impl Leases {
         self.renew(frontend_port, node, now);
     }
 
-    /// Heartbeats another agent received: each clock moves to the newest renewal, never back.
-    pub fn merge(&mut self, renewals: &[Renewal], now: Instant, now_ms: u64) {
+    /// Heartbeats another agent received, each counted as renewed `now`, when its news arrives
+    /// (a second or so after the heartbeat): later than it was, never earlier, whatever the
+    /// two VMs' clocks say. A clock never moves back.
+    pub fn merge(&mut self, renewals: &[Renewal], now: Instant) {
         if self.lease.is_none() {
             return;
         }
         for r in renewals {
-            let ago = Duration::from_millis(now_ms.saturating_sub(r.at_ms));
-            let at = now.checked_sub(ago).unwrap_or(now);
+            let at = now;
             let clocks = self.renewed.entry(r.port).or_default();
             match clocks.get_mut(&r.node) {
                 Some(t) => *t = (*t).max(at),

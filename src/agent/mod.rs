@@ -174,6 +174,9 @@ pub struct AgentHandle {
     /// The desired state as of the last change the owner committed.
     desired: watch::Receiver<Arc<DesiredState>>,
     observer: Arc<view::Observer>,
+    /// etcd's status straight from its tasks: while the owner waits on etcd (up to a commit's
+    /// deadline), `/healthz` already says that etcd does not answer.
+    etcd: Option<watch::Receiver<crate::store::EtcdStatus>>,
 }
 
 impl AgentHandle {
@@ -222,7 +225,17 @@ impl AgentHandle {
         if self.tx.is_closed() {
             return None;
         }
-        Some(self.health.borrow().clone())
+        let mut health = self.health.borrow().clone();
+        if let Some(down) = self
+            .etcd
+            .as_ref()
+            .and_then(|e| e.borrow().unanswered.clone())
+        {
+            health.in_sync = false;
+            health.store.error.get_or_insert_with(|| down.clone());
+            health.error.get_or_insert(down);
+        }
+        Some(health)
     }
 }
 
@@ -376,12 +389,14 @@ struct Owner {
     remote_answers: Vec<(u16, oneshot::Receiver<Result<ApplyOk, ApplyError>>)>,
     /// etcd: a change from etcd HAProxy did not take, and when all of etcd is compared with
     /// the state again.
-    remote_retry: Option<ListenersRetry>,
+    remote_retry: Option<Retry>,
     /// etcd: why a commit could not reach it, and when; until a commit or a quorum read after
     /// it succeeds.
     store_unavailable: Option<(String, Instant)>,
     /// etcd: the newest revision applied (by the watch or this agent's own commits).
     etcd_revision: i64,
+    /// etcd: when this agent's heartbeats were last published.
+    renewals_at: Instant,
 
     store_dir: std::path::PathBuf,
     client: RuntimeClient,
@@ -444,14 +459,28 @@ struct Owner {
     unseen_haproxy_told: std::sync::atomic::AtomicBool,
     /// Set while HAProxy serves other listeners than the agent renders (a start-time reload
     /// failed): not in sync, and retried.
-    listeners_retry: Option<ListenersRetry>,
+    listeners_retry: Option<Retry>,
 }
 
-/// A reload to the listeners the agent renders that failed, and when to try again.
-struct ListenersRetry {
+/// Something that failed and is tried again with backoff (a reload to the listeners the agent
+/// renders; a change from etcd HAProxy did not take): why, and when next.
+struct Retry {
     error: String,
     next: Instant,
     backoff: Duration,
+}
+
+impl Retry {
+    /// The next try after `previous` (doubling its pause up to [`REPAIR_MAX`]), or the first
+    /// (after [`REPAIR_FIRST`]).
+    fn after(previous: Option<&Retry>, error: String) -> Retry {
+        let backoff = previous.map_or(REPAIR_FIRST, |r| (r.backoff * 2).min(REPAIR_MAX));
+        Retry {
+            error,
+            next: Instant::now() + backoff,
+            backoff,
+        }
+    }
 }
 
 /// First pause after a repair reload that did not work (frontends HAProxy lacks, or listeners
@@ -481,6 +510,7 @@ pub fn spawn(
     let leases = Leases::new(parts.lease, &parts.state, Instant::now());
     let mut store = parts.store;
     let store_events = store.take_events();
+    let etcd = store.etcd_status_watch();
     let (health_tx, health) = watch::channel(Health {
         haproxy: "down",
         in_sync: false,
@@ -509,6 +539,7 @@ pub fn spawn(
         remote_retry: None,
         store_unavailable: None,
         etcd_revision,
+        renewals_at: Instant::now(),
 
         client: parts.client,
         files: files.clone(),
@@ -554,6 +585,7 @@ pub fn spawn(
         health,
         desired: desired.clone(),
         observer,
+        etcd,
     };
     let writer = ConfigWriter {
         files,
@@ -651,6 +683,7 @@ impl Owner {
                 self.next_reload_set().await;
             }
             self.publish();
+            self.publish_renewals();
         }
         // Finish what is queued: every request that got in is answered.
         rx.close();

@@ -47,7 +47,7 @@ impl Owner {
             Err(why) => {
                 self.metrics.reload_failures.inc();
                 tracing::error!(error = %why, retry_in_s = backoff.as_secs(), "could not reload with the frontends as this agent renders them; HAProxy keeps serving the previous ones");
-                self.listeners_retry = Some(ListenersRetry {
+                self.listeners_retry = Some(Retry {
                     error: format!(
                         "HAProxy serves frontends other than the agent renders: a reload to them failed: {why}"
                     ),

@@ -144,6 +144,11 @@ pub(super) async fn open_store(
     if !seed_from_local {
         return Ok((StateStore::Etcd(Box::new(store)), state));
     }
+    if let Some(why) = store.status().error {
+        // Started from its local copy: it ran on etcd before, there is nothing to move.
+        tracing::info!(error = %why, "--seed-from-local: etcd did not answer at start; not seeding");
+        return Ok((StateStore::Etcd(Box::new(store)), state));
+    }
     if !state.frontends.is_empty() {
         tracing::info!(
             prefix,

@@ -4,7 +4,9 @@
 //! The owner task holds a [`StateStore`] and does not care which it has, except for one
 //! property the store states itself ([`StateStore::commits_first`]): the journal is written
 //! after HAProxy has a change (traffic moves without waiting for the fsync), etcd before
-//! (a transaction may lose to another agent's, and HAProxy must never run the loser).
+//! (a transaction may lose to another agent's, and HAProxy must not run the loser). A new
+//! frontend is the exception: HAProxy must take it before it is stored, so it is reloaded
+//! first, and reloaded back out if its commit loses or fails.
 //!
 //! # Layout
 //!
@@ -100,6 +102,14 @@ impl StateStore {
         match self {
             StateStore::Journal(_) => None,
             StateStore::Etcd(store) => Some(store.status()),
+        }
+    }
+
+    /// etcd's status as its tasks publish it; `None` for the journal.
+    pub fn etcd_status_watch(&self) -> Option<tokio::sync::watch::Receiver<EtcdStatus>> {
+        match self {
+            StateStore::Journal(_) => None,
+            StateStore::Etcd(store) => Some(store.status_watch()),
         }
     }
 

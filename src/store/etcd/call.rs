@@ -37,6 +37,24 @@ where
     }
 }
 
+/// A transaction through [`timed`].
+pub(super) async fn txn(
+    client: &Client,
+    what: &str,
+    limit: Duration,
+    txn: Txn,
+) -> Result<etcd_client::TxnResponse, String> {
+    timed(what, limit, || {
+        let (mut client, txn) = (client.clone(), txn.clone());
+        async move { client.txn(txn).await }
+    })
+    .await
+}
+
+/// The largest answer read from etcd: every frontend at once (gRPC's default, 4 MiB, is about
+/// 35 frontends of 1,000 servers each).
+pub(super) const MAX_ANSWER: usize = 256 << 20;
+
 /// Pause between two tries of one call ([`timed`]).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -84,7 +102,9 @@ pub(super) async fn connect(options: &EtcdOptions) -> Result<Client, String> {
         .with_keep_alive_while_idle(true)
         // A member cut off from the others refuses at once instead of serving stale reads
         // and a watch that never moves.
-        .with_require_leader(true);
+        .with_require_leader(true)
+        // etcd forgets its login tokens when a member restarts: log in again, not 503 forever.
+        .with_auto_token_refresh(true);
     if let Some((user, password)) = &options.user {
         connect = connect.with_user(user.clone(), password.clone());
     }
@@ -109,7 +129,7 @@ pub(super) async fn connect(options: &EtcdOptions) -> Result<Client, String> {
         Ok(Err(e)) => Err(etcd_error(&format!("connecting to {endpoints}"), e)),
         Err(_) => Err(etcd_error(
             &format!("connecting to {endpoints}"),
-            "no answer within 5 s",
+            format!("no answer within {} s", COMMIT_TIMEOUT.as_secs()),
         )),
     }
 }
@@ -123,8 +143,14 @@ pub(super) async fn read_all(
 ) -> Result<(DesiredState, i64), String> {
     let key = format!("{prefix}frontends/");
     let resp = timed("reading the frontends", COMMIT_TIMEOUT, || {
-        let (mut client, key) = (client.clone(), key.clone());
-        async move { client.get(key, Some(GetOptions::new().with_prefix())).await }
+        let (client, key) = (client.clone(), key.clone());
+        async move {
+            client
+                .kv_client()
+                .max_decoding_message_size(MAX_ANSWER)
+                .get(key, Some(GetOptions::new().with_prefix()))
+                .await
+        }
     })
     .await?;
     let revision = resp.header().map_or(0, |h| h.revision());

@@ -64,6 +64,8 @@ use watcher::Watcher;
 pub const AGENT_TTL: i64 = 10;
 /// Deadline of a commit: a change is refused by then when etcd has no quorum.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// What `/healthz` says of an agent started from its local copy until etcd answers.
+const NOT_READ: &str = "etcd: not read yet (it did not answer at start)";
 /// Deadline of every other call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often etcd is asked whether it answers (a quorum read), and the agents listed.
@@ -242,15 +244,11 @@ impl EtcdStore {
         let (status_tx, status) = watch::channel(EtcdStatus {
             revision,
             name: options.agent_name.clone(),
-            error: start
-                .is_none()
-                .then(|| "etcd: not read yet (it did not answer at start)".to_string()),
+            error: start.is_none().then(|| NOT_READ.to_string()),
             ..Default::default()
         });
         let status_tx = Arc::new(status_tx);
-        let not_read = start
-            .is_none()
-            .then(|| "etcd: not read yet (it did not answer at start)".to_string());
+        let not_read = start.is_none().then(|| NOT_READ.to_string());
         let health = Arc::new(std::sync::Mutex::new(Health {
             watch: not_read,
             ..Health::default()
@@ -325,11 +323,7 @@ impl EtcdStore {
             })
             .collect();
         txn = txn.and_then(ops);
-        let resp = timed("seeding the prefix", COMMIT_TIMEOUT, || {
-            let (mut client, txn) = (client.clone(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await?;
+        let resp = call::txn(&client, "seeding the prefix", COMMIT_TIMEOUT, txn).await?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map_or(0, |h| h.revision())))
@@ -342,6 +336,11 @@ impl EtcdStore {
     /// Where the last state applied is kept, for a start without etcd.
     pub fn cache_path(&self) -> &Path {
         &self.cache
+    }
+
+    /// The status as the background tasks publish it, for readers that must not wait.
+    pub fn status_watch(&self) -> watch::Receiver<EtcdStatus> {
+        self.status.clone()
     }
 
     pub fn status(&self) -> EtcdStatus {
@@ -394,12 +393,7 @@ impl EtcdStore {
             reads.push(TxnOp::get(key, None));
         }
         let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
-        let client = self.client.clone();
-        let stored = timed("storing the change", COMMIT_TIMEOUT, || {
-            let (mut client, txn) = (client.clone(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await;
+        let stored = call::txn(&self.client, "storing the change", COMMIT_TIMEOUT, txn).await;
         let resp = match stored {
             Ok(r) => r,
             Err(e) => {
@@ -442,6 +436,16 @@ impl EtcdStore {
                     revision,
                 },
             });
+        }
+        // A try made again after a lost connection (see `timed`) finds this very commit: the
+        // keys hold what it wrote. That is a success, not another agent's change (and were it
+        // another's that wrote the same, the keys are still as this commit wants them).
+        let ours = current
+            .iter()
+            .all(|c| c.spec.as_ref() == state.frontends.get(&c.port).map(|f| &**f));
+        if ours && current.len() == ports.len() {
+            let revision = current.iter().map(|c| c.revision).max().unwrap_or(revision);
+            return Ok(revision);
         }
         Err(CommitError::Conflict(current))
     }

@@ -20,9 +20,11 @@ impl Registrar {
         mut renewals: mpsc::Receiver<Vec<Renewal>>,
         stop: CancellationToken,
     ) {
+        // Renewals whose write failed: sent with the next ones once registered again.
+        let mut unsent: Vec<Renewal> = Vec::new();
         loop {
             let result = tokio::select! {
-                r = self.registered(&mut renewals) => r,
+                r = self.registered(&mut renewals, &mut unsent) => r,
                 _ = stop.cancelled() => return,
             };
             if let Err(why) = result {
@@ -54,7 +56,11 @@ impl Registrar {
 
     /// Registers on a new lease, then keeps it alive, writes renewals as they come and probes,
     /// until something fails.
-    async fn registered(&self, renewals: &mut mpsc::Receiver<Vec<Renewal>>) -> Result<(), String> {
+    async fn registered(
+        &self,
+        renewals: &mut mpsc::Receiver<Vec<Renewal>>,
+        unsent: &mut Vec<Renewal>,
+    ) -> Result<(), String> {
         let client = &self.client;
         let lease = timed("granting this agent's lease", CALL_TIMEOUT, || {
             let mut client = client.clone();
@@ -75,6 +81,8 @@ impl Registrar {
         }
         self.status.send_modify(|s| s.lease = Some(lease));
         let mut tick = tokio::time::interval(PROBE_EVERY);
+        // A slow probe is not made up for by probes back to back.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -90,11 +98,16 @@ impl Registrar {
                     }
                 }
                 batch = renewals.recv() => {
-                    let Some(mut batch) = batch else { return Ok(()) };
+                    let Some(batch) = batch else { return Ok(()) };
+                    unsent.extend(batch);
                     while let Ok(more) = renewals.try_recv() {
-                        batch.extend(more);
+                        unsent.extend(more);
                     }
-                    let value = serde_json::to_vec(&batch).expect("renewals serialize");
+                    // One entry per registration, its newest: a failing etcd does not make it
+                    // grow with every tick.
+                    unsent.sort_by(|a, b| (a.port, &a.node, b.at_ms).cmp(&(b.port, &b.node, a.at_ms)));
+                    unsent.dedup_by(|later, first| later.port == first.port && later.node == first.node);
+                    let value = serde_json::to_vec(&*unsent).expect("renewals serialize");
                     let key = self.renewals_key();
                     timed("writing this agent's renewals", CALL_TIMEOUT, || {
                         let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
@@ -105,6 +118,7 @@ impl Registrar {
                         }
                     })
                     .await?;
+                    unsent.clear();
                 }
             }
         }
@@ -129,11 +143,7 @@ impl Registrar {
             .and_then(vec![put()])
             .or_else(vec![TxnOp::get(key.clone(), None)]);
         let client = &self.client;
-        let resp = timed("registering this agent", CALL_TIMEOUT, || {
-            let (mut client, txn) = (client.clone(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await?;
+        let resp = call::txn(client, "registering this agent", CALL_TIMEOUT, txn).await?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -152,12 +162,9 @@ impl Registrar {
             )),
             _ => {
                 let txn = Txn::new().and_then(vec![put()]);
-                timed("registering this agent", CALL_TIMEOUT, || {
-                    let (mut client, txn) = (client.clone(), txn.clone());
-                    async move { client.txn(txn).await }
-                })
-                .await
-                .map(|_| ())
+                call::txn(client, "registering this agent", CALL_TIMEOUT, txn)
+                    .await
+                    .map(|_| ())
             }
         }
     }

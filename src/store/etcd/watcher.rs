@@ -55,9 +55,15 @@ impl Watcher {
             .with_start_revision(*next)
             .with_prev_key();
         let mut stream = timed("starting the watch", CALL_TIMEOUT, || {
-            let (mut client, options) = (self.client.clone(), options.clone());
+            let (client, options) = (self.client.clone(), options.clone());
             let prefix = self.prefix.clone();
-            async move { client.watch(prefix, Some(options)).await }
+            async move {
+                client
+                    .watch_client()
+                    .max_decoding_message_size(call::MAX_ANSWER)
+                    .watch(prefix, Some(options))
+                    .await
+            }
         })
         .await?;
         loop {
