@@ -63,9 +63,15 @@ fn sidecar_follows_an_ip_change_and_leaves_on_sigterm() {
         through(fe).is_ok_and(|r| r.contains("node at .3"))
     });
     assert!(took < Duration::from_secs(5), "IP change took {took:?}");
-    let state = agent.state();
-    let fe_state = frontend_in(&state, fe).unwrap();
-    assert_eq!(fe_state["servers"][0]["node_ip"], "127.0.0.3");
+    // HAProxy is changed before the store commits and the state is published, so traffic can
+    // reach .3 a moment before `state` says so.
+    let fe_state = eventually(Duration::from_secs(5), "the state to show .3", || {
+        let f = frontend_in(&agent.state(), fe).ok_or("no frontend")?;
+        match f["servers"][0]["node_ip"] == "127.0.0.3" {
+            true => Ok(f),
+            false => Err(f.to_string()),
+        }
+    });
     assert_eq!(fe_state["servers"][0]["service"], "web");
 
     // SIGTERM: the server goes, the sidecar exits 0.
