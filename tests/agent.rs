@@ -514,14 +514,7 @@ fn reload_failure_on_a_taken_port_changes_nothing() {
         &body(&a.ip(), a.port(), json!({})),
         "runtime",
     );
-    eventually(SETTLE, "/healthz 200", || {
-        let r = agent.get("/healthz");
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    });
+    agent.healthz_until(SETTLE, 200, "");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -733,14 +726,7 @@ fn haproxy_kill9_is_restarted_with_every_route() {
         requests,
         "no API call was made"
     );
-    eventually(SETTLE, "/healthz 200", || {
-        let r = agent.get("/healthz");
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    });
+    agent.healthz_until(SETTLE, 200, "");
     // The killed master is gone; only the new one and its worker remain.
     eventually(SETTLE, "the old HAProxy processes to go", || {
         let pids = agent.haproxy_pids();
@@ -1562,14 +1548,7 @@ fn attached_haproxy_down_changes_are_pending_then_applied() {
         ("127.0.0.3", b.port(), 2)
     );
     wait_reaches(fe, "B", SETTLE);
-    eventually(SETTLE, "/healthz 200", || {
-        let r = agent.get("/healthz");
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    });
+    agent.healthz_until(SETTLE, 200, "");
 }
 
 /// A request captured before a restart cannot be replayed after it: the nonce cache lives in

@@ -310,13 +310,7 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
     assert_eq!(r.status, 200, "{r:?}");
     etcd.compact();
     // While its member is away, B says so and keeps serving what it had.
-    eventually(Duration::from_secs(15), "B's /healthz to name etcd", || {
-        let h = b.get("/healthz");
-        match h.status == 503 && h.body.contains("etcd") {
-            true => Ok(()),
-            false => Err(format!("{h:?}")),
-        }
-    });
+    b.healthz_until(Duration::from_secs(15), 503, "etcd");
     reaches(B_BIND, fe, "one", Duration::from_secs(1));
 
     etcd.resume(2);
@@ -367,13 +361,7 @@ fn etcd_trouble_is_never_traffic_trouble() {
     assert!(message.contains("etcd"), "names etcd: {message}");
     assert!(took < Duration::from_secs(10), "refused after {took:?}");
     for agent in [&a, &b] {
-        eventually(Duration::from_secs(15), "/healthz to name etcd", || {
-            let h = agent.get("/healthz");
-            match h.status == 503 && h.body.contains("etcd") {
-                true => Ok(()),
-                false => Err(format!("{h:?}")),
-            }
-        });
+        agent.healthz_until(Duration::from_secs(15), 503, "etcd");
         assert_eq!(health_exit(agent, &["--serving", "--quiet"]), Some(0));
         assert_eq!(health_exit(agent, &["--quiet"]), Some(1));
     }
@@ -393,13 +381,7 @@ fn etcd_trouble_is_never_traffic_trouble() {
     });
     reaches(B_BIND, fe, "one", Duration::from_secs(10));
     for agent in [&a, &b] {
-        eventually(Duration::from_secs(15), "/healthz 200 again", || {
-            let h = agent.get("/healthz");
-            match h.status {
-                200 => Ok(()),
-                _ => Err(format!("{h:?}")),
-            }
-        });
+        agent.healthz_until(Duration::from_secs(15), 200, "");
     }
 }
 
@@ -524,13 +506,7 @@ fn an_agent_started_without_quorum_serves_its_last_state() {
         }
     });
     reaches(B_BIND, fe, "two", Duration::from_secs(10));
-    eventually(Duration::from_secs(15), "B's /healthz 200", || {
-        let h = b.get("/healthz");
-        match h.status {
-            200 => Ok(()),
-            _ => Err(format!("{h:?}")),
-        }
-    });
+    b.healthz_until(Duration::from_secs(15), 200, "");
 }
 
 #[test]
@@ -544,13 +520,11 @@ fn two_agents_under_one_name_are_told_apart() {
             .to_vec(),
         ..Default::default()
     });
-    eventually(Duration::from_secs(10), "B to say whose name it is", || {
-        let h = b.get("/healthz");
-        match h.status == 503 && h.body.contains("another agent is registered as `lb-x`") {
-            true => Ok(()),
-            false => Err(format!("{h:?}")),
-        }
-    });
+    b.healthz_until(
+        Duration::from_secs(10),
+        503,
+        "another agent is registered as `lb-x`",
+    );
     // A restarted at once (kill -9: its key still lives) takes its name back: it keeps its
     // instance id in its state directory.
     a.kill9();
@@ -711,13 +685,11 @@ fn an_agent_whose_haproxy_cannot_take_a_change_says_so_and_retries() {
         "reload",
     );
     reaches(A_BIND, fe, "late", Duration::from_secs(1));
-    eventually(Duration::from_secs(15), "B's /healthz to say why", || {
-        let h = b.get("/healthz");
-        match h.status == 503 && h.body.contains(&format!("frontend {fe} from etcd")) {
-            true => Ok(()),
-            false => Err(format!("{h:?}")),
-        }
-    });
+    b.healthz_until(
+        Duration::from_secs(15),
+        503,
+        &format!("frontend {fe} from etcd"),
+    );
     // A goes on meanwhile.
     let other = free_port();
     a.put_ok(
@@ -730,12 +702,6 @@ fn an_agent_whose_haproxy_cannot_take_a_change_says_so_and_retries() {
     // The port freed, B's next try takes it.
     drop(squatter);
     reaches(B_BIND, fe, "late", Duration::from_secs(30));
-    eventually(Duration::from_secs(15), "B's /healthz 200", || {
-        let h = b.get("/healthz");
-        match h.status {
-            200 => Ok(()),
-            _ => Err(format!("{h:?}")),
-        }
-    });
+    b.healthz_until(Duration::from_secs(15), 200, "");
     same_desired(&a, &b);
 }

@@ -682,14 +682,7 @@ fn a_failed_reload_to_new_binds_is_reported_and_retried() {
         || ProxyClient::connect(None, v6),
     );
     assert!(c.local.is_ipv6());
-    eventually(SETTLE, "healthy again", || {
-        let r = agent.get("/healthz");
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.body)
-        }
-    });
+    agent.healthz_until(SETTLE, 200, "");
 }
 
 // ---------------------------------------------------------------------------------------------

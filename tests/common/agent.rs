@@ -1234,6 +1234,18 @@ impl Agent {
         v
     }
 
+    /// Polls `/healthz` until it answers `status` with a body containing `needle` ("" for any),
+    /// `within` at most.
+    pub fn healthz_until(&self, within: Duration, status: u16, needle: &str) {
+        eventually(within, &format!("/healthz {status} {needle:?}"), || {
+            let h = self.get("/healthz");
+            match h.status == status && h.body.contains(needle) {
+                true => Ok(()),
+                false => Err(format!("{h:?}")),
+            }
+        });
+    }
+
     /// `GET /v1/frontends`.
     pub fn state(&self) -> Value {
         let r = self.signed("GET", "/v1/frontends", "");
