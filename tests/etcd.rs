@@ -529,10 +529,23 @@ fn two_agents_under_one_name_are_told_apart() {
     // instance id in its state directory.
     a.kill9();
     a.start();
-    let state = a.state();
-    assert_eq!(state["store"]["expiring"], true, "{state}");
+    eventually(
+        Duration::from_secs(5),
+        "A to expire registrations again",
+        || {
+            let state = a.state();
+            match state["store"]["expiring"] == true {
+                true => Ok(()),
+                false => Err(state.to_string()),
+            }
+        },
+    );
     let h = b.get("/healthz");
     assert_eq!(h.status, 503, "{h:?}");
+    // B probes etcd too (it reads the agents), but never expires under A's name.
+    let state = b.state();
+    assert_eq!(state["store"]["agents"][0]["name"], "lb-x", "{state}");
+    assert_ne!(state["store"]["expiring"], true, "{state}");
     b.stop();
 }
 

@@ -287,17 +287,26 @@ impl Owner {
             CommitError::Unavailable(why) => {
                 self.store_unavailable = Some((why.clone(), Instant::now()));
                 let generation = self.state.generation;
+                // A heartbeat that changes nothing has nothing to store: still a 200, unless
+                // it was "nothing" only after a refused change of its frontend in this group
+                // (a resent PUT behind its first copy).
+                let refused: BTreeSet<u16> = accepted
+                    .iter()
+                    .filter(|a| !matches!(a.effect, Effect::Unchanged))
+                    .map(|a| a.change.frontend_port())
+                    .collect();
                 for a in accepted {
-                    // A heartbeat that changes nothing has nothing to store: still a 200.
-                    let answer = match a.effect {
-                        Effect::Unchanged => Ok(ApplyOk {
+                    let unchanged = matches!(a.effect, Effect::Unchanged)
+                        && !refused.contains(&a.change.frontend_port());
+                    let answer = match unchanged {
+                        true => Ok(ApplyOk {
                             applied: Applied::Unchanged,
                             generation,
                             refused: None,
                             transition: a.transition,
                             reload_for: None,
                         }),
-                        _ => Err(ApplyError::StoreUnavailable(why.clone())),
+                        false => Err(ApplyError::StoreUnavailable(why.clone())),
                     };
                     let _ = a.reply.send(answer);
                 }
@@ -530,7 +539,7 @@ impl Owner {
     }
 
     /// Stores `changes` (applied to the state already). With etcd, the frontends they touch
-    /// are then at the commit's revision.
+    /// are then at the revisions etcd answered.
     pub(super) async fn store_commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
         if changes.is_empty() {
             return Ok(());
@@ -538,17 +547,17 @@ impl Owner {
         let Some(store) = self.store.as_mut() else {
             return Err(CommitError::Failed("the store is closed".into()));
         };
-        let revision = store.commit(&self.state, changes).await?;
+        let committed = store.commit(&self.state, changes).await?;
         self.store_unavailable = None;
-        if let Some(revision) = revision {
-            for port in changes.iter().map(Change::frontend_port) {
+        if let Some(committed) = committed {
+            for (port, revision) in committed.frontends {
                 if self.state.frontends.contains_key(&port) {
                     self.state.revisions.set_present(port, revision);
                 } else {
                     self.state.revisions.set_absent(port, revision);
                 }
             }
-            self.etcd_revision = self.etcd_revision.max(revision);
+            self.etcd_revision = self.etcd_revision.max(committed.revision);
         }
         Ok(())
     }

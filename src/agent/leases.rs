@@ -29,7 +29,7 @@ pub(super) struct Leases {
     renewed: HashMap<u16, HashMap<NodeName, Instant>>,
     /// The heartbeats this agent received itself, as Unix milliseconds: what it tells the
     /// other agents (with etcd), so the one that expires knows of them.
-    heard: HashMap<u16, HashMap<NodeName, u64>>,
+    heard: HashMap<u16, HashMap<NodeName, (u64, Instant)>>,
     suspended: bool,
 }
 
@@ -86,20 +86,23 @@ impl Leases {
             self.heard
                 .entry(frontend_port)
                 .or_default()
-                .insert(node.clone(), now_ms);
+                .insert(node.clone(), (now_ms, now));
         }
         self.renew(frontend_port, node, now);
     }
 
-    /// Heartbeats another agent received, each counted as renewed `now`, when its news arrives
-    /// (a second or so after the heartbeat): later than it was, never earlier, whatever the
-    /// two VMs' clocks say. A clock never moves back.
+    /// Heartbeats another agent received, each counted as renewed when its news arrives
+    /// (`now`) less the age its writer gave it: the time it spent in etcd's hands is counted
+    /// as renewed, so never earlier than it was, whatever the two VMs' clocks say. A clock
+    /// never moves back.
     pub fn merge(&mut self, renewals: &[Renewal], now: Instant) {
         if self.lease.is_none() {
             return;
         }
         for r in renewals {
-            let at = now;
+            let at = now
+                .checked_sub(Duration::from_millis(r.age_ms))
+                .unwrap_or(now);
             let clocks = self.renewed.entry(r.port).or_default();
             match clocks.get_mut(&r.node) {
                 Some(t) => *t = (*t).max(at),
@@ -116,9 +119,13 @@ impl Leases {
         let mut out: Vec<Renewal> = std::mem::take(&mut self.heard)
             .into_iter()
             .flat_map(|(port, nodes)| {
-                nodes
-                    .into_iter()
-                    .map(move |(node, at_ms)| Renewal { port, node, at_ms })
+                nodes.into_iter().map(move |(node, (at_ms, at))| Renewal {
+                    port,
+                    node,
+                    at_ms,
+                    age_ms: 0,
+                    heard_at: Some(at),
+                })
             })
             .collect();
         out.sort_by(|a, b| (a.port, &a.node).cmp(&(b.port, &b.node)));
@@ -128,13 +135,12 @@ impl Leases {
     /// Heartbeats [`Self::take_heard`] gave that could not be sent, to go with the next ones.
     pub fn give_back(&mut self, renewals: Vec<Renewal>) {
         for r in renewals {
-            let at = self
-                .heard
-                .entry(r.port)
-                .or_default()
-                .entry(r.node)
-                .or_insert(0);
-            *at = (*at).max(r.at_ms);
+            let Some(heard_at) = r.heard_at else { continue };
+            let newest = self.heard.entry(r.port).or_default().entry(r.node);
+            let at = newest.or_insert((r.at_ms, heard_at));
+            if heard_at > at.1 {
+                *at = (r.at_ms, heard_at);
+            }
         }
     }
 
@@ -263,6 +269,25 @@ mod tests {
         };
         assert_eq!(list[0].silent_for, Duration::from_secs(11));
         assert!(!leases.suspended());
+    }
+
+    #[test]
+    fn another_agents_renewal_counts_from_its_arrival_less_its_age() {
+        let st = state(&["a", "b"]);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut leases = Leases::new(s(10), &st, t0);
+        let renewal = |node: &str, age: u64| Renewal {
+            port: 443,
+            node: NodeName::new(node).unwrap(),
+            at_ms: 0,
+            age_ms: age * 1000,
+            heard_at: None,
+        };
+        // Both arrive at 8 s: a was heard just now, b 7 s before (held back by an outage).
+        leases.merge(&[renewal("a", 0), renewal("b", 7)], t0 + s(8));
+        // At 12 s b (renewed at 1 s) is overdue, a (at 8 s) is not.
+        assert_eq!(nodes(&leases.check(&st, t0 + s(12))), ["b"]);
     }
 
     #[test]

@@ -32,6 +32,18 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// What an etcd commit left in etcd: the revision of each frontend it touched. One
+/// transaction's writes share its revision; a commit that found its values already there (a
+/// try made again after a lost answer) reads each key's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The store's revision when the commit was answered.
+    pub revision: i64,
+    /// (frontend port, the revision its key is at: its mod revision, or the answer's revision
+    /// for a key that is absent).
+    pub frontends: Vec<(u16, i64)>,
+}
+
 /// Why a commit was not made.
 #[derive(Debug)]
 pub enum CommitError {
@@ -65,13 +77,13 @@ impl StateStore {
         matches!(self, StateStore::Etcd(_))
     }
 
-    /// Stores `changes`, applied to `state` already. On success, the etcd revision of the
-    /// commit (`None` for the journal): the revision of every frontend the changes touch.
+    /// Stores `changes`, applied to `state` already. On success, the etcd revisions the
+    /// frontends they touch are at now (`None` for the journal).
     pub async fn commit(
         &mut self,
         state: &DesiredState,
         changes: &[Change],
-    ) -> Result<Option<i64>, CommitError> {
+    ) -> Result<Option<Committed>, CommitError> {
         if changes.is_empty() {
             return Ok(None);
         }

@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::CommitError;
+use super::{CommitError, Committed};
 use crate::metrics::EtcdMetrics;
 use crate::model::{DesiredState, FrontendSpec, NodeName};
 
@@ -109,8 +109,17 @@ pub struct RemoteFrontend {
 pub struct Renewal {
     pub port: u16,
     pub node: NodeName,
-    /// Unix milliseconds.
+    /// Unix milliseconds, by the clock of the agent that heard it.
     pub at_ms: u64,
+    /// How long before its write it was heard, by that same clock: the expiring agent counts
+    /// it from its arrival less this, so one held back by an etcd outage does not extend the
+    /// lease by the outage, and no two VMs' clocks are compared.
+    #[serde(default)]
+    pub age_ms: u64,
+    /// When it was heard, on the monotonic clock of the agent that heard it (which measures
+    /// `age_ms` by it: a wall clock stepped meanwhile does not age a renewal).
+    #[serde(skip)]
+    pub heard_at: Option<Instant>,
 }
 
 /// What the watch brings to the owner.
@@ -219,17 +228,19 @@ impl EtcdStore {
         // until etcd answers: an agent restarted during an etcd outage still serves, and its
         // VM keeps the floating IP.
         let cached = read_cache(cache);
-        let (state, start) = match read_all(&client, &prefix, &metrics).await {
+        let (state, start, unanswered) = match read_all(&client, &prefix, &metrics).await {
             Ok((mut state, revision)) => {
                 // Generations only grow, also across restarts (the managed file says which).
                 let before = cached.as_ref().map_or(0, |c| c.generation);
                 state.generation = state.generation.max(before);
-                (state, Some(revision))
+                (state, Some(revision), None)
             }
             Err(e) => match cached {
                 Some(state) => {
                     tracing::warn!(error = %e, cache = %cache.display(), frontends = state.frontends.len(), "etcd does not answer: starting from the last state this agent applied, and following etcd once it answers");
-                    (state, None)
+                    // Known away from the start: changes are refused at once until a probe
+                    // answers, not after a commit's timeout.
+                    (state, None, Some(e))
                 }
                 None => {
                     return Err(format!(
@@ -245,12 +256,14 @@ impl EtcdStore {
             revision,
             name: options.agent_name.clone(),
             error: start.is_none().then(|| NOT_READ.to_string()),
+            unanswered: unanswered.clone(),
             ..Default::default()
         });
         let status_tx = Arc::new(status_tx);
         let not_read = start.is_none().then(|| NOT_READ.to_string());
         let health = Arc::new(std::sync::Mutex::new(Health {
             watch: not_read,
+            probe: unanswered,
             ..Health::default()
         }));
         let (events_tx, events) = mpsc::channel(1024);
@@ -367,12 +380,12 @@ impl EtcdStore {
     }
 
     /// Writes the frontends of `ports` as `state` has them, if each is still at the revision
-    /// `state` knows (or still absent). Returns the commit's revision.
+    /// `state` knows (or still absent). Returns the revision each is at now.
     pub async fn commit(
         &mut self,
         state: &DesiredState,
         ports: &BTreeSet<u16>,
-    ) -> Result<i64, CommitError> {
+    ) -> Result<Committed, CommitError> {
         let mut compares = Vec::with_capacity(ports.len());
         let mut writes = Vec::with_capacity(ports.len());
         let mut reads = Vec::with_capacity(ports.len());
@@ -410,7 +423,11 @@ impl EtcdStore {
             } else {
                 lag.pending.push_back((revision, Instant::now()));
             }
-            return Ok(revision);
+            let frontends = ports.iter().map(|&port| (port, revision)).collect();
+            return Ok(Committed {
+                revision,
+                frontends,
+            });
         }
         let mut current = Vec::with_capacity(ports.len());
         for (op, &port) in resp.op_responses().into_iter().zip(ports) {
@@ -439,13 +456,18 @@ impl EtcdStore {
         }
         // A try made again after a lost connection (see `timed`) finds this very commit: the
         // keys hold what it wrote. That is a success, not another agent's change (and were it
-        // another's that wrote the same, the keys are still as this commit wants them).
+        // another's that wrote the same, the keys are still as this commit wants them). Each
+        // key keeps its own revision: other writes may have come between, and a later commit
+        // guarded by anything newer than a key's mod revision would lose for ever.
         let ours = current
             .iter()
             .all(|c| c.spec.as_ref() == state.frontends.get(&c.port).map(|f| &**f));
         if ours && current.len() == ports.len() {
-            let revision = current.iter().map(|c| c.revision).max().unwrap_or(revision);
-            return Ok(revision);
+            let frontends = current.iter().map(|c| (c.port, c.revision)).collect();
+            return Ok(Committed {
+                revision,
+                frontends,
+            });
         }
         Err(CommitError::Conflict(current))
     }

@@ -15,18 +15,32 @@ pub(super) struct Registrar {
 }
 
 impl Registrar {
-    pub(super) async fn run(
-        self,
-        mut renewals: mpsc::Receiver<Vec<Renewal>>,
-        stop: CancellationToken,
-    ) {
+    /// Probes and keeps the registration, until `stop`.
+    pub(super) async fn run(self, renewals: mpsc::Receiver<Vec<Renewal>>, stop: CancellationToken) {
+        tokio::select! {
+            _ = self.probing() => {}
+            _ = self.registering(renewals) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+
+    /// The probe, whether this agent is registered or not: an agent refused its name, or
+    /// registering again, still learns when etcd answers (and so stops refusing changes).
+    async fn probing(&self) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        // A slow probe is not made up for by probes back to back.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.probe().await;
+        }
+    }
+
+    async fn registering(&self, mut renewals: mpsc::Receiver<Vec<Renewal>>) {
         // Renewals whose write failed: sent with the next ones once registered again.
         let mut unsent: Vec<Renewal> = Vec::new();
         loop {
-            let result = tokio::select! {
-                r = self.registered(&mut renewals, &mut unsent) => r,
-                _ = stop.cancelled() => return,
-            };
+            let result = self.registered(&mut renewals, &mut unsent).await;
             if let Err(why) = result {
                 self.metrics.errors.inc();
                 tracing::warn!(error = %why, "etcd: this agent's registration lapsed; registering again");
@@ -39,10 +53,7 @@ impl Registrar {
                     s.lease = None;
                 });
             }
-            tokio::select! {
-                _ = tokio::time::sleep(RETRY_AFTER) => {}
-                _ = stop.cancelled() => return,
-            }
+            tokio::time::sleep(RETRY_AFTER).await;
         }
     }
 
@@ -54,8 +65,8 @@ impl Registrar {
         format!("{}renewals/{}", self.prefix, self.me.name)
     }
 
-    /// Registers on a new lease, then keeps it alive, writes renewals as they come and probes,
-    /// until something fails.
+    /// Registers on a new lease, then keeps it alive and writes renewals as they come, until
+    /// something fails.
     async fn registered(
         &self,
         renewals: &mut mpsc::Receiver<Vec<Renewal>>,
@@ -80,13 +91,13 @@ impl Registrar {
             publish_health(&self.status, &h);
         }
         self.status.send_modify(|s| s.lease = Some(lease));
+        // Whether this agent expires now, without waiting for the next probe.
+        self.probe().await;
         let mut tick = tokio::time::interval(PROBE_EVERY);
-        // A slow probe is not made up for by probes back to back.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    self.probe().await;
                     keeper.keep_alive().await.map_err(|e| etcd_error("keeping this agent's lease", e))?;
                     let answer = tokio::time::timeout(CALL_TIMEOUT, answers.message())
                         .await
@@ -105,8 +116,15 @@ impl Registrar {
                     }
                     // One entry per registration, its newest: a failing etcd does not make it
                     // grow with every tick.
-                    unsent.sort_by(|a, b| (a.port, &a.node, b.at_ms).cmp(&(b.port, &b.node, a.at_ms)));
+                    unsent.sort_by(|a, b| (a.port, &a.node, b.heard_at).cmp(&(b.port, &b.node, a.heard_at)));
                     unsent.dedup_by(|later, first| later.port == first.port && later.node == first.node);
+                    let now_ms = crate::clock::unix_millis();
+                    for r in unsent.iter_mut() {
+                        r.age_ms = match r.heard_at {
+                            Some(t) => t.elapsed().as_millis() as u64,
+                            None => now_ms.saturating_sub(r.at_ms),
+                        };
+                    }
                     let value = serde_json::to_vec(&*unsent).expect("renewals serialize");
                     let key = self.renewals_key();
                     timed("writing this agent's renewals", CALL_TIMEOUT, || {
@@ -194,10 +212,17 @@ impl Registrar {
                 if let Some(first) = agents.first_mut() {
                     first.expiring = true;
                 }
-                let expiring = agents.first().is_some_and(|a| a.name == self.me.name);
+                // This very agent (a second one refused its name reads the same name), and
+                // registered now.
+                let first_is_me = agents
+                    .first()
+                    .is_some_and(|a| a.name == self.me.name && a.instance == self.me.instance);
                 self.status.send_modify(|s| {
                     s.agents = agents;
-                    s.expiring = expiring;
+                    s.expiring = first_is_me && s.lease.is_some();
+                    // With the time it answered, in one publication: a refusal is never
+                    // stamped between the two.
+                    s.unanswered = None;
                     s.answered_at = Some(Instant::now());
                 });
             }
