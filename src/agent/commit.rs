@@ -287,17 +287,8 @@ impl Owner {
             CommitError::Unavailable(why) => {
                 self.store_unavailable = Some((why.clone(), Instant::now()));
                 let generation = self.state.generation;
-                // A heartbeat that changes nothing has nothing to store: still a 200, unless
-                // it was "nothing" only after a refused change of its frontend in this group
-                // (a resent PUT behind its first copy).
-                let refused: BTreeSet<u16> = accepted
-                    .iter()
-                    .filter(|a| !matches!(a.effect, Effect::Unchanged))
-                    .map(|a| a.change.frontend_port())
-                    .collect();
-                for a in accepted {
-                    let unchanged = matches!(a.effect, Effect::Unchanged)
-                        && !refused.contains(&a.change.frontend_port());
+                let answers = still_unchanged(accepted.iter().map(|a| (&a.change, a.effect)));
+                for (a, unchanged) in accepted.into_iter().zip(answers) {
                     let answer = match unchanged {
                         true => Ok(ApplyOk {
                             applied: Applied::Unchanged,
@@ -646,6 +637,24 @@ fn deleted_by(
     }
 }
 
+/// Which changes of a group the store refused still answer 200 `unchanged`: a heartbeat that
+/// changes nothing has nothing to store, unless it was "nothing" only after a refused change
+/// of the same server (or of its whole frontend) earlier in the group, such as a resent PUT
+/// behind its first copy.
+fn still_unchanged<'a>(group: impl Iterator<Item = (&'a Change, Effect)>) -> Vec<bool> {
+    let mut refused: Vec<&Change> = Vec::new();
+    group
+        .map(|(change, effect)| {
+            let unchanged =
+                effect == Effect::Unchanged && !refused.iter().any(|r| r.overlaps(change));
+            if !unchanged {
+                refused.push(change);
+            }
+            unchanged
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,5 +712,29 @@ mod tests {
             fe.servers.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
             ["node-a"]
         );
+    }
+
+    /// A group etcd did not take: a no-op heartbeat keeps its 200 unless a refused change of
+    /// its server or its whole frontend came before it.
+    #[test]
+    fn a_refused_group_keeps_only_the_heartbeats_no_refused_change_came_before() {
+        use crate::model::NodeName;
+        let server = |port, node: &str| Change::DeleteServer {
+            frontend_port: port,
+            node: NodeName::new(node).unwrap(),
+        };
+        let settings = Change::DeleteFrontend { frontend_port: 80 };
+        let (u, r) = (Effect::Unchanged, Effect::Runtime);
+        let group = [
+            (server(443, "a"), u),  // before any refused change: 200
+            (server(443, "b"), r),  // refused
+            (server(443, "b"), u),  // its resent copy: refused with it
+            (server(443, "c"), u),  // another server of that frontend: 200
+            (server(8443, "b"), u), // another frontend: 200
+            (settings.clone(), Effect::Reload),
+            (server(80, "a"), u), // after its frontend's refused change: refused
+        ];
+        let answers = still_unchanged(group.iter().map(|(c, e)| (c, *e)));
+        assert_eq!(answers, [true, false, false, true, true, false, false]);
     }
 }

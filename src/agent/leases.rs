@@ -27,8 +27,9 @@ pub(super) struct Leases {
     /// By frontend port, then node: a look-up needs no owned key, so a check of 10,000
     /// registrations allocates nothing.
     renewed: HashMap<u16, HashMap<NodeName, Instant>>,
-    /// The heartbeats this agent received itself, as Unix milliseconds: what it tells the
-    /// other agents (with etcd), so the one that expires knows of them.
+    /// The heartbeats this agent received itself, when (Unix milliseconds, and the monotonic
+    /// clock that ages them): what it tells the other agents (with etcd), so the one that
+    /// expires knows of them.
     heard: HashMap<u16, HashMap<NodeName, (u64, Instant)>>,
     suspended: bool,
 }
@@ -106,8 +107,10 @@ impl Leases {
             let clocks = self.renewed.entry(r.port).or_default();
             match clocks.get_mut(&r.node) {
                 Some(t) => *t = (*t).max(at),
+                // One this agent has no clock for yet (its registration may not have arrived):
+                // a new lease from now, as for a registration, never one already overdue.
                 None => {
-                    clocks.insert(r.node.clone(), at);
+                    clocks.insert(r.node.clone(), now);
                 }
             }
         }

@@ -305,6 +305,26 @@ impl Change {
             | Change::ReplaceFrontend { frontend_port, .. } => *frontend_port,
         }
     }
+
+    /// The server the change is about, `None` for one about the whole frontend.
+    pub fn node(&self) -> Option<&NodeName> {
+        match self {
+            Change::PutServer { node, .. } | Change::DeleteServer { node, .. } => Some(node),
+            Change::PutFrontend { .. }
+            | Change::DeleteFrontend { .. }
+            | Change::ReplaceFrontend { .. } => None,
+        }
+    }
+
+    /// Whether the two may touch the same thing: one frontend, and the same server or either
+    /// about the whole frontend.
+    pub fn overlaps(&self, other: &Change) -> bool {
+        self.frontend_port() == other.frontend_port()
+            && match (self.node(), other.node()) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 /// What applying a change did, which decides how HAProxy learns of it.

@@ -37,7 +37,8 @@ pub enum StoreKind {
 /// try made again after a lost answer) reads each key's own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
-    /// The store's revision when the commit was answered.
+    /// The store's revision this agent has applied with the commit (the revision of the
+    /// transaction, or the newest of its keys when it found its values already there).
     pub revision: i64,
     /// (frontend port, the revision its key is at: its mod revision, or the answer's revision
     /// for a key that is absent).

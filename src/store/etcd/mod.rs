@@ -294,6 +294,7 @@ impl EtcdStore {
             status: status_tx,
             health,
             metrics: metrics.clone(),
+            probe_now: tokio::sync::Notify::new(),
         };
         tokio::spawn(registrar.run(renewals_rx, stop.clone()));
         Ok((
@@ -464,6 +465,14 @@ impl EtcdStore {
             .all(|c| c.spec.as_ref() == state.frontends.get(&c.port).map(|f| &**f));
         if ours && current.len() == ports.len() {
             let frontends = current.iter().map(|c| (c.port, c.revision)).collect();
+            // Not the answer's revision: it may count other agents' commits the watch has not
+            // brought yet, and this agent has not applied those.
+            let revision = current
+                .iter()
+                .filter(|c| c.spec.is_some())
+                .map(|c| c.revision)
+                .max()
+                .unwrap_or(0);
             return Ok(Committed {
                 revision,
                 frontends,

@@ -12,6 +12,9 @@ pub(super) struct Registrar {
     pub(super) status: Arc<watch::Sender<EtcdStatus>>,
     pub(super) health: Arc<std::sync::Mutex<Health>>,
     pub(super) metrics: EtcdMetrics,
+    /// Asks for a probe before the next tick (once registered: whether this agent expires).
+    /// One probe at a time, so their answers are published in order.
+    pub(super) probe_now: tokio::sync::Notify,
 }
 
 impl Registrar {
@@ -31,7 +34,10 @@ impl Registrar {
         // A slow probe is not made up for by probes back to back.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.probe_now.notified() => {}
+            }
             self.probe().await;
         }
     }
@@ -91,8 +97,8 @@ impl Registrar {
             publish_health(&self.status, &h);
         }
         self.status.send_modify(|s| s.lease = Some(lease));
-        // Whether this agent expires now, without waiting for the next probe.
-        self.probe().await;
+        // Whether this agent expires now, without waiting for the next tick.
+        self.probe_now.notify_one();
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
