@@ -1691,6 +1691,29 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     assert!(!agent
         .observed()
         .contains_key(&(format!("be_{fe}"), "n2".to_string())));
+    // Copies of one DELETE at once (a client resending): those grouped behind the first were
+    // judged on a state without n1, but the first is refused, so they are too; none says
+    // "not found" of a server that stays.
+    let barrier = std::sync::Barrier::new(16);
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let copies: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    agent.signed("DELETE", &format!("/v1/frontends/{fe}/servers/n1"), "")
+                })
+            })
+            .collect();
+        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for r in &answers {
+        r.assert_error(
+            500,
+            "store_failed",
+            "a DELETE copy while the store is closed",
+        );
+    }
+    assert!(agent.desired().1.contains_key(&(fe, "n1".to_string())));
     // A heartbeat that changes nothing has nothing to store: still answered.
     agent.put_ok(fe, "n1", &body(&a.ip(), a.port(), json!({})), "unchanged");
     // A new frontend is refused before any reload: nothing listens on its port.

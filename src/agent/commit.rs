@@ -1,14 +1,8 @@
 //! The runtime path of a group: policy, the in-memory state, one batched round trip to HAProxy,
-//! one fsync, the answers; and taking a group back out when the store refuses it.
+//! one fsync, the answers. (A group the store does not take: `refused.rs`.)
 
+use super::refused::{Lost, Outcome};
 use super::*;
-
-/// A commit lost to another agent's: what etcd holds for its frontends, and the changes to
-/// apply again on top.
-pub(super) struct Lost {
-    pub(super) current: Vec<RemoteFrontend>,
-    pub(super) again: Vec<(Change, Requester)>,
-}
 
 /// The ports whose changes wait for a reload: those of a queued reload set, and those of this
 /// group's changes that add or remove a frontend. A later change of such a port joins the
@@ -55,7 +49,7 @@ impl Owner {
             let current = self.remote_group(lost.current);
             // Changes from etcd are not stored, so they cannot lose: this returns `None`.
             let _ = Box::pin(self.apply_once(current)).await;
-            group = lost.again;
+            group = lost.again.into_iter().map(|(_, c, r)| (c, r)).collect();
         }
     }
 
@@ -70,16 +64,22 @@ impl Owner {
             self.reopen_store();
         }
         let mut accepted = Vec::new();
+        let mut held = Vec::new();
         let mut reloads = Vec::new();
         let mut reload_ports = ReloadPorts::of_queue(&self.reload_sets);
-        for (change, reply) in group {
+        for (seq, (change, reply)) in group.into_iter().enumerate() {
             let allowed = if reply.origin == Origin::Client {
                 self.check_policy(&change, reply.scope.as_deref())
             } else {
                 Ok(())
             };
             if let Err(d) = allowed {
-                let _ = reply.send(Err(d.into()));
+                held.push(Held {
+                    seq,
+                    change,
+                    reply,
+                    error: d.into(),
+                });
                 continue;
             }
             // Every PUT that passes policy is a heartbeat, also one that changes nothing.
@@ -117,6 +117,7 @@ impl Owner {
                         _ => Vec::new(),
                     };
                     accepted.push(Accepted {
+                        seq,
                         change,
                         effect,
                         undo,
@@ -125,14 +126,48 @@ impl Owner {
                         settings_commands,
                     })
                 }
-                Err(c) => {
-                    let _ = reply.send(Err(c.into()));
-                }
+                Err(c) => held.push(Held {
+                    seq,
+                    change,
+                    reply,
+                    error: c.into(),
+                }),
             }
         }
-        let lost = self.commit_runtime(accepted).await;
+        // A refusal judged on the group's earlier change of the same server or frontend (a
+        // resent DELETE behind its first copy: "no such server") stands only if that change
+        // does; the others are answered now.
+        let (behind, alone): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| {
+            accepted.iter().any(|a| {
+                a.seq < h.seq && a.effect != Effect::Unchanged && a.change.overlaps(&h.change)
+            })
+        });
+        for h in alone {
+            let _ = h.reply.send(Err(h.error));
+        }
+        let outcome = self.commit_runtime(accepted).await;
         self.queue_reloads(reloads);
-        lost
+        match outcome {
+            Outcome::Done => {
+                for h in behind {
+                    let _ = h.reply.send(Err(h.error));
+                }
+                None
+            }
+            Outcome::Refused(e) => {
+                for h in behind {
+                    let _ = h.reply.send(Err(e.clone()));
+                }
+                None
+            }
+            // Judged again on top of what won, in their places.
+            Outcome::Lost(mut lost) => {
+                lost.again
+                    .extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
+                lost.again.sort_by_key(|(seq, _, _)| *seq);
+                Some(lost)
+            }
+        }
     }
 
     /// Changes that make the state what etcd holds (`current`), from the etcd's side of a lost
@@ -172,9 +207,9 @@ impl Owner {
     /// With etcd the commit goes first: it may lose to another agent's, and HAProxy must not
     /// run a change that lost. A lost group is undone in memory and returned, to be applied
     /// again on top of what won ([`Self::apply_changes`]).
-    pub(super) async fn commit_runtime(&mut self, accepted: Vec<Accepted>) -> Option<Lost> {
+    pub(super) async fn commit_runtime(&mut self, accepted: Vec<Accepted>) -> Outcome {
         if accepted.is_empty() {
-            return None;
+            return Outcome::Done;
         }
         let stored = accepted
             .iter()
@@ -183,11 +218,11 @@ impl Owner {
             // Still closed after the retry in `apply_once`: refuse before HAProxy sees it. (A
             // group that changes nothing, such as heartbeats, has nothing to store and goes on.)
             self.undo_group(&accepted);
-            let why = self.closed_store_reason();
+            let refused = ApplyError::Store(self.closed_store_reason());
             for a in accepted {
-                let _ = a.reply.send(Err(ApplyError::Store(why.clone())));
+                let _ = a.reply.send(Err(refused.clone()));
             }
-            return None;
+            return Outcome::Refused(refused);
         }
         let changed: Vec<Change> = accepted
             .iter()
@@ -267,76 +302,7 @@ impl Owner {
                 reload_for: None,
             }));
         }
-        None
-    }
-
-    /// A group the store did not take (undone in memory already): a lost commit comes back to
-    /// be applied again; otherwise every change is refused, after HAProxy is put back to what
-    /// the journal holds.
-    async fn not_stored(&mut self, accepted: Vec<Accepted>, e: CommitError) -> Option<Lost> {
-        match e {
-            CommitError::Conflict(current) => {
-                let mut again = Vec::with_capacity(accepted.len());
-                for a in accepted {
-                    if let Some(reply) = self.lost_once(a.reply, a.change.frontend_port()) {
-                        again.push((a.change, reply));
-                    }
-                }
-                Some(Lost { current, again })
-            }
-            CommitError::Unavailable(why) => {
-                self.store_unavailable = Some((why.clone(), Instant::now()));
-                let generation = self.state.generation;
-                let answers = still_unchanged(accepted.iter().map(|a| (&a.change, a.effect)));
-                for (a, unchanged) in accepted.into_iter().zip(answers) {
-                    let answer = match unchanged {
-                        true => Ok(ApplyOk {
-                            applied: Applied::Unchanged,
-                            generation,
-                            refused: None,
-                            transition: a.transition,
-                            reload_for: None,
-                        }),
-                        false => Err(ApplyError::StoreUnavailable(why.clone())),
-                    };
-                    let _ = a.reply.send(answer);
-                }
-                None
-            }
-            CommitError::Failed(e) => {
-                self.reopen_store();
-                // Before answering, so a refused client never finds its change still serving.
-                tracing::warn!(error = %e, "not stored: putting HAProxy back to the stored state");
-                self.out_of_sync = true;
-                self.reconcile().await;
-                for a in accepted {
-                    let _ = a.reply.send(Err(ApplyError::Store(e.clone())));
-                }
-                None
-            }
-        }
-    }
-
-    /// Counts a lost commit against a change: the requester back, to try again, or `None`
-    /// once it lost too often (then it is answered).
-    pub(super) fn lost_once(&mut self, mut reply: Requester, port: u16) -> Option<Requester> {
-        if reply.origin == Origin::Own {
-            // A lease's delete: the frontend changed meanwhile (the node may just have
-            // registered again); the next look at the clocks decides again.
-            let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(
-                "etcd: frontend {port} changed under the agent's own change"
-            ))));
-            return None;
-        }
-        reply.conflicts += 1;
-        if reply.conflicts >= MAX_CONFLICTS {
-            let _ = reply.send(Err(ApplyError::StoreUnavailable(format!(
-                "etcd: frontend {port} kept changing under this change (its commit lost to \
-                 other agents' {MAX_CONFLICTS} times in a row); try again"
-            ))));
-            return None;
-        }
-        Some(reply)
+        Outcome::Done
     }
 
     /// The runtime commands of one change, from what HAProxy has (`previous`) to what it asks.
@@ -483,52 +449,6 @@ impl Owner {
         (!refused.is_empty()).then(|| refused.join("; "))
     }
 
-    /// Takes a group back out of the in-memory state, last change first.
-    pub(super) fn undo_group(&mut self, accepted: &[Accepted]) {
-        for a in accepted.iter().rev() {
-            self.state.undo(a.undo.clone());
-        }
-    }
-
-    /// After a failed commit the journal refuses further ones (what reached the disk is
-    /// uncertain): open it again, and take what it holds as the desired state, so the agent
-    /// goes on storing and never claims more, or less, than the disk has. (etcd needs none of
-    /// this: a failed transaction wrote nothing, or the watch brings what it wrote.)
-    pub(super) fn reopen_store(&mut self) {
-        if matches!(self.store, Some(StateStore::Etcd(_))) {
-            return;
-        }
-        // The old one goes first: it holds the directory's lock.
-        drop(self.store.take());
-        let dir = self.store_dir.clone();
-        match tokio::task::block_in_place(|| Store::open(&dir)) {
-            Ok((store, state)) => {
-                if state != self.state {
-                    tracing::warn!(
-                        generation = state.generation,
-                        "the store holds a different state than memory after a failed commit; using the store's"
-                    );
-                    self.state = state;
-                    self.out_of_sync = true;
-                    self.publish_desired();
-                }
-                self.store = Some(StateStore::Journal(store));
-                self.store_error = None;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reopen the store; changes are refused until it can be (tried again on each change)");
-                self.store_error = Some(format!("store: {e}"));
-            }
-        }
-    }
-
-    pub(super) fn closed_store_reason(&self) -> String {
-        match &self.store_error {
-            Some(e) => format!("the store is closed ({e})"),
-            None => "the store is closed".to_string(),
-        }
-    }
-
     /// Stores `changes` (applied to the state already). With etcd, the frontends they touch
     /// are then at the revisions etcd answered.
     pub(super) async fn store_commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
@@ -637,24 +557,6 @@ fn deleted_by(
     }
 }
 
-/// Which changes of a group the store refused still answer 200 `unchanged`: a heartbeat that
-/// changes nothing has nothing to store, unless it was "nothing" only after a refused change
-/// of the same server (or of its whole frontend) earlier in the group, such as a resent PUT
-/// behind its first copy.
-fn still_unchanged<'a>(group: impl Iterator<Item = (&'a Change, Effect)>) -> Vec<bool> {
-    let mut refused: Vec<&Change> = Vec::new();
-    group
-        .map(|(change, effect)| {
-            let unchanged =
-                effect == Effect::Unchanged && !refused.iter().any(|r| r.overlaps(change));
-            if !unchanged {
-                refused.push(change);
-            }
-            unchanged
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,29 +614,5 @@ mod tests {
             fe.servers.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
             ["node-a"]
         );
-    }
-
-    /// A group etcd did not take: a no-op heartbeat keeps its 200 unless a refused change of
-    /// its server or its whole frontend came before it.
-    #[test]
-    fn a_refused_group_keeps_only_the_heartbeats_no_refused_change_came_before() {
-        use crate::model::NodeName;
-        let server = |port, node: &str| Change::DeleteServer {
-            frontend_port: port,
-            node: NodeName::new(node).unwrap(),
-        };
-        let settings = Change::DeleteFrontend { frontend_port: 80 };
-        let (u, r) = (Effect::Unchanged, Effect::Runtime);
-        let group = [
-            (server(443, "a"), u),  // before any refused change: 200
-            (server(443, "b"), r),  // refused
-            (server(443, "b"), u),  // its resent copy: refused with it
-            (server(443, "c"), u),  // another server of that frontend: 200
-            (server(8443, "b"), u), // another frontend: 200
-            (settings.clone(), Effect::Reload),
-            (server(80, "a"), u), // after its frontend's refused change: refused
-        ];
-        let answers = still_unchanged(group.iter().map(|(c, e)| (c, *e)));
-        assert_eq!(answers, [true, false, false, true, true, false, false]);
     }
 }

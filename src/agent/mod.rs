@@ -14,7 +14,10 @@
 //! # Layout
 //!
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
-//! - `commit.rs`: the runtime path of a group (HAProxy, then the store) and its undo.
+//! - `commit.rs`: the runtime path of a group (HAProxy and the store, in the order the store
+//!   asks).
+//! - `refused.rs`: a group the store did not take: lost to another agent (applied again), or
+//!   refused (undone, HAProxy put back, answered).
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit;
 //!   the start-time reload when the managed file's listeners differ from what is rendered.
 //! - `ports.rs`: ports the agent does not own (HAProxy's own sections and sockets, the API's),
@@ -56,6 +59,7 @@ mod health;
 mod leases;
 mod observe;
 mod ports;
+mod refused;
 mod reload;
 mod view;
 mod writer;
@@ -363,6 +367,8 @@ impl Requester {
 
 /// A change that passed policy and applied to the in-memory state, awaiting store and HAProxy.
 struct Accepted {
+    /// Its place in the group.
+    seq: usize,
     change: Change,
     effect: Effect,
     undo: Undo,
@@ -372,6 +378,16 @@ struct Accepted {
     /// applied: a server a later change of the group adds is not there yet (its `add server`
     /// carries the new settings).
     settings_commands: Vec<Command>,
+}
+
+/// A change of a group refused by policy or by the state (a conflict, a server that is not
+/// there), its answer held until the group's fate is known: the state it was judged on holds
+/// the group's earlier changes, which the store may still refuse.
+struct Held {
+    seq: usize,
+    change: Change,
+    reply: Requester,
+    error: ApplyError,
 }
 
 /// Most requests group-committed together.
