@@ -18,6 +18,8 @@
 //!   inside `lbagent.toml`'s policy;
 //! - the Dockerfiles build binaries that exist, from stages that exist.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,6 +29,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use serde_json::Value;
 
 const LBAGENT: &str = env!("CARGO_BIN_EXE_lbagent");
@@ -119,14 +122,6 @@ fn group_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/group")
         .map(|g| g.lines().any(|l| l.split(':').next() == Some(name)))
         .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn random_hex() -> String {

@@ -12,11 +12,7 @@ use common::agent::{legacy_agent, legacy_hook, through, Agent, Echo, LEGACY_TOKE
 fn old_sidecar_registers_and_deletes() {
     let (agent, _dir) = legacy_agent();
     let node = Echo::start("127.0.0.2", "legacy node");
-    let fe = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let fe = common::free_port();
     // Exactly what the old sidecars send: every value a string, plus fields we ignore.
     let add = format!(
         r#"{{"name":"traefik","frontend-port":"{fe}","backend-port":"{}","dst-ip":"127.0.0.2","action":"add","send-proxy":"false"}}"#,

@@ -10,7 +10,6 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,14 +17,7 @@ use std::time::{Duration, Instant};
 use common::agent::{
     eventually, frontend_in, http, ip_endpoint, lbctl, phone_home, through, Agent, Echo, Sidecar,
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();

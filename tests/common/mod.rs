@@ -74,9 +74,10 @@ pub fn haproxy_branch() -> Branch {
     })
 }
 
-/// A loopback port nothing listens on right now.
+/// A port nothing listens on right now, on any address: the tests' frontends bind 127.0.0.x
+/// addresses other than 127.0.0.1, and a port free on 127.0.0.1 alone may be taken there.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    let l = TcpListener::bind("0.0.0.0:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
 }
 
