@@ -1756,6 +1756,34 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     drop(guard);
     wait_reaches(fe, "B", SETTLE);
 
+    // Copies of one frontend's DELETE at once, the journal open but failing: whichever reload
+    // set each lands in, none is told "no frontend" (a copy behind the first in its set was
+    // judged on a state without it, but the first is refused, so it is too); the frontend
+    // stays. (Here the first usually runs alone and the others find the store closed.)
+    agent.put_ok(fe, "n1", &body(&b.ip(), b.port(), json!({})), "unchanged");
+    let guard = Immutable::set(&journal).expect("set the flag a third time");
+    let barrier = std::sync::Barrier::new(16);
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let copies: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    agent.signed("DELETE", &format!("/v1/frontends/{fe}"), "")
+                })
+            })
+            .collect();
+        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for r in &answers {
+        r.assert_error(
+            500,
+            "store_failed",
+            "a frontend DELETE copy the journal refuses",
+        );
+    }
+    drop(guard);
+    wait_reaches(fe, "B", SETTLE);
+
     agent.restart();
     let d = agent.desired();
     assert_eq!(d.1[&(fe, "n1".to_string())].ip, b.ip(), "{d:?}");

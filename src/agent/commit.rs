@@ -1,7 +1,7 @@
 //! The runtime path of a group: policy, the in-memory state, one batched round trip to HAProxy,
 //! one fsync, the answers. (A group the store does not take: `refused.rs`.)
 
-use super::refused::{Lost, Outcome};
+use super::refused::{judged_behind, Lost, Outcome};
 use super::*;
 
 /// The ports whose changes wait for a reload: those of a queued reload set, and those of this
@@ -134,14 +134,15 @@ impl Owner {
                 }),
             }
         }
-        // A refusal judged on the group's earlier change of the same server or frontend (a
-        // resent DELETE behind its first copy: "no such server") stands only if that change
-        // does; the others are answered now.
-        let (behind, alone): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| {
-            accepted.iter().any(|a| {
-                a.seq < h.seq && a.effect != Effect::Unchanged && a.change.overlaps(&h.change)
-            })
-        });
+        // A refusal judged on the group's earlier change of its frontend (a resent DELETE
+        // behind its first copy: "no such server"; a cap that change filled) stands only if
+        // that change does; the others are answered now.
+        let earlier: Vec<(usize, u16)> = accepted
+            .iter()
+            .filter(|a| a.effect != Effect::Unchanged)
+            .map(|a| (a.seq, a.change.frontend_port()))
+            .collect();
+        let (behind, alone) = judged_behind(held, &earlier);
         for h in alone {
             let _ = h.reply.send(Err(h.error));
         }

@@ -20,6 +20,16 @@ pub(super) enum Outcome {
     Refused(ApplyError),
 }
 
+/// Splits a group's held refusals: those judged on a state holding an earlier change of
+/// their frontend (`earlier`: the (place, port) of the changes that changed the state), whose
+/// refusal stands only if that change does, and the others.
+pub(super) fn judged_behind(held: Vec<Held>, earlier: &[(usize, u16)]) -> (Vec<Held>, Vec<Held>) {
+    held.into_iter().partition(|h| {
+        let port = h.change.frontend_port();
+        earlier.iter().any(|&(seq, p)| seq < h.seq && p == port)
+    })
+}
+
 impl Owner {
     /// A group the store did not take (undone in memory already): a lost commit comes back to
     /// be applied again; otherwise every change is refused, after HAProxy is put back to what

@@ -2,6 +2,7 @@
 //! validated, confirmed reload, with the culprits of a failed one found and refused alone; and
 //! the start-time reload when the managed file's listeners are not what this agent renders.
 
+use super::refused::judged_behind;
 use super::*;
 
 impl Owner {
@@ -175,28 +176,45 @@ impl Owner {
             }
         }
         let mut applied: Vec<(Change, Undo, Requester)> = Vec::new();
+        let mut places = Vec::new();
         let mut transitions = Vec::new();
         let mut reasons = Vec::new();
-        for (change, reply) in set {
+        let mut held = Vec::new();
+        for (seq, (change, reply)) in set.into_iter().enumerate() {
             // Again: changes applied earlier (in this group, or this set) may have used up
             // the cap, or conflict with this one.
             if reply.origin == Origin::Client {
                 if let Err(d) = self.check_policy(&change, reply.scope.as_deref()) {
-                    let _ = reply.send(Err(d.into()));
+                    held.push(Held {
+                        seq,
+                        change,
+                        reply,
+                        error: d.into(),
+                    });
                     continue;
                 }
             }
             let reason = self.state.reload_needed_for(&change);
             match self.state.apply_with_transition(&change) {
                 Ok((_, undo, transition)) => {
+                    places.push((seq, change.frontend_port()));
                     applied.push((change, undo, reply));
                     transitions.push(transition);
                     reasons.push(reason);
                 }
-                Err(c) => {
-                    let _ = reply.send(Err(c.into()));
-                }
+                Err(c) => held.push(Held {
+                    seq,
+                    change,
+                    reply,
+                    error: c.into(),
+                }),
             }
+        }
+        // As on the runtime path: a refusal judged on an earlier change of its frontend (a
+        // second `DELETE /v1/frontends/P`: "no frontend") waits for that change's fate.
+        let (behind, alone) = judged_behind(held, &places);
+        for h in alone {
+            let _ = h.reply.send(Err(h.error));
         }
         if applied.is_empty() {
             return;
@@ -210,14 +228,18 @@ impl Owner {
             self.metrics.reload_failures.inc();
             let named = ports_named_in(&msg, &ports);
             let mut rest = Vec::new();
-            for (change, _, reply) in applied {
+            for ((change, _, reply), (seq, _)) in applied.into_iter().zip(&places) {
                 let blamed = named.contains(&change.frontend_port());
                 if blamed || ports.len() == 1 {
                     let _ = reply.send(Err(ApplyError::Rejected(msg.clone())));
                 } else {
-                    rest.push((change, reply));
+                    rest.push((*seq, change, reply));
                 }
             }
+            // Judged again on the state as it is (each goes with its frontend's set).
+            rest.extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
+            rest.sort_by_key(|(seq, _, _)| *seq);
+            let rest: Vec<(Change, Requester)> = rest.into_iter().map(|(_, c, r)| (c, r)).collect();
             if rest.is_empty() {
                 return;
             }
@@ -262,13 +284,15 @@ impl Owner {
                 // (each its own set, so what etcd holds is never undone with what it refused).
                 CommitError::Conflict(current) => {
                     let mut again = Vec::with_capacity(applied.len());
-                    for (change, _, reply) in applied {
-                        let port = change.frontend_port();
-                        if let Some(reply) = self.lost_once(reply, port) {
-                            again.push((change, reply));
+                    for ((change, _, reply), (seq, port)) in applied.into_iter().zip(&places) {
+                        if let Some(reply) = self.lost_once(reply, *port) {
+                            again.push((*seq, change, reply));
                         }
                     }
+                    again.extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
+                    again.sort_by_key(|(seq, _, _)| *seq);
                     if !again.is_empty() {
+                        let again = again.into_iter().map(|(_, c, r)| (c, r)).collect();
                         self.reload_sets.push_front(again);
                     }
                     let current = self.remote_group(current);
@@ -276,17 +300,24 @@ impl Owner {
                 }
                 CommitError::Unavailable(why) => {
                     self.store_unavailable = Some((why.clone(), Instant::now()));
-                    for (_, _, reply) in applied {
-                        let _ = reply.send(Err(ApplyError::StoreUnavailable(why.clone())));
+                    let refused = ApplyError::StoreUnavailable(why);
+                    let replies = applied.into_iter().map(|(_, _, r)| r);
+                    for reply in replies.chain(behind.into_iter().map(|h| h.reply)) {
+                        let _ = reply.send(Err(refused.clone()));
                     }
                 }
                 CommitError::Failed(e) => {
-                    for (_, _, reply) in applied {
-                        let _ = reply.send(Err(ApplyError::Store(e.clone())));
+                    let refused = ApplyError::Store(e);
+                    let replies = applied.into_iter().map(|(_, _, r)| r);
+                    for reply in replies.chain(behind.into_iter().map(|h| h.reply)) {
+                        let _ = reply.send(Err(refused.clone()));
                     }
                 }
             }
             return;
+        }
+        for h in behind {
+            let _ = h.reply.send(Err(h.error));
         }
         self.metrics.servers.set(self.state.server_count() as i64);
         self.publish_desired();
