@@ -42,7 +42,9 @@ impl Owner {
     /// Applies a group of changes of one origin (requests, the agent's own, or etcd's). A
     /// group whose commit lost to another agent's is applied again on top of what that agent
     /// stored, which HAProxy gets first; each change gives up after [`MAX_CONFLICTS`] losses,
-    /// so this ends.
+    /// so this ends. (A refusal held behind a change that lost is judged again without a loss
+    /// of its own: k copies of one request may take up to k × `MAX_CONFLICTS` passes under
+    /// constant contention, each bounded.)
     pub(super) async fn apply_changes(&mut self, group: Vec<(Change, Requester)>) {
         let mut group = group;
         while let Some(lost) = self.apply_once(group).await {

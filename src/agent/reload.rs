@@ -176,7 +176,9 @@ impl Owner {
             }
         }
         let mut applied: Vec<(Change, Undo, Requester)> = Vec::new();
+        // (place, port) of each applied change, and of those that changed the state.
         let mut places = Vec::new();
+        let mut changing = Vec::new();
         let mut transitions = Vec::new();
         let mut reasons = Vec::new();
         let mut held = Vec::new();
@@ -196,8 +198,11 @@ impl Owner {
             }
             let reason = self.state.reload_needed_for(&change);
             match self.state.apply_with_transition(&change) {
-                Ok((_, undo, transition)) => {
+                Ok((effect, undo, transition)) => {
                     places.push((seq, change.frontend_port()));
+                    if effect != Effect::Unchanged {
+                        changing.push((seq, change.frontend_port()));
+                    }
                     applied.push((change, undo, reply));
                     transitions.push(transition);
                     reasons.push(reason);
@@ -212,7 +217,7 @@ impl Owner {
         }
         // As on the runtime path: a refusal judged on an earlier change of its frontend (a
         // second `DELETE /v1/frontends/P`: "no frontend") waits for that change's fate.
-        let (behind, alone) = judged_behind(held, &places);
+        let (behind, alone) = judged_behind(held, &changing);
         for h in alone {
             let _ = h.reply.send(Err(h.error));
         }
