@@ -1650,6 +1650,22 @@ impl Drop for Immutable {
     }
 }
 
+/// `n` copies of one request sent at once (a client resending), their answers.
+fn copies_at_once<T: Send>(n: usize, request: impl Fn() -> T + Sync) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let copies: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    request()
+                })
+            })
+            .collect();
+        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     let mut agent = Agent::managed();
@@ -1694,17 +1710,8 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     // Copies of one DELETE at once (a client resending): those grouped behind the first were
     // judged on a state without n1, but the first is refused, so they are too; none says
     // "not found" of a server that stays.
-    let barrier = std::sync::Barrier::new(16);
-    let answers: Vec<_> = std::thread::scope(|s| {
-        let copies: Vec<_> = (0..16)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    agent.signed("DELETE", &format!("/v1/frontends/{fe}/servers/n1"), "")
-                })
-            })
-            .collect();
-        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    let answers = copies_at_once(16, || {
+        agent.signed("DELETE", &format!("/v1/frontends/{fe}/servers/n1"), "")
     });
     for r in &answers {
         r.assert_error(
@@ -1762,17 +1769,8 @@ fn a_change_the_store_refuses_is_taken_back_out_of_haproxy() {
     // stays. (Here the first usually runs alone and the others find the store closed.)
     agent.put_ok(fe, "n1", &body(&b.ip(), b.port(), json!({})), "unchanged");
     let guard = Immutable::set(&journal).expect("set the flag a third time");
-    let barrier = std::sync::Barrier::new(16);
-    let answers: Vec<_> = std::thread::scope(|s| {
-        let copies: Vec<_> = (0..16)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    agent.signed("DELETE", &format!("/v1/frontends/{fe}"), "")
-                })
-            })
-            .collect();
-        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    let answers = copies_at_once(16, || {
+        agent.signed("DELETE", &format!("/v1/frontends/{fe}"), "")
     });
     for r in &answers {
         r.assert_error(

@@ -1,7 +1,7 @@
 //! The runtime path of a group: policy, the in-memory state, one batched round trip to HAProxy,
 //! one fsync, the answers. (A group the store does not take: `refused.rs`.)
 
-use super::refused::{judged_behind, Lost, Outcome};
+use super::refused::{in_place, judged_behind, Lost, Outcome};
 use super::*;
 
 /// The ports whose changes wait for a reload: those of a queued reload set, and those of this
@@ -51,7 +51,7 @@ impl Owner {
             let current = self.remote_group(lost.current);
             // Changes from etcd are not stored, so they cannot lose: this returns `None`.
             let _ = Box::pin(self.apply_once(current)).await;
-            group = lost.again.into_iter().map(|(_, c, r)| (c, r)).collect();
+            group = lost.again;
         }
     }
 
@@ -164,12 +164,10 @@ impl Owner {
                 None
             }
             // Judged again on top of what won, in their places.
-            Outcome::Lost(mut lost) => {
-                lost.again
-                    .extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
-                lost.again.sort_by_key(|(seq, _, _)| *seq);
-                Some(lost)
-            }
+            Outcome::Lost { current, again } => Some(Lost {
+                current,
+                again: in_place(again, behind),
+            }),
         }
     }
 

@@ -4,18 +4,22 @@
 use super::*;
 
 /// A commit lost to another agent's: what etcd holds for its frontends, and the changes to
-/// apply again on top (with their places in the group).
+/// apply again on top.
 pub(super) struct Lost {
     pub(super) current: Vec<RemoteFrontend>,
-    pub(super) again: Vec<(usize, Change, Requester)>,
+    pub(super) again: Vec<(Change, Requester)>,
 }
 
 /// What became of a group's runtime part.
 pub(super) enum Outcome {
     /// Stored (or nothing to store) and answered.
     Done,
-    /// Lost to another agent's commit: to apply again.
-    Lost(Lost),
+    /// Lost to another agent's commit: what etcd holds, and the changes to apply again on top
+    /// with their places in the group.
+    Lost {
+        current: Vec<RemoteFrontend>,
+        again: Vec<(usize, Change, Requester)>,
+    },
     /// The store did not take it: its changes were answered with this.
     Refused(ApplyError),
 }
@@ -28,6 +32,17 @@ pub(super) fn judged_behind(held: Vec<Held>, earlier: &[(usize, u16)]) -> (Vec<H
         let port = h.change.frontend_port();
         earlier.iter().any(|&(seq, p)| seq < h.seq && p == port)
     })
+}
+
+/// Changes to apply again (`again`, with their places in the group) and the held refusals
+/// behind them, in the group's order: each is judged again where it was.
+pub(super) fn in_place(
+    mut again: Vec<(usize, Change, Requester)>,
+    behind: Vec<Held>,
+) -> Vec<(Change, Requester)> {
+    again.extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
+    again.sort_by_key(|(seq, _, _)| *seq);
+    again.into_iter().map(|(_, c, r)| (c, r)).collect()
 }
 
 impl Owner {
@@ -43,7 +58,7 @@ impl Owner {
                         again.push((a.seq, a.change, reply));
                     }
                 }
-                Outcome::Lost(Lost { current, again })
+                Outcome::Lost { current, again }
             }
             CommitError::Unavailable(why) => {
                 self.store_unavailable = Some((why.clone(), Instant::now()));
@@ -188,7 +203,7 @@ mod tests {
             (server(443, "b"), u),  // its resent copy: refused with it
             (server(443, "c"), u),  // another server of that frontend: 200
             (server(8443, "b"), u), // another frontend: 200
-            (settings.clone(), Effect::Reload),
+            (settings, Effect::Reload),
             (server(80, "a"), u), // after its frontend's refused change: refused
         ];
         let answers = still_unchanged(group.iter().map(|(c, e)| (c, *e)));

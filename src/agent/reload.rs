@@ -2,7 +2,7 @@
 //! validated, confirmed reload, with the culprits of a failed one found and refused alone; and
 //! the start-time reload when the managed file's listeners are not what this agent renders.
 
-use super::refused::judged_behind;
+use super::refused::{in_place, judged_behind};
 use super::*;
 
 impl Owner {
@@ -242,9 +242,7 @@ impl Owner {
                 }
             }
             // Judged again on the state as it is (each goes with its frontend's set).
-            rest.extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
-            rest.sort_by_key(|(seq, _, _)| *seq);
-            let rest: Vec<(Change, Requester)> = rest.into_iter().map(|(_, c, r)| (c, r)).collect();
+            let rest = in_place(rest, behind);
             if rest.is_empty() {
                 return;
             }
@@ -284,7 +282,7 @@ impl Owner {
                 tracing::error!(error = %msg, "could not take back frontends after the store failed; the timer will");
                 self.suspect_ports.extend(ports.iter().copied());
             }
-            match e {
+            let refused = match e {
                 // Lost to another agent's commit: what won first, then this set again on top
                 // (each its own set, so what etcd holds is never undone with what it refused).
                 CommitError::Conflict(current) => {
@@ -294,30 +292,23 @@ impl Owner {
                             again.push((*seq, change, reply));
                         }
                     }
-                    again.extend(behind.into_iter().map(|h| (h.seq, h.change, h.reply)));
-                    again.sort_by_key(|(seq, _, _)| *seq);
+                    let again = in_place(again, behind);
                     if !again.is_empty() {
-                        let again = again.into_iter().map(|(_, c, r)| (c, r)).collect();
                         self.reload_sets.push_front(again);
                     }
                     let current = self.remote_group(current);
                     self.reload_sets.push_front(current);
+                    return;
                 }
                 CommitError::Unavailable(why) => {
                     self.store_unavailable = Some((why.clone(), Instant::now()));
-                    let refused = ApplyError::StoreUnavailable(why);
-                    let replies = applied.into_iter().map(|(_, _, r)| r);
-                    for reply in replies.chain(behind.into_iter().map(|h| h.reply)) {
-                        let _ = reply.send(Err(refused.clone()));
-                    }
+                    ApplyError::StoreUnavailable(why)
                 }
-                CommitError::Failed(e) => {
-                    let refused = ApplyError::Store(e);
-                    let replies = applied.into_iter().map(|(_, _, r)| r);
-                    for reply in replies.chain(behind.into_iter().map(|h| h.reply)) {
-                        let _ = reply.send(Err(refused.clone()));
-                    }
-                }
+                CommitError::Failed(e) => ApplyError::Store(e),
+            };
+            let replies = applied.into_iter().map(|(_, _, r)| r);
+            for reply in replies.chain(behind.into_iter().map(|h| h.reply)) {
+                let _ = reply.send(Err(refused.clone()));
             }
             return;
         }
