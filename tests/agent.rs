@@ -368,6 +368,42 @@ impl Drop for Load {
     }
 }
 
+/// Moves of one server sent at once share groups, so batches: from HAProxy 3.0 on, `set server
+/// addr` applies moments after it answers, and a move back, compared with the address still in
+/// place, answers `nothing changed` while the queued move wins. However the requests are
+/// grouped, HAProxy must be where the state says once the last answer is in.
+#[test]
+fn simultaneous_moves_of_one_server_end_where_the_state_says() {
+    let agent = Agent::managed();
+    let p = Echo::start("127.0.0.2", "P");
+    let q = Echo::start("127.0.0.3", "Q");
+    let fe = free_port();
+    agent.put_ok(fe, "node", &body(&p.ip(), p.port(), json!({})), "reload");
+    let key = (format!("be_{fe}"), "node".to_string());
+    for round in 0..8 {
+        let barrier = std::sync::Barrier::new(16);
+        std::thread::scope(|s| {
+            for i in 0..16 {
+                let (agent, barrier) = (&agent, &barrier);
+                let to = if (i + round) % 2 == 0 { &q } else { &p };
+                s.spawn(move || {
+                    barrier.wait();
+                    let r = agent.put(fe, "node", &body(&to.ip(), to.port(), json!({})));
+                    assert_eq!(r.status, 200, "{r:?}");
+                });
+            }
+        });
+        let d = agent.desired();
+        let want = &d.1[&(fe, "node".to_string())];
+        let o = &agent.observed()[&key];
+        assert_eq!(
+            (o.addr.as_str(), o.port),
+            (want.ip.as_str(), want.port),
+            "round {round}: HAProxy is not where the state says"
+        );
+    }
+}
+
 #[test]
 fn ip_flips_under_load_drop_nothing_and_never_reload() {
     let agent = Agent::managed();

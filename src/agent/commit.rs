@@ -474,36 +474,6 @@ impl Owner {
         Ok(())
     }
 
-    /// Sends a batch and returns HAProxy's answer to each command, or `None` when it could not
-    /// be reached. A refused command is logged and marks the state out of sync, for the timer
-    /// to repair; a `del server` refused for the server's connections is neither (the caller
-    /// starts its drain).
-    pub(super) async fn send_batch(
-        &mut self,
-        commands: &[Command],
-    ) -> Option<Vec<crate::runtime::Reply>> {
-        if commands.is_empty() {
-            return Some(Vec::new());
-        }
-        match self.client.batch(commands).await {
-            Ok(replies) => {
-                self.set_up(true);
-                for r in &replies {
-                    if r.outcome.is_success() || r.outcome.is_server_in_use() {
-                        continue;
-                    }
-                    tracing::warn!(command = %r.command, outcome = %r.outcome.kind, text = %r.outcome.text.trim_end(), "HAProxy refused a command");
-                    self.out_of_sync = true;
-                }
-                Some(replies)
-            }
-            Err(e) => {
-                self.transport_failed(&e);
-                None
-            }
-        }
-    }
-
     pub(super) fn set_up(&mut self, up: bool) {
         self.haproxy_up = up;
         self.metrics.haproxy_up.set(i64::from(up));

@@ -16,6 +16,8 @@
 //! - `mod.rs`: the messages, the handle, the owner's state and its loop, policy checks.
 //! - `commit.rs`: the runtime path of a group (HAProxy and the store, in the order the store
 //!   asks).
+//! - `batch.rs`: runtime batches to HAProxy, sent in parts, each waited for until HAProxy shows
+//!   the addresses it set (3.0+ applies `set server addr` moments after answering).
 //! - `refused.rs`: a group the store did not take: lost to another agent (applied again), or
 //!   refused (undone, HAProxy put back, answered).
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit;
@@ -52,6 +54,7 @@ use crate::runtime::parse::{ProxyKind, StatRow};
 use crate::runtime::{Command, Error as RuntimeError, RuntimeClient, ServerAdminState};
 use crate::store::{CommitError, RemoteFrontend, StateStore, Store, StoreEvent, StoreKind};
 
+mod batch;
 mod commit;
 mod drain;
 mod follow;

@@ -305,6 +305,25 @@ impl RuntimeClient {
         .await
     }
 
+    /// `show servers state` of each of `backends`, in one round trip.
+    pub async fn show_servers_states(&mut self, backends: &[Name]) -> Result<Vec<ServerState>> {
+        let commands: Vec<Command> = backends
+            .iter()
+            .map(|b| Command::ShowServersState(Some(b.clone())))
+            .collect();
+        let mut rows = Vec::new();
+        for reply in self.batch(&commands).await? {
+            let command = reply.command.clone();
+            let text = reply.outcome.text.clone();
+            reply.into_result()?;
+            rows.extend(
+                parse_servers_state(&text)
+                    .map_err(|e| Error::parse(&command, e.to_string(), &text))?,
+            );
+        }
+        Ok(rows)
+    }
+
     pub async fn show_backends(&mut self) -> Result<Vec<String>> {
         self.query(Command::ShowBackend, parse_show_backend).await
     }

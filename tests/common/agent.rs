@@ -1565,8 +1565,27 @@ pub fn eventually<T>(
     }
 }
 
+/// How much of its logs a failing test's agent prints.
+const LOG_TAIL_ON_FAILURE: usize = 80;
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        // A failing test shows what the agent and its HAProxy said last: CI keeps nothing else.
+        if std::thread::panicking() {
+            let agent_log = self.root.join(format!("agent-{}.log", self.starts));
+            for (what, text) in [
+                (
+                    "agent",
+                    std::fs::read_to_string(agent_log).unwrap_or_default(),
+                ),
+                ("haproxy", self.haproxy_log_text()),
+            ] {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+                eprintln!("--- the {what} log's last {} lines ---", tail.len());
+                eprintln!("{}", tail.join("\n"));
+            }
+        }
         // The agent first (in managed mode it stops its HAProxy), then an attached HAProxy,
         // then anything HAProxy left behind (a managed one orphaned by `kill -9`).
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,222 @@
+//! Runtime batches to HAProxy, and the wait for the addresses they set.
+//!
+//! From HAProxy 3.0 on, `set server addr` answers before it applies: the change is queued for a
+//! task that applies it moments later, and meanwhile `show servers state` still shows the old
+//! address, and a second `set server addr` is compared with the old address (going back to it
+//! answers `nothing changed`, and the queued change then wins). So a batch is sent in parts in
+//! which no server's address is set twice, and after each part the agent waits until HAProxy
+//! shows the addresses it took; then whatever comes next (the next part, the answer, a
+//! comparison that puts back a change the store refused) sees what HAProxy really has. On 2.6
+//! the first look already shows them: one more round trip per batch that moves a server.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::Range;
+
+use super::*;
+use crate::runtime::{Name, Reply, ServerRef};
+
+/// How long HAProxy gets to apply the addresses of one part of a batch before the agent goes
+/// on without them (and compares again on the next tick).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(1);
+/// The longest pause between two looks while waiting; the first is 1 ms.
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Where a batch is cut: before each command that sets the address of a server whose address
+/// an earlier command of the same part set.
+pub(super) fn address_parts(commands: &[Command]) -> Vec<Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut moved: Vec<&ServerRef> = Vec::new();
+    for (i, c) in commands.iter().enumerate() {
+        if let Command::SetServerAddr { server, .. } = c {
+            if moved.contains(&server) {
+                parts.push(start..i);
+                start = i;
+                moved.clear();
+            }
+            moved.push(server);
+        }
+    }
+    if start < commands.len() {
+        parts.push(start..commands.len());
+    }
+    parts
+}
+
+/// The address (and port, when sent) each server of a part should show once HAProxy applied
+/// it: the servers whose `set server addr` HAProxy took, unless a later command of the part
+/// deleted the server or added it again (`add server` applies at once).
+fn addresses_taken(
+    commands: &[Command],
+    replies: &[Reply],
+) -> HashMap<ServerRef, (IpAddr, Option<u16>)> {
+    let mut wanted = HashMap::new();
+    for (c, r) in commands.iter().zip(replies) {
+        match c {
+            Command::SetServerAddr { server, addr, port } if r.outcome.is_success() => {
+                wanted.insert(server.clone(), (*addr, *port));
+            }
+            Command::DelServer(server) | Command::AddServer { server, .. } => {
+                wanted.remove(server);
+            }
+            _ => {}
+        }
+    }
+    wanted
+}
+
+/// Whether HAProxy's row for `server` shows `want`; a server it no longer lists has nothing to
+/// wait for.
+fn shows(
+    rows: &[crate::runtime::parse::ServerState],
+    server: &ServerRef,
+    want: (IpAddr, Option<u16>),
+) -> bool {
+    let Some(row) = rows
+        .iter()
+        .find(|r| r.backend == server.backend.as_str() && r.server == server.server.as_str())
+    else {
+        return true;
+    };
+    let addr = row.addr.as_deref().and_then(|a| a.parse::<IpAddr>().ok());
+    addr == Some(want.0) && want.1.is_none_or(|p| row.port == Some(p))
+}
+
+impl Owner {
+    /// Sends a batch and returns HAProxy's answer to each command, or `None` when it could not
+    /// be reached. A refused command is logged and marks the state out of sync, for the timer
+    /// to repair; a `del server` refused for the server's connections is neither (the caller
+    /// starts its drain). Returns once HAProxy shows the addresses it took (see the module).
+    pub(super) async fn send_batch(&mut self, commands: &[Command]) -> Option<Vec<Reply>> {
+        let mut replies = Vec::with_capacity(commands.len());
+        for part in address_parts(commands) {
+            let part = &commands[part];
+            match self.client.batch(part).await {
+                Ok(answers) => {
+                    self.set_up(true);
+                    for r in &answers {
+                        if r.outcome.is_success() || r.outcome.is_server_in_use() {
+                            continue;
+                        }
+                        tracing::warn!(command = %r.command, outcome = %r.outcome.kind, text = %r.outcome.text.trim_end(), "HAProxy refused a command");
+                        self.out_of_sync = true;
+                    }
+                    self.settle_addresses(part, &answers).await;
+                    replies.extend(answers);
+                }
+                Err(e) => {
+                    self.transport_failed(&e);
+                    return None;
+                }
+            }
+        }
+        Some(replies)
+    }
+
+    /// Waits, within [`SETTLE_DEADLINE`], until HAProxy shows the addresses a part of a batch
+    /// set.
+    async fn settle_addresses(&mut self, commands: &[Command], replies: &[Reply]) {
+        let mut wanted = addresses_taken(commands, replies);
+        let deadline = Instant::now() + SETTLE_DEADLINE;
+        let mut pause = Duration::from_millis(1);
+        while !wanted.is_empty() {
+            let mut backends: Vec<Name> = Vec::new();
+            for server in wanted.keys() {
+                if !backends.contains(&server.backend) {
+                    backends.push(server.backend.clone());
+                }
+            }
+            match self.client.show_servers_states(&backends).await {
+                Ok(rows) => wanted.retain(|server, want| !shows(&rows, server, *want)),
+                Err(crate::runtime::Error::Command { command, outcome }) => {
+                    // A backend gone meanwhile (an operator's reload): nothing to wait for.
+                    tracing::info!(%command, text = %outcome.text.trim_end(), "not waiting for the addresses of a batch");
+                    return;
+                }
+                Err(e) => {
+                    self.transport_failed(&e);
+                    return;
+                }
+            }
+            if wanted.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let servers: Vec<String> = wanted.keys().map(|s| s.to_string()).collect();
+                tracing::warn!(?servers, after_ms = SETTLE_DEADLINE.as_millis() as u64, "HAProxy took new addresses but does not show them yet; comparing again on the next tick");
+                self.out_of_sync = true;
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(SETTLE_POLL_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{Outcome, OutcomeKind};
+
+    fn server(b: &str, s: &str) -> ServerRef {
+        ServerRef::new(b, s).unwrap()
+    }
+
+    fn set_addr(b: &str, s: &str, ip: &str) -> Command {
+        Command::SetServerAddr {
+            server: server(b, s),
+            addr: ip.parse().unwrap(),
+            port: Some(80),
+        }
+    }
+
+    fn reply(kind: OutcomeKind) -> Reply {
+        Reply {
+            command: String::new(),
+            outcome: Outcome {
+                kind,
+                text: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_batch_is_cut_before_a_second_address_of_one_server() {
+        let ready =
+            Command::SetServerState(server("be_1", "a"), crate::runtime::ServerAdminState::Ready);
+        let commands = vec![
+            set_addr("be_1", "a", "10.0.0.1"),
+            set_addr("be_1", "b", "10.0.0.2"),
+            ready,
+            set_addr("be_1", "a", "10.0.0.3"),
+            set_addr("be_2", "a", "10.0.0.4"),
+            set_addr("be_1", "a", "10.0.0.1"),
+        ];
+        assert_eq!(address_parts(&commands), vec![0..3, 3..5, 5..6]);
+        assert_eq!(address_parts(&commands[..3]), vec![0..3]);
+        assert!(address_parts(&[]).is_empty());
+    }
+
+    #[test]
+    fn only_addresses_haproxy_took_and_kept_are_waited_for() {
+        let commands = vec![
+            set_addr("be_1", "a", "10.0.0.1"),
+            set_addr("be_1", "b", "10.0.0.2"),
+            set_addr("be_1", "c", "10.0.0.3"),
+            Command::DelServer(server("be_1", "c")),
+        ];
+        let replies = vec![
+            reply(OutcomeKind::Success),
+            reply(OutcomeKind::NotFound),
+            reply(OutcomeKind::Success),
+            reply(OutcomeKind::Success),
+        ];
+        let wanted = addresses_taken(&commands, &replies);
+        assert_eq!(wanted.len(), 1, "{wanted:?}");
+        assert_eq!(
+            wanted[&server("be_1", "a")],
+            ("10.0.0.1".parse().unwrap(), Some(80))
+        );
+    }
+}
