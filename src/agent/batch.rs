@@ -6,8 +6,9 @@
 //! answers `nothing changed`, and the queued change then wins). So a batch is sent in parts in
 //! which no server's address is set twice, and after each part the agent waits until HAProxy
 //! shows the addresses it took; then whatever comes next (the next part, the answer, a
-//! comparison that puts back a change the store refused) sees what HAProxy really has. On 2.6
-//! the first look already shows them: one more round trip per batch that moves a server.
+//! comparison that puts back a change the store refused) sees what HAProxy really has: one more
+//! round trip per batch that moves a server. 2.6 (by `show info`'s version) applies at once and
+//! is not waited for; the cuts cost nothing there.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +22,14 @@ use crate::runtime::{Name, Reply, ServerRef};
 const SETTLE_DEADLINE: Duration = Duration::from_secs(1);
 /// The longest pause between two looks while waiting; the first is 1 ms.
 const SETTLE_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Whether a HAProxy applies `set server addr` after answering: from 3.0 on, and when `show
+/// info` does not tell its version.
+pub(super) fn applies_addresses_later(info: &crate::runtime::parse::Info) -> bool {
+    info.version()
+        .and_then(crate::runtime::parse::version_branch)
+        .is_none_or(|branch| branch >= (3, 0))
+}
 
 /// Where a batch is cut: before each command that sets the address of a server whose address
 /// an earlier command of the same part set.
@@ -117,6 +126,9 @@ impl Owner {
     /// Waits, within [`SETTLE_DEADLINE`], until HAProxy shows the addresses a part of a batch
     /// set.
     async fn settle_addresses(&mut self, commands: &[Command], replies: &[Reply]) {
+        if !self.addresses_apply_later {
+            return;
+        }
         let mut wanted = addresses_taken(commands, replies);
         let deadline = Instant::now() + SETTLE_DEADLINE;
         let mut pause = Duration::from_millis(1);
@@ -196,6 +208,19 @@ mod tests {
         assert_eq!(address_parts(&commands), vec![0..3, 3..5, 5..6]);
         assert_eq!(address_parts(&commands[..3]), vec![0..3]);
         assert!(address_parts(&[]).is_empty());
+    }
+
+    #[test]
+    fn addresses_are_waited_for_from_3_0_and_when_the_version_is_unknown() {
+        let info = |version: &str| {
+            crate::runtime::parse::parse_show_info(&format!("Name: HAProxy\nVersion: {version}\n"))
+                .unwrap()
+        };
+        assert!(!applies_addresses_later(&info("2.6.12-1+deb12u3")));
+        assert!(!applies_addresses_later(&info("2.9.1")));
+        assert!(applies_addresses_later(&info("3.0.11-1+deb13u4")));
+        assert!(applies_addresses_later(&info("3.2.26-1")));
+        assert!(applies_addresses_later(&info("unknown")));
     }
 
     #[test]

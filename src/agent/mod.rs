@@ -439,6 +439,9 @@ struct Owner {
     drift: Vec<String>,
     /// (pid, start time) of the HAProxy worker, to notice a restart.
     identity: Option<(u64, u64)>,
+    /// Whether the HAProxy looked at last applies `set server addr` after answering (3.0+, or
+    /// a version it does not say): batches then wait for their addresses (see `batch.rs`).
+    addresses_apply_later: bool,
     /// Frontend ports HAProxy may run although the state does not have them: a reload whose
     /// rollback did not complete, or an agent that died between reload and store. The timer
     /// reloads them away.
@@ -577,6 +580,7 @@ pub fn spawn(
         store_error: None,
         drift: Vec::new(),
         identity: None,
+        addresses_apply_later: true,
         suspect_ports: BTreeSet::new(),
         reload_sets: Default::default(),
         host_checks: parts.host_checks,

@@ -88,6 +88,7 @@ impl Owner {
         }
         let reloaded = self.identity != Some(identity);
         self.identity = Some(identity);
+        self.addresses_apply_later = super::batch::applies_addresses_later(&info);
         if reloaded {
             // HAProxy (re)read its files: an operator's new section may bind our ports.
             self.check_port_conflicts();
