@@ -11,8 +11,10 @@
 //! # Layout
 //!
 //! - `journal.rs`: the snapshot and append-only journal in the state directory.
-//! - `etcd.rs`: one key per frontend under a prefix, transactions guarded by each key's
-//!   revision, the watch that brings other agents' changes, the agents' own registrations.
+//! - `etcd/`: one key per frontend under a prefix, transactions guarded by each key's
+//!   revision (`mod.rs`), the calls and their deadlines (`call.rs`), the watch that brings other
+//!   agents' changes (`watcher.rs`), the agents' own registrations (`registrar.rs`), the local
+//!   copy of the last state applied (`cache.rs`).
 
 use std::collections::BTreeSet;
 
