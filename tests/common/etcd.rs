@@ -203,13 +203,24 @@ impl EtcdCluster {
         }
     }
 
-    /// Waits until a write commits (a quorum runs).
+    /// Waits until a write commits (a quorum runs) and every running member answers: a
+    /// quorum can commit while the last member still starts, and a test may give an agent
+    /// that member alone.
     pub fn wait_writable(&self) {
         eventually(Duration::from_secs(20), "etcd to commit a write", || {
             self.ctl(&["put", "/lbagent-test/ping", "1"])
                 .map(|_| ())
                 .map_err(|e| format!("{e}\n{}", self.logs()))
         });
+        eventually(
+            Duration::from_secs(20),
+            "every running etcd member to answer",
+            || {
+                self.ctl(&["endpoint", "health"])
+                    .map(|_| ())
+                    .map_err(|e| format!("{e}\n{}", self.logs()))
+            },
+        );
     }
 
     /// The cluster's current revision.
