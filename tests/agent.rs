@@ -390,6 +390,11 @@ fn simultaneous_moves_of_one_server_end_where_the_state_says() {
                     barrier.wait();
                     let r = agent.put(fe, "node", &body(&to.ip(), to.port(), json!({})));
                     assert_eq!(r.status, 200, "{r:?}");
+                    let applied = r.json()["applied"].as_str().unwrap_or_default().to_string();
+                    assert!(
+                        ["runtime", "unchanged"].contains(&applied.as_str()),
+                        "{r:?}"
+                    );
                 });
             }
         });

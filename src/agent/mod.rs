@@ -17,7 +17,7 @@
 //! - `commit.rs`: the runtime path of a group (HAProxy and the store, in the order the store
 //!   asks).
 //! - `batch.rs`: runtime batches to HAProxy, sent in parts, each waited for until HAProxy shows
-//!   the addresses it set (3.0+ applies `set server addr` moments after answering).
+//!   the addresses it set (2.9+ applies `set server addr` moments after answering).
 //! - `refused.rs`: a group the store did not take: lost to another agent (applied again), or
 //!   refused (undone, HAProxy put back, answered).
 //! - `reload.rs`: the reload path, coalesced per group, and finding a failed reload's culprit;
@@ -439,7 +439,7 @@ struct Owner {
     drift: Vec<String>,
     /// (pid, start time) of the HAProxy worker, to notice a restart.
     identity: Option<(u64, u64)>,
-    /// Whether the HAProxy looked at last applies `set server addr` after answering (3.0+, or
+    /// Whether the HAProxy looked at last applies `set server addr` after answering (2.9+, or
     /// a version it does not say): batches then wait for their addresses (see `batch.rs`).
     addresses_apply_later: bool,
     /// Frontend ports HAProxy may run although the state does not have them: a reload whose

@@ -305,7 +305,8 @@ impl RuntimeClient {
         .await
     }
 
-    /// `show servers state` of each of `backends`, in one round trip.
+    /// `show servers state` of each of `backends`: one round trip while the lines fit in
+    /// `max_batch_bytes` (about 300 backends), as [`Self::batch`] cuts them.
     pub async fn show_servers_states(&mut self, backends: &[Name]) -> Result<Vec<ServerState>> {
         let commands: Vec<Command> = backends
             .iter()
