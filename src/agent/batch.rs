@@ -22,7 +22,10 @@ use crate::runtime::{Name, Reply, ServerRef};
 /// How long HAProxy gets to apply the addresses of one batch (all its parts) before the agent
 /// goes on without them and compares again on the next tick.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(1);
-/// The longest pause between two looks while waiting; the first is 1 ms.
+/// Looks again at once this many times: HAProxy's task usually runs within microseconds, and
+/// the shortest timer pause (1 ms, often 2) would be most of a change's time.
+const SETTLE_QUICK_LOOKS: u32 = 3;
+/// The longest pause between two later looks; the first is 1 ms.
 const SETTLE_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// Whether a HAProxy applies `set server addr` after answering: from 2.9 on (HAProxy's
@@ -168,6 +171,7 @@ impl Owner {
     ) -> Settled {
         let mut wanted = addresses_taken(commands, replies);
         let mut pause = Duration::from_millis(1);
+        let mut looks = 0;
         while !wanted.is_empty() {
             let backends: HashSet<&Name> = wanted.keys().map(|s| &s.backend).collect();
             let backends: Vec<Name> = backends.into_iter().cloned().collect();
@@ -196,8 +200,11 @@ impl Owner {
                 self.out_of_sync = true;
                 return Settled::GaveUp;
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(SETTLE_POLL_MAX);
+            looks += 1;
+            if looks > SETTLE_QUICK_LOOKS {
+                tokio::time::sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(SETTLE_POLL_MAX);
+            }
         }
         Settled::Shown
     }

@@ -286,6 +286,21 @@ impl Settings {
 }
 
 /// Runs the daemon with the process arguments.
+/// glibc gives threads that allocate at once arenas of their own (up to 8 per core), each
+/// keeping what was freed in it: at 10,000 servers that was about 8 MiB of the agent's 34 MiB
+/// (`cargo bench --bench agent`: 34.2 MiB RSS, 26.1 with one arena, changes/s unchanged). One
+/// owner task does nearly all the allocating, so a second arena buys little. An operator's
+/// `MALLOC_ARENA_MAX` still decides. Called before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: sets one allocator parameter, before the process has a second thread.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Settings::parse();
     tracing_subscriber::fmt()
@@ -302,6 +317,7 @@ pub fn main() -> ExitCode {
                 && std::env::var_os("NO_COLOR").is_none(),
         )
         .init();
+    limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
