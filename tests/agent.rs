@@ -368,7 +368,7 @@ impl Drop for Load {
     }
 }
 
-/// Moves of one server sent at once share groups, so batches: from HAProxy 3.0 on, `set server
+/// Moves of one server sent at once share groups, so batches: from HAProxy 2.9 on, `set server
 /// addr` applies moments after it answers, and a move back, compared with the address still in
 /// place, answers `nothing changed` while the queued move wins. However the requests are
 /// grouped, HAProxy must be where the state says once the last answer is in.
@@ -381,23 +381,18 @@ fn simultaneous_moves_of_one_server_end_where_the_state_says() {
     agent.put_ok(fe, "node", &body(&p.ip(), p.port(), json!({})), "reload");
     let key = (format!("be_{fe}"), "node".to_string());
     for round in 0..8 {
-        let barrier = std::sync::Barrier::new(16);
-        std::thread::scope(|s| {
-            for i in 0..16 {
-                let (agent, barrier) = (&agent, &barrier);
-                let to = if (i + round) % 2 == 0 { &q } else { &p };
-                s.spawn(move || {
-                    barrier.wait();
-                    let r = agent.put(fe, "node", &body(&to.ip(), to.port(), json!({})));
-                    assert_eq!(r.status, 200, "{r:?}");
-                    let applied = r.json()["applied"].as_str().unwrap_or_default().to_string();
-                    assert!(
-                        ["runtime", "unchanged"].contains(&applied.as_str()),
-                        "{r:?}"
-                    );
-                });
-            }
+        let answers = at_once(16, |i| {
+            let to = if (i + round) % 2 == 0 { &q } else { &p };
+            agent.put(fe, "node", &body(&to.ip(), to.port(), json!({})))
         });
+        for r in &answers {
+            assert_eq!(r.status, 200, "{r:?}");
+            let applied = r.json()["applied"].as_str().unwrap_or_default().to_string();
+            assert!(
+                ["runtime", "unchanged"].contains(&applied.as_str()),
+                "{r:?}"
+            );
+        }
         let d = agent.desired();
         let want = &d.1[&(fe, "node".to_string())];
         let o = &agent.observed()[&key];
@@ -1691,20 +1686,26 @@ impl Drop for Immutable {
     }
 }
 
-/// `n` copies of one request sent at once (a client resending), their answers.
-fn copies_at_once<T: Send>(n: usize, request: impl Fn() -> T + Sync) -> Vec<T> {
+/// `n` requests sent at once (request `i` is `request(i)`), their answers in that order.
+fn at_once<T: Send>(n: usize, request: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let barrier = std::sync::Barrier::new(n);
     std::thread::scope(|s| {
-        let copies: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
+        let sent: Vec<_> = (0..n)
+            .map(|i| {
+                let (barrier, request) = (&barrier, &request);
+                s.spawn(move || {
                     barrier.wait();
-                    request()
+                    request(i)
                 })
             })
             .collect();
-        copies.into_iter().map(|c| c.join().unwrap()).collect()
+        sent.into_iter().map(|c| c.join().unwrap()).collect()
     })
+}
+
+/// `n` copies of one request sent at once (a client resending), their answers.
+fn copies_at_once<T: Send>(n: usize, request: impl Fn() -> T + Sync) -> Vec<T> {
+    at_once(n, |_| request())
 }
 
 #[test]

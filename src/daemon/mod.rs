@@ -285,7 +285,6 @@ impl Settings {
     }
 }
 
-/// Runs the daemon with the process arguments.
 /// glibc gives threads that allocate at once arenas of their own (up to 8 per core), each
 /// keeping what was freed in it: at 10,000 servers that was about 8 MiB of the agent's 34 MiB
 /// (`cargo bench --bench agent`: 34.2 MiB RSS, 26.1 with one arena, changes/s unchanged). One
@@ -301,6 +300,7 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Runs the daemon with the process arguments.
 pub fn main() -> ExitCode {
     let cli = Settings::parse();
     tracing_subscriber::fmt()

@@ -70,6 +70,17 @@ impl Reply {
             })
         }
     }
+
+    /// The answer's data, parsed; an error answer is [`Error::Command`], one that does not
+    /// parse [`Error::Parse`] naming the command.
+    pub fn parsed<T>(
+        self,
+        parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
+    ) -> Result<T> {
+        let command = self.command.clone();
+        let outcome = self.into_result()?;
+        parse(&outcome.text).map_err(|e| Error::parse(&command, e.to_string(), &outcome.text))
+    }
 }
 
 fn conn_name(conn: &Connection) -> String {
@@ -272,10 +283,7 @@ impl RuntimeClient {
         command: Command,
         parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
     ) -> Result<T> {
-        let reply = self.execute(&command).await?;
-        let text = reply.outcome.text.clone();
-        reply.into_result()?;
-        parse(&text).map_err(|e| Error::parse(&command.to_string(), e.to_string(), &text))
+        self.execute(&command).await?.parsed(parse)
     }
 
     /// Runs an action command; a refusal is [`Error::Command`] with HAProxy's words.
@@ -314,13 +322,7 @@ impl RuntimeClient {
             .collect();
         let mut rows = Vec::new();
         for reply in self.batch(&commands).await? {
-            let command = reply.command.clone();
-            let text = reply.outcome.text.clone();
-            reply.into_result()?;
-            rows.extend(
-                parse_servers_state(&text)
-                    .map_err(|e| Error::parse(&command, e.to_string(), &text))?,
-            );
+            rows.extend(reply.parsed(parse_servers_state)?);
         }
         Ok(rows)
     }
